@@ -1,0 +1,233 @@
+"""Hugging Face directories: read a config into `ModelArgs`, stream safetensors weights into a
+model tensor by tensor, and write a model back as a directory transformers loads unchanged.
+
+Only safetensors are read or written (no pickle). Tensors are loaded one at a time, so peak
+host memory is one tensor beyond the model itself; a parameter that is a DTensor receives
+only its own shard.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from meshtron.errors import UserError
+from meshtron.models.common.args import ModelArgs
+from meshtron.models.registry import build_model, family_for_model_type
+from meshtron.models.spec import FamilySpec
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Files copied verbatim from a source HF directory when saving (tokenizer, chat template, generation).
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+# Buffers some checkpoints carry that we recompute.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def read_hf_config(path: str | os.PathLike) -> tuple[FamilySpec, object, ModelArgs]:
+    """(family spec, transformers config, ModelArgs) for an HF model directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"model directory {path} does not exist")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{path} has no config.json; is it a Hugging Face model directory?")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{config_file} is not valid JSON: {e}") from None
+    spec = family_for_model_type(raw.get("model_type"))
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(path))
+    return spec, cfg, spec.args_from_hf(cfg)
+
+
+def hf_dtype(cfg) -> torch.dtype | None:
+    dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def weight_files(path: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: path / f for k, f in weight_map.items()}
+    single = path / SINGLE_FILE
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="pt") as f:
+            return {k: single for k in f.keys()}
+    if list(path.glob("*.bin")) or list(path.glob("*.pt")):
+        raise UserError(f"{path} holds only pickle weights (.bin/.pt); meshtron reads safetensors only")
+    raise UserError(f"{path} has no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def iter_hf_tensors(path: Path, spec: FamilySpec) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """Yield (our name, HF name, tensor) one at a time, file by file."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for key, file in weight_files(path).items():
+        by_file.setdefault(file, []).append(key)
+    for file, keys in by_file.items():
+        if not file.is_file():
+            raise UserError(f"{file} is listed in {INDEX_FILE} but missing")
+        with safe_open(str(file), framework="pt") as f:
+            for hf_key in keys:
+                if hf_key.endswith(_IGNORED_SUFFIXES):
+                    continue
+                try:
+                    ours = spec.from_hf_key(hf_key)
+                except KeyError:
+                    raise UserError(f"{file.name}: unexpected tensor {hf_key!r} for a {spec.name} model") from None
+                yield ours, hf_key, f.get_tensor(hf_key)
+
+
+@torch.no_grad()
+def load_hf_weights(model: nn.Module, path: str | os.PathLike, spec: FamilySpec) -> None:
+    """Copy every tensor of an HF directory into `model`'s (materialized) parameters."""
+    path = Path(path)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = set()
+    for name, hf_key, tensor in iter_hf_tensors(path, spec):
+        if name not in params:
+            continue  # e.g. a tensor for layers this pipeline stage does not hold
+        param = params[name]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise UserError(
+                f"tensor {hf_key} in {path} has shape {tuple(tensor.shape)}, "
+                f"but the config implies {tuple(param.shape)}"
+            )
+        _copy_into(param, tensor)
+        loaded.add(name)
+    tied = {"lm_head.weight"} if getattr(model, "args", None) is not None and model.args.tie_embeddings else set()
+    missing = sorted(set(params) - loaded - tied)
+    if missing:
+        shown = ", ".join(spec.to_hf_key(m) for m in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise UserError(f"{path} is missing tensors: {shown}{more}")
+
+
+def _copy_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        shard = distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements)
+        param.to_local().copy_(shard.to_local())
+    else:
+        param.copy_(full)
+
+
+def load_hf_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, ModelArgs]:
+    """Build the model on the meta device, materialize it on `device` in `dtype`, stream the weights in."""
+    spec, _, args = read_hf_config(path)
+    model = build_model(args, device="meta")
+    model.to_empty(device=device)
+    model.to(dtype)
+    model.init_buffers()
+    load_hf_weights(model, path, spec)
+    model.eval()
+    return model, args
+
+
+def save_hf_model(
+    state_dict: dict[str, torch.Tensor],
+    args: ModelArgs,
+    output_dir: str | os.PathLike,
+    source_dir: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+    hf_config_extra: dict | None = None,
+) -> Path:
+    """Write `state_dict` (our names, full tensors) as an HF directory, atomically.
+
+    Tokenizer, chat template and generation config are copied from `source_dir` when given.
+    The directory is written under a temporary name and renamed when complete.
+    """
+    from safetensors.torch import save_file
+
+    from meshtron.models.registry import get_family
+
+    spec = get_family(args.family)
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        tensors = {}
+        for name, t in state_dict.items():
+            if name == "lm_head.weight" and args.tie_embeddings:
+                continue
+            t = t.detach().to("cpu")
+            tensors[spec.to_hf_key(name)] = (t.to(dtype) if dtype is not None else t).contiguous()
+        out_dtype = dtype or next(iter(tensors.values())).dtype
+        _write_shards(tensors, tmp, max_shard_bytes, save_file)
+        cfg = spec.hf_config_from_args(args)
+        cfg.architectures = [type(cfg).__name__.replace("Config", "ForCausalLM")]
+        for key, value in (hf_config_extra or {}).items():
+            setattr(cfg, key, value)
+        cfg.dtype = out_dtype
+        cfg.save_pretrained(str(tmp))
+        if source_dir is not None:
+            for name in SIDE_FILES:
+                src = Path(source_dir) / name
+                if src.is_file():
+                    shutil.copy2(src, tmp / name)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def _write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int, save_file) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(out / SINGLE_FILE), metadata=meta)
+        return
+    weight_map = {}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / name), metadata=meta)
+        weight_map.update({k: name for k in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def hf_token_config(cfg) -> dict:
+    """bos/eos/pad token ids of a transformers config, to carry into a saved config."""
+    return {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k, None) is not None}

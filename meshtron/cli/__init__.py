@@ -1,0 +1,64 @@
+"""The `meshtron` command: one entry point, one module per subcommand.
+
+Each subcommand module defines `HELP` (one line), `add_arguments(parser)` and
+`run(args) -> int`. Modules are imported lazily so that `meshtron --help` and
+light commands start without importing torch.
+"""
+
+import argparse
+import importlib
+import logging
+import sys
+
+from meshtron.errors import UserError
+
+SUBCOMMANDS = {
+    "assets": "prepare the example model (SmolLM2-135M-Instruct) as a Hugging Face directory",
+    "preprocess": "tokenize raw data into Megatron-compatible indexed datasets (.bin/.idx)",
+    "train": "train with a TOML config (pretrain, sft, dpo, simpo, rm, prm, ...)",
+    "convert": "convert between meshtron checkpoints and Hugging Face directories",
+    "generate": "generate text from a prompt",
+    "chat": "chat with a model in the terminal",
+    "serve": "serve a model over an OpenAI-compatible HTTP API",
+    "eval": "evaluate a model on benchmarks (MMLU, C-Eval, BoolQ, BBH, AGIEval, HumanEval)",
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshtron",
+        description="meshtron: train, fine-tune, align, convert, serve and evaluate LLMs on PyTorch.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # Only the chosen subcommand's module is imported (keeps --help fast).
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, help_text in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            module = importlib.import_module(f"meshtron.cli.{name}")
+            module.add_arguments(p)
+            p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    parser = build_parser(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Only subcommands that take `--section.key VALUE` overrides accept extra arguments.
+        if not getattr(args._module, "ACCEPTS_OVERRIDES", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
+    try:
+        code = args._module.run(args)
+    except UserError as e:
+        print(f"meshtron {args.command}: error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print(f"meshtron {args.command}: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code or 0)

@@ -1,0 +1,75 @@
+"""The flat argument set of the dense decoder shared by the llama, mistral, qwen2 and qwen3 families.
+
+Each family folder names its flavors as `ModelArgs` instances and translates
+Hugging Face `config.json` to and from these fields.
+"""
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass
+class ModelArgs:
+    family: str = "llama"
+    vocab_size: int = 32000
+    dim: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = 128
+    ffn_dim: int = 11008
+    norm_eps: float = 1e-5
+    max_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    # Hugging Face `rope_parameters` minus rope_theta: {"rope_type": "linear"|"dynamic"|"llama3"|"yarn", ...};
+    # None means plain RoPE.
+    rope_scaling: dict | None = None
+    qkv_bias: bool = False  # bias on q/k/v projections (qwen2; llama's attention_bias)
+    out_bias: bool = False  # bias on the attention output projection (llama's attention_bias)
+    mlp_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (qwen3)
+    sliding_window: int | None = None
+    # Indices of layers that use the sliding window; empty with a window set means "all layers".
+    sliding_layers: tuple[int, ...] = field(default_factory=tuple)
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        self.sliding_layers = tuple(self.sliding_layers)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+
+    def layer_uses_window(self, layer_id: int) -> bool:
+        if self.sliding_window is None:
+            return False
+        return not self.sliding_layers or layer_id in self.sliding_layers
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Parameter count from the shapes alone (no model needed)."""
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        attn = self.dim * (q + 2 * kv) + q * self.dim
+        if self.qkv_bias:
+            attn += q + 2 * kv
+        if self.out_bias:
+            attn += self.dim
+        if self.qk_norm:
+            attn += 2 * self.head_dim
+        mlp = 3 * self.dim * self.ffn_dim + (2 * self.ffn_dim + self.dim if self.mlp_bias else 0)
+        per_layer = attn + mlp + 2 * self.dim
+        total = self.num_layers * per_layer + self.dim
+        embeddings = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+        if include_embedding:
+            total += embeddings
+        elif not self.tie_embeddings:
+            total += self.vocab_size * self.dim  # the output head still costs compute
+        return total
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

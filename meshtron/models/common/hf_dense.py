@@ -1,0 +1,125 @@
+"""Hugging Face adapter pieces shared by the dense families: the state-dict key map and the
+translation between a transformers config and `ModelArgs`.
+
+Our RoPE uses the same rotate-half layout as Hugging Face checkpoints, so tensors map one to
+one by name; no permutation is needed.
+"""
+
+import re
+
+from meshtron.models.common.args import ModelArgs
+
+# (ours, hf) name patterns; {i} is a layer index.
+_KEY_PATTERNS = [
+    ("embed.weight", "model.embed_tokens.weight"),
+    ("norm.weight", "model.norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+    ("layers.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("layers.{i}.mlp_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("layers.{i}.attn.{rest}", "model.layers.{i}.self_attn.{rest}"),
+    ("layers.{i}.mlp.{rest}", "model.layers.{i}.mlp.{rest}"),
+]
+
+
+def _compile(pattern: str) -> re.Pattern:
+    escaped = re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{rest\}", r"(?P<rest>.+)")
+    return re.compile(f"^{escaped}$")
+
+
+_TO_HF = [(_compile(ours), hf) for ours, hf in _KEY_PATTERNS]
+_FROM_HF = [(_compile(hf), ours) for ours, hf in _KEY_PATTERNS]
+
+
+def _translate(key: str, table) -> str:
+    for pattern, template in table:
+        m = pattern.match(key)
+        if m:
+            return template.format(**m.groupdict())
+    raise KeyError(key)
+
+
+def to_hf_key(key: str) -> str:
+    return _translate(key, _TO_HF)
+
+
+def from_hf_key(key: str) -> str:
+    return _translate(key, _FROM_HF)
+
+
+def rope_from_hf(cfg) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from a transformers config (v5 `rope_parameters` or legacy fields)."""
+    params = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    theta = params.pop("rope_theta", None) or getattr(cfg, "rope_theta", None) or 10000.0
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return float(theta), None
+    params["rope_type"] = rope_type
+    params.pop("type", None)
+    return float(theta), params
+
+
+def rope_to_hf(args: ModelArgs) -> dict:
+    params = {"rope_theta": args.rope_theta, "rope_type": "default"}
+    params.update(args.rope_scaling or {})
+    return params
+
+
+def dense_args_from_hf(cfg, family: str, *, qkv_bias: bool, out_bias: bool, qk_norm: bool) -> ModelArgs:
+    theta, scaling = rope_from_hf(cfg)
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None)
+    sliding_layers: tuple[int, ...] = ()
+    if window is not None and layer_types:
+        sliding_layers = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
+        if not sliding_layers:
+            window = None
+    num_heads = cfg.num_attention_heads
+    return ModelArgs(
+        family=family,
+        vocab_size=cfg.vocab_size,
+        dim=cfg.hidden_size,
+        num_layers=cfg.num_hidden_layers,
+        num_heads=num_heads,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or num_heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads,
+        ffn_dim=cfg.intermediate_size,
+        norm_eps=cfg.rms_norm_eps,
+        max_seq_len=cfg.max_position_embeddings,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        qkv_bias=qkv_bias,
+        out_bias=out_bias,
+        mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+        qk_norm=qk_norm,
+        sliding_window=window,
+        sliding_layers=sliding_layers,
+        tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        init_std=getattr(cfg, "initializer_range", 0.02),
+    )
+
+
+def dense_hf_kwargs(args: ModelArgs) -> dict:
+    """Config keywords common to the dense families' transformers config classes."""
+    return dict(
+        vocab_size=args.vocab_size,
+        hidden_size=args.dim,
+        intermediate_size=args.ffn_dim,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        num_key_value_heads=args.num_kv_heads,
+        head_dim=args.head_dim,
+        max_position_embeddings=args.max_seq_len,
+        rms_norm_eps=args.norm_eps,
+        rope_parameters=rope_to_hf(args),
+        tie_word_embeddings=args.tie_embeddings,
+        initializer_range=args.init_std,
+    )
+
+
+def sliding_hf_kwargs(args: ModelArgs) -> dict:
+    """Qwen-style sliding window fields: a window on the layers listed in `layer_types`."""
+    if args.sliding_window is None:
+        return dict(use_sliding_window=False)
+    layers = set(args.sliding_layers or range(args.num_layers))
+    layer_types = ["sliding_attention" if i in layers else "full_attention" for i in range(args.num_layers)]
+    return dict(use_sliding_window=True, sliding_window=args.sliding_window, layer_types=layer_types)

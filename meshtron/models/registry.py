@@ -1,0 +1,49 @@
+"""Model families by name and by Hugging Face `model_type`, named flavors, and model construction."""
+
+import torch
+from torch import nn
+
+from meshtron.errors import UserError
+from meshtron.models import llama, mistral, qwen2, qwen3
+from meshtron.models.common.args import ModelArgs
+from meshtron.models.spec import FamilySpec
+
+FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (llama.SPEC, mistral.SPEC, qwen2.SPEC, qwen3.SPEC)}
+_BY_MODEL_TYPE = {t: spec for spec in FAMILIES.values() for t in spec.hf_model_types}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_BY_MODEL_TYPE)
+
+
+def family_for_model_type(model_type: str | None) -> FamilySpec:
+    if model_type not in _BY_MODEL_TYPE:
+        raise UserError(
+            f"unsupported model_type {model_type!r}; supported model types: {', '.join(supported_model_types())}"
+        )
+    return _BY_MODEL_TYPE[model_type]
+
+
+def get_family(name: str) -> FamilySpec:
+    if name not in FAMILIES:
+        raise UserError(f"unknown model family {name!r}; known families: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[name]
+
+
+def flavor_names() -> list[str]:
+    return [f"{family}:{flavor}" for family, spec in FAMILIES.items() for flavor in spec.flavors]
+
+
+def get_flavor(name: str) -> ModelArgs:
+    """'llama:debug' -> ModelArgs (a fresh copy)."""
+    family, _, flavor = name.partition(":")
+    spec = get_family(family)
+    if flavor not in spec.flavors:
+        raise UserError(f"unknown flavor {name!r}; {family} flavors: {', '.join(spec.flavors)}")
+    return ModelArgs.from_dict(spec.flavors[flavor].to_dict())
+
+
+def build_model(args: ModelArgs, device: str | torch.device = "meta") -> nn.Module:
+    """Construct a model for `args` on `device` (meta by default: no memory is allocated)."""
+    with torch.device(device):
+        return get_family(args.family).build(args)
