@@ -114,11 +114,14 @@ class RotaryEmbedding(nn.Module):
         if self.inv_freq.is_meta:
             return
         inv_freq, self.attention_scaling = compute_inv_freq(self.args, device=self.inv_freq.device)
-        with torch.no_grad():
-            self.inv_freq.copy_(inv_freq)
+        # Always float32, even after the model was cast to a low-precision dtype: frequencies rounded
+        # to bfloat16 would shift every rotation and break parity with transformers.
+        self.inv_freq = inv_freq
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.dtype != torch.float32:  # the module was cast after initialization
+            self.reset_parameters()
         inv_freq = self.inv_freq
         if self.is_dynamic:
             # NTK-aware scaling depends on the longest position seen; short inputs keep the original base.

@@ -1,0 +1,1 @@
+"""Inference: model loading for generation, KV-cache generation and sampling."""

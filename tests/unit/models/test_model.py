@@ -1,0 +1,95 @@
+"""Model construction, flavors, initialization, masks and positions."""
+
+import pytest
+import torch
+
+from meshtron.errors import UserError
+from meshtron.models.common.attention import build_attention_mask
+from meshtron.models.common.transformer import positions_from_documents
+from meshtron.models.registry import FAMILIES, build_model, family_for_model_type, flavor_names, get_flavor
+
+
+def test_every_flavor_builds_on_meta_with_the_predicted_parameter_count():
+    for name in flavor_names():
+        args = get_flavor(name)
+        model = build_model(args, device="meta")
+        assert all(p.is_meta for p in model.parameters())
+        counted = sum(p.numel() for p in model.parameters())  # tied weights are counted once
+        assert counted == args.num_params(), name
+
+
+def test_published_sizes_are_registered():
+    names = set(flavor_names())
+    for expected in ["llama:llama2-7b", "llama:llama3-70b", "llama:llama3.2-1b", "llama:llama3.2-3b",
+                     "qwen2:qwen2.5-0.5b", "qwen2:qwen2.5-72b", "qwen3:qwen3-0.6b", "qwen3:qwen3-32b",
+                     "mistral:mistral-7b-v0.1"]:
+        assert expected in names
+    # Known totals (billions): Llama-3-8B 8.03, Qwen2.5-7B 7.62, Qwen3-8B 8.19, Llama-3.2-1B 1.24.
+    assert round(get_flavor("llama:llama3-8b").num_params() / 1e9, 2) == 8.03
+    assert round(get_flavor("qwen2:qwen2.5-7b").num_params() / 1e9, 2) == 7.62
+    assert round(get_flavor("qwen3:qwen3-8b").num_params() / 1e9, 2) == 8.19
+    assert round(get_flavor("llama:llama3.2-1b").num_params() / 1e9, 2) == 1.24
+
+
+def test_unknown_model_type_lists_supported():
+    with pytest.raises(UserError, match="llama, mistral, qwen2, qwen3"):
+        family_for_model_type("gpt2")
+    with pytest.raises(UserError, match="debug"):
+        get_flavor("llama:nope")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_init_weights_is_seeded_and_tied(family):
+    args = get_flavor(f"{family}:debug")
+    models = []
+    for _ in range(2):
+        m = build_model(args, device="meta")
+        m.to_empty(device="cpu")
+        m.init_weights(seed=7)
+        models.append(m)
+    for (n, a), (_, b) in zip(models[0].state_dict().items(), models[1].state_dict().items()):
+        assert torch.equal(a, b), n
+    logits = models[0](torch.randint(0, args.vocab_size, (2, 10)))
+    assert logits.shape == (2, 10, args.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_tied_embeddings_share_storage_after_materialize():
+    args = get_flavor("llama:debug")
+    args.tie_embeddings = True
+    m = build_model(args)
+    m.to_empty(device="cpu")
+    m.init_weights(seed=0)
+    assert m.lm_head.weight is m.embed.weight
+
+
+def test_positions_restart_at_each_document():
+    doc = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2]])
+    assert positions_from_documents(doc).tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+
+
+def test_mask_combines_causal_documents_and_window():
+    doc = torch.tensor([[0, 0, 0, 0, 1, 1]])
+    mask = build_attention_mask(6, 6, document_ids=doc, window=2)[0, 0]
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [0, 1, 1, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 1, 0],
+        [0, 0, 0, 0, 1, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+    assert build_attention_mask(6, 6) is None  # plain causal takes SDPA's fast path
+
+
+def test_bfloat16_cast_keeps_rope_frequencies_float32():
+    args = get_flavor("llama:debug")
+    m = build_model(args)
+    m.to_empty(device="cpu")
+    m.init_weights(seed=0)
+    tokens = torch.randint(0, args.vocab_size, (1, 8))
+    m.to(torch.bfloat16)
+    cos, _ = m.rope(torch.arange(8)[None], torch.float32)
+    ref = build_model(args, device="cpu").rope(torch.arange(8)[None], torch.float32)[0]
+    assert torch.equal(cos, ref)
+    assert m(tokens).dtype == torch.bfloat16
