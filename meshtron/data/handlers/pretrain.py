@@ -1,0 +1,42 @@
+"""`pretrain`: plain text documents, one output dataset per --json-keys field."""
+
+import numpy as np
+
+from meshtron.data.handlers import BadRecord, Handler
+from meshtron.data.indexed import token_dtype
+from meshtron.errors import UserError
+
+
+class PretrainHandler(Handler):
+    name = "pretrain"
+    kind = "pretrain"
+
+    def __init__(self, tokenizer, options) -> None:
+        super().__init__(tokenizer, options)
+        if options.append_eod and tokenizer.eos_token_id is None:
+            raise UserError("--append-eod needs a tokenizer with an eos token; this one has none")
+
+    def outputs(self) -> dict[str, type]:
+        dtype = token_dtype(len(self.tokenizer))
+        return {f"{key}_document": dtype for key in self.options.json_keys}
+
+    def encode_batch(self, records: list[dict]) -> list:
+        # Validate every record first, then tokenize the good texts in one call per key
+        # (the fast tokenizer's batch call costs far less per document than single calls).
+        results: list = [{} for _ in records]
+        for key in self.options.json_keys:
+            good, texts = [], []
+            for i, record in enumerate(records):
+                if isinstance(results[i], BadRecord):
+                    continue
+                try:
+                    texts.append(self.get(record, key))
+                    good.append(i)
+                except BadRecord as e:
+                    results[i] = e
+            ids = self.tokenizer(texts)["input_ids"] if texts else []
+            for i, tokens in zip(good, ids):
+                if self.options.append_eod:
+                    tokens.append(self.tokenizer.eos_token_id)
+                results[i][f"{key}_document"] = np.asarray(tokens, dtype=np.int64)
+        return results

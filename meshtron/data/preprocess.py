@@ -1,0 +1,349 @@
+"""`meshtron preprocess`: raw files -> tokenized, Megatron-compatible indexed datasets.
+
+The input is cut into contiguous work units (see sources.py), grouped into one
+shard per worker. Each worker streams its records through the handler in small
+batches and writes its own indexed shard; the main process shows progress, then
+merges the shards in input order (so the result does not depend on --workers),
+packs or annotates SFT data, and renames everything into place at the very end.
+Until then every file carries a temporary name, so an interrupted run never
+leaves files that look finished.
+"""
+
+import glob
+import json
+import logging
+import multiprocessing as mp
+import os
+import queue
+import re
+import sys
+import time
+import traceback
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from meshtron.data import indexed
+from meshtron.data.handlers import BadRecord, HandlerOptions, make_handler
+from meshtron.data.packing import pack_lengths, pad_ratio
+from meshtron.data.sources import Unit, discover, plan_units, read_unit, split_units
+from meshtron.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+MAX_EXAMPLES = 5  # skipped-line locations kept per reason for the summary
+
+
+@dataclass
+class PreprocessConfig:
+    inputs: list[str]
+    handler: str
+    tokenizer: str
+    output_prefix: str
+    options: HandlerOptions = field(default_factory=HandlerOptions)
+    pack: bool = False
+    workers: int = 1
+    skip_bad_lines: bool = False
+    batch_size: int = 128
+    progress_interval_s: float = 1.0
+
+
+@dataclass
+class Stats:
+    documents: int = 0
+    tokens: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> lines
+    examples: dict = field(default_factory=dict)  # reason -> first locations
+    policy: Counter = field(default_factory=Counter)  # truncation policy outcomes
+
+    def skip(self, where: str, reason: str) -> None:
+        # Reasons are grouped by their kind, not their details (column, byte value).
+        kind = re.split(r"[:(]", reason)[0].strip()
+        self.skipped[kind] += 1
+        self.examples.setdefault(kind, [])
+        if len(self.examples[kind]) < MAX_EXAMPLES:
+            self.examples[kind].append(where)
+
+    def add(self, other: "Stats") -> None:
+        self.documents += other.documents
+        self.tokens += other.tokens
+        self.skipped.update(other.skipped)
+        self.policy.update(other.policy)
+        for kind, wheres in other.examples.items():
+            self.examples[kind] = (self.examples.get(kind, []) + wheres)[:MAX_EXAMPLES]
+
+
+@dataclass
+class Summary:
+    stats: Stats
+    outputs: list[str]
+    elapsed_s: float
+    num_sequences: int  # rows as trained: packs when packing, else samples
+    pad_ratio: float | None  # at --seq-length, for SFT data
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise UserError(f"--tokenizer {path}: not a directory (give a Hugging Face model or tokenizer directory)")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--tokenizer {path}: cannot load a tokenizer: {e}") from None
+
+
+def _bad(cfg: PreprocessConfig, stats: Stats, where: str, reason: str) -> None:
+    if not cfg.skip_bad_lines:
+        raise UserError(f"{where}: {reason} (pass --skip-bad-lines to skip such lines and count them)")
+    stats.skip(where, reason)
+
+
+def _batches(units: list[Unit], size: int):
+    batch = []
+    for unit in units:
+        for item in read_unit(unit):
+            batch.append(item)
+            if len(batch) == size:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def run_shard(cfg: PreprocessConfig, units: list[Unit], prefix: str, report) -> Stats:
+    """Tokenize `units` into indexed datasets `prefix_<output>`; `report(docs, tokens)` shows progress."""
+    handler = make_handler(cfg.handler, load_tokenizer(cfg.tokenizer), cfg.options)
+    stats = Stats()
+    with ExitStack() as stack:
+        writers = {
+            name: stack.enter_context(indexed.IndexedWriter(f"{prefix}_{name}", dtype))
+            for name, dtype in handler.outputs().items()
+        }
+        for batch in _batches(units, cfg.batch_size):
+            good = []
+            for where, record, error in batch:
+                if error is None:
+                    good.append((where, record))
+                else:
+                    _bad(cfg, stats, where, error)
+            results = handler.encode_batch([record for _, record in good])
+            docs = tokens = 0
+            for (where, _), result in zip(good, results):
+                if isinstance(result, BadRecord):
+                    _bad(cfg, stats, where, str(result))
+                elif result is not None:
+                    for name, writer in writers.items():
+                        writer.add_document([result[name]])
+                    docs += 1
+                    tokens += sum(len(a) for name, a in result.items() if "labels" not in name)
+            stats.documents += docs
+            stats.tokens += tokens
+            report(docs, tokens)
+    stats.policy = handler.stats
+    return stats
+
+
+class Progress:
+    """Documents and tokens per second on stderr: one rewritten line on a terminal, else a line a while."""
+
+    def __init__(self, interval_s: float, stream=sys.stderr) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.interval_s = interval_s if self.tty else max(interval_s, 10.0)
+        self.start = self.last = time.monotonic()
+        self.docs = self.tokens = 0
+
+    def update(self, docs: int, tokens: int) -> None:
+        self.docs += docs
+        self.tokens += tokens
+        now = time.monotonic()
+        if now - self.last >= self.interval_s:
+            self.last = now
+            self.show()
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        return (f"{self.docs:,} docs  {self.tokens:,} tokens  {self.docs / elapsed:,.0f} docs/s  "
+                f"{self.tokens / elapsed:,.0f} tokens/s  {elapsed:.0f}s")
+
+    def show(self) -> None:
+        self.stream.write(("\r" if self.tty else "") + self.line() + ("" if self.tty else "\n"))
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.show()
+        if self.tty:
+            self.stream.write("\n")
+
+
+def _worker(cfg, units, prefix, index, messages) -> None:
+    """A worker process: runs one shard, reporting progress and the outcome on `messages`."""
+    try:
+        stats = run_shard(cfg, units, prefix, lambda d, t: messages.put(("progress", index, d, t)))
+        messages.put(("done", index, stats))
+    except UserError as e:
+        messages.put(("user_error", index, str(e)))
+    except BaseException:
+        messages.put(("crash", index, traceback.format_exc()))
+
+
+def _run_parallel(cfg: PreprocessConfig, groups, prefixes, progress: Progress) -> Stats:
+    # fork: workers start at once and inherit the parsed config; they load their own tokenizer.
+    ctx = mp.get_context("fork")
+    messages = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(cfg, g, p, i, messages), daemon=True)
+             for i, (g, p) in enumerate(zip(groups, prefixes))]
+    for proc in procs:
+        proc.start()
+    results: dict[int, Stats] = {}
+    try:
+        while len(results) < len(procs):
+            try:
+                kind, index, *payload = messages.get(timeout=0.5)
+            except queue.Empty:
+                dead = [i for i, p in enumerate(procs) if not p.is_alive() and i not in results]
+                if dead and messages.empty():
+                    raise RuntimeError(f"preprocess worker {dead[0]} died (exit code {procs[dead[0]].exitcode})")
+                continue
+            if kind == "progress":
+                progress.update(*payload)
+            elif kind == "done":
+                results[index] = payload[0]
+            elif kind == "user_error":
+                raise UserError(payload[0])
+            else:
+                raise RuntimeError(f"preprocess worker {index} failed:\n{payload[0]}")
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+    total = Stats()
+    for i in range(len(procs)):
+        total.add(results[i])
+    return total
+
+
+def _write_sft_extras(prefix: str, cfg: PreprocessConfig) -> tuple[int, float | None]:
+    """Pack the SFT samples (with --pack) and write the attention mask; rows and pad ratio."""
+    ids_prefix = f"{prefix}_packed_input_ids_document"
+    labels_prefix = f"{prefix}_packed_labels_document"
+    ids, labels = indexed.IndexedDataset(ids_prefix), indexed.IndexedDataset(labels_prefix)
+    lengths = ids.sequence_lengths.copy()
+    seq_length = cfg.options.seq_length
+    if cfg.pack:
+        packs = pack_lengths(lengths, seq_length)
+        packed_prefix = f"{prefix}.packed"
+        with ExitStack() as stack:
+            out_ids = stack.enter_context(indexed.IndexedWriter(f"{packed_prefix}_ids", ids.dtype))
+            out_labels = stack.enter_context(indexed.IndexedWriter(f"{packed_prefix}_labels", labels.dtype))
+            out_mask = stack.enter_context(indexed.IndexedWriter(f"{packed_prefix}_mask", np.int8))
+            for pack in packs:
+                out_ids.add_document([ids[i] for i in pack])
+                out_labels.add_document([labels[i] for i in pack])
+                out_mask.add_document([np.full(lengths[i], n, dtype=np.int8) for n, i in enumerate(pack, 1)])
+        ids.close()
+        labels.close()
+        indexed.rename(f"{packed_prefix}_ids", ids_prefix)
+        indexed.rename(f"{packed_prefix}_labels", labels_prefix)
+        indexed.rename(f"{packed_prefix}_mask", f"{prefix}_packed_attention_mask_document")
+        num_rows = len(packs)
+    else:
+        with indexed.IndexedWriter(f"{prefix}_packed_attention_mask_document", np.int8) as out_mask:
+            for length in lengths:
+                out_mask.add_document([np.ones(length, dtype=np.int8)])
+        ids.close()
+        labels.close()
+        num_rows = len(lengths)
+    ratio = pad_ratio(int(lengths.sum()), num_rows, seq_length) if seq_length else None
+    return num_rows, ratio
+
+
+def validate(cfg: PreprocessConfig, handler) -> None:
+    if cfg.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {cfg.workers}")
+    if cfg.options.seq_length is not None and cfg.options.seq_length < 1:
+        raise UserError(f"--seq-length must be positive, got {cfg.options.seq_length}")
+    if cfg.pack and handler.kind != "sft":
+        raise UserError(f"--pack applies to the sft handlers (alpaca, sharegpt, openai, prm), not {cfg.handler!r}"
+                        + ("; pretraining samples are cut across documents at load time" if handler.kind ==
+                           "pretrain" else ""))
+    if cfg.pack and cfg.options.seq_length is None:
+        raise UserError("--pack needs --seq-length N (the most tokens in a packed sequence)")
+
+
+def preprocess(cfg: PreprocessConfig) -> Summary:
+    start = time.monotonic()
+    # --workers is the parallelism: the tokenizer's own threads would compete with the workers
+    # for the same cores (set TOKENIZERS_PARALLELISM=true to use them anyway).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    files = discover(cfg.inputs)
+    # Build the handler here too: a bad handler name, template or option fails before any work starts.
+    handler = make_handler(cfg.handler, load_tokenizer(cfg.tokenizer), cfg.options)
+    validate(cfg, handler)
+    units, empty = plan_units(files, cfg.workers)
+    stats = Stats()
+    for path in empty:
+        _bad(cfg, stats, f"{path}:1", "file is empty")
+    out_dir = os.path.dirname(os.path.abspath(cfg.output_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = f"{cfg.output_prefix}.incomplete-{os.getpid()}"
+    names = list(handler.outputs())
+    try:
+        groups = split_units(units, cfg.workers)
+        shard_prefixes = [f"{tmp}.shard{i}" for i in range(len(groups))]
+        progress = Progress(cfg.progress_interval_s)
+        if len(groups) <= 1:
+            shard_prefixes = [f"{tmp}.shard0"]
+            stats.add(run_shard(cfg, units, shard_prefixes[0], progress.update))
+        else:
+            stats.add(_run_parallel(cfg, groups, shard_prefixes, progress))
+        progress.close()
+        for name in names:
+            if len(shard_prefixes) == 1:
+                indexed.rename(f"{shard_prefixes[0]}_{name}", f"{tmp}_{name}")
+            else:
+                with indexed.IndexedWriter(f"{tmp}_{name}", handler.outputs()[name]) as writer:
+                    for shard in shard_prefixes:
+                        writer.merge(f"{shard}_{name}")
+                        indexed.remove(f"{shard}_{name}")
+        if stats.documents == 0:
+            raise UserError("no usable samples in the input" + (" (every line was skipped)" if stats.skipped else ""))
+        num_rows, ratio = stats.documents, None
+        if handler.kind == "sft":
+            num_rows, ratio = _write_sft_extras(tmp, cfg)
+            names.append("packed_attention_mask_document")
+        if hasattr(handler, "metadata"):
+            with open(f"{tmp}_prm.json", "w") as f:
+                json.dump(handler.metadata(), f, indent=2)
+        outputs = []
+        for name in names:
+            indexed.rename(f"{tmp}_{name}", f"{cfg.output_prefix}_{name}")
+            outputs.append(f"{cfg.output_prefix}_{name}")
+        if hasattr(handler, "metadata"):
+            os.replace(f"{tmp}_prm.json", f"{cfg.output_prefix}_prm.json")
+    finally:
+        for path in glob.glob(glob.escape(tmp) + "*"):
+            os.remove(path)
+    return Summary(stats, outputs, time.monotonic() - start, num_rows, ratio)
+
+
+def format_summary(summary: Summary, cfg: PreprocessConfig) -> str:
+    stats = summary.stats
+    lines = [f"done in {summary.elapsed_s:.1f}s: {stats.documents:,} samples, {stats.tokens:,} tokens "
+             f"({stats.tokens / max(summary.elapsed_s, 1e-9):,.0f} tokens/s)"]
+    if cfg.pack:
+        lines.append(f"packed into {summary.num_sequences:,} sequences of at most {cfg.options.seq_length} tokens")
+    if summary.pad_ratio is not None:
+        lines.append(f"pad ratio at --seq-length {cfg.options.seq_length}: {summary.pad_ratio:.1%}")
+    for outcome, count in sorted(stats.policy.items()):
+        lines.append(f"{outcome} (--truncation {cfg.options.truncation}): {count:,}")
+    skipped = sum(stats.skipped.values())
+    lines.append(f"skipped lines: {skipped:,}")
+    for kind, count in stats.skipped.most_common():
+        lines.append(f"  {kind}: {count:,} (e.g. {', '.join(stats.examples[kind])})")
+    lines += [f"wrote {prefix}.bin/.idx" for prefix in summary.outputs]
+    return "\n".join(lines)
