@@ -1,0 +1,230 @@
+"""Training checkpoints with torch.distributed.checkpoint (DCP): save, find, load, prune.
+
+A checkpoint is `OUTPUT_DIR/checkpoints/step-N/` holding the DCP shards of a dict of Stateful
+objects (model, optimizer, lr schedule, data position, train state), one RNG file per rank,
+`manifest.json` (what convert, generate and eval need: model args, recipe, step, tokenizer
+files under `tokenizer/`) and, written last by rank 0 after every shard is on disk, the commit
+marker `COMMITTED`. A directory without the marker (a crash mid-save) is never loaded and is
+removed by the next save. DCP stores each tensor with its global shape and the offsets of its
+shards, so a checkpoint loads at any parallel layout or world size.
+"""
+
+import json
+import logging
+import re
+import shutil
+from concurrent.futures import Future
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from meshtron.errors import UserError
+
+log = logging.getLogger(__name__)
+
+COMMIT_MARKER = "COMMITTED"
+MANIFEST = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
+FORMAT = "meshtron-checkpoint"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class ModelState(Stateful):
+    """The model's parameters as a (possibly sharded) state dict; names without wrapper prefixes."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict:
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        set_model_state_dict(self.model, state_dict)
+
+
+class OptimizerState(Stateful):
+    """Optimizer state keyed by parameter name (not position), so it reshards and survives reordering."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMMIT_MARKER).is_file()
+
+
+def step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
+def list_checkpoints(checkpoints_dir: Path, complete_only: bool = True) -> list[Path]:
+    """step-N directories, oldest first."""
+    if not checkpoints_dir.is_dir():
+        return []
+    dirs = [p for p in checkpoints_dir.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    return sorted((p for p in dirs if is_complete(p) or not complete_only), key=step_of)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory (its newest complete checkpoint) or a step-N directory -> the checkpoint directory."""
+    path = Path(path)
+    if (path / MANIFEST).is_file() or (path / COMMIT_MARKER).exists():
+        if not is_complete(path):
+            raise UserError(f"checkpoint {path} is incomplete (no {COMMIT_MARKER} marker: the save was interrupted); "
+                            "use an earlier step or the run directory")
+        return path
+    for root in (path / "checkpoints", path):
+        found = list_checkpoints(root)
+        if found:
+            return found[-1]
+    raise UserError(f"{path} holds no complete meshtron checkpoint (expected a run directory with "
+                    "checkpoints/step-N/ or a step-N directory)")
+
+
+def read_manifest(checkpoint_dir: Path) -> dict:
+    try:
+        manifest = json.loads((checkpoint_dir / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {checkpoint_dir / MANIFEST}: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"{checkpoint_dir / MANIFEST} is not a meshtron checkpoint manifest")
+    return manifest
+
+
+def read_chat_template(tokenizer_dir: Path) -> str | None:
+    """The chat template a tokenizer directory carries (chat_template.jinja or tokenizer_config.json)."""
+    if (tokenizer_dir / "chat_template.jinja").is_file():
+        return (tokenizer_dir / "chat_template.jinja").read_text()
+    config = tokenizer_dir / "tokenizer_config.json"
+    if config.is_file():
+        template = json.loads(config.read_text()).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class CheckpointManager:
+    """Saves and loads the states of a run under `run_dir/checkpoints`.
+
+    states: name -> Stateful (or plain state dicts). `manifest` is written into each checkpoint
+    and `tokenizer_dir`'s files are copied next to it, so the checkpoint is self-describing.
+    """
+
+    def __init__(self, run_dir: Path, states: dict[str, Stateful], *, keep: int, async_save: bool,
+                 manifest: dict, tokenizer_dir: Path | None):
+        self.checkpoints_dir = Path(run_dir) / "checkpoints"
+        self.states = states
+        self.keep = keep
+        self.async_save = async_save
+        self.manifest = manifest
+        self.tokenizer_dir = tokenizer_dir
+        self._pending: tuple[Future, Path, int] | None = None
+
+    def latest(self) -> Path | None:
+        found = list_checkpoints(self.checkpoints_dir)
+        return found[-1] if found else None
+
+    def load(self, path: Path) -> None:
+        """Load every state from `path` (resharding to this run's layout) and this rank's RNG if saved."""
+        dcp.load(self.states, checkpoint_id=str(path))
+        rng_file = path / f"rng-rank{_rank()}.safetensors"
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        # Generator states belong to ranks; at another world size the seeded defaults stay.
+        if rng_file.is_file() and read_manifest(path).get("world_size") == world:
+            from safetensors.torch import load_file
+
+            rng = load_file(str(rng_file))
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+
+    def save(self, step: int) -> Path:
+        """Write checkpoint step-`step` (asynchronously if configured); returns its directory."""
+        self.wait()
+        path = self.checkpoints_dir / f"step-{step}"
+        if _rank() == 0:
+            if path.exists():
+                shutil.rmtree(path)  # a leftover of an interrupted save of the same step
+            path.mkdir(parents=True)
+        _barrier()
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        from safetensors.torch import save_file
+
+        save_file(rng, str(path / f"rng-rank{_rank()}.safetensors"))
+        if _rank() == 0:
+            self._write_manifest(path, step)
+        if self.async_save:
+            self._pending = (dcp.async_save(self.states, checkpoint_id=str(path)), path, step)
+        else:
+            dcp.save(self.states, checkpoint_id=str(path))
+            self._commit(path)
+        return path
+
+    def wait(self) -> None:
+        """Finish (and commit) a pending asynchronous save."""
+        if self._pending is not None:
+            future, path, _ = self._pending
+            future.result()
+            self._pending = None
+            self._commit(path)
+
+    def _commit(self, path: Path) -> None:
+        # Every rank has finished its shards once all pass the barrier; the marker goes last.
+        _barrier()
+        if _rank() == 0:
+            (path / COMMIT_MARKER).write_text("ok\n")
+            self._prune()
+            log.info("saved checkpoint %s", path)
+        _barrier()
+
+    def _write_manifest(self, path: Path, step: int) -> None:
+        manifest = dict(self.manifest, format=FORMAT, version=1, step=step)
+        if self.tokenizer_dir is not None:
+            from meshtron.checkpoint.hf import SIDE_FILES
+
+            (path / TOKENIZER_DIR).mkdir()
+            for name in SIDE_FILES:
+                if (self.tokenizer_dir / name).is_file():
+                    shutil.copy2(self.tokenizer_dir / name, path / TOKENIZER_DIR / name)
+            manifest["tokenizer"] = TOKENIZER_DIR
+            manifest["chat_template"] = read_chat_template(self.tokenizer_dir)
+        (path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+    def _prune(self) -> None:
+        """Drop checkpoints beyond the newest `keep`, and incomplete ones older than the newest complete."""
+        complete = list_checkpoints(self.checkpoints_dir)
+        if not complete:
+            return
+        newest = step_of(complete[-1])
+        doomed = [p for p in list_checkpoints(self.checkpoints_dir, complete_only=False)
+                  if not is_complete(p) and step_of(p) < newest]
+        if self.keep:
+            doomed += complete[: -self.keep]
+        for p in doomed:
+            shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,20 @@
+"""Training configuration: typed TOML sections (`job.py`) and their loading and checking (`loader.py`)."""
+
+from meshtron.config.job import (
+    CheckpointConfig,
+    DataConfig,
+    JobConfig,
+    LogConfig,
+    LRConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    RecomputeConfig,
+    TrainConfig,
+)
+from meshtron.config.loader import load_config, to_dict, to_toml
+
+__all__ = [
+    "CheckpointConfig", "DataConfig", "JobConfig", "LogConfig", "LRConfig", "ModelConfig", "OptimConfig",
+    "ParallelConfig", "RecomputeConfig", "TrainConfig", "load_config", "to_dict", "to_toml",
+]

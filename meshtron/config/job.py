@@ -1,0 +1,210 @@
+"""The training configuration: one typed dataclass per TOML section, a docstring per field.
+
+Every field has a default, so an empty TOML file is a valid (tiny, mock-data) run. The field
+docstrings are the reference documentation of the config (docs/training.md points here and
+`describe()` prints them); `meshtron.config.loader` reads them from this file's source.
+"""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "llama:debug"
+    """A registered flavor ("llama:debug", see meshtron.models.registry.flavor_names), a Hugging
+    Face model directory, a meshtron checkpoint (a run directory or its checkpoints/step-N), or
+    "smollm2" for the example model SmolLM2-135M-Instruct (prepared on first use)."""
+
+    args: dict = field(default_factory=dict)
+    """ModelArgs fields to change on a flavor, e.g. {num_layers = 4, dim = 256}; only for
+    flavors (pretrained weights fix their shape)."""
+
+    tokenizer: str = ""
+    """Tokenizer directory (or "smollm2"); empty means the model's own (HF directory or
+    checkpoint). Needed for on-the-fly preprocessing and the end-of-run sample."""
+
+    dtype: str = "float32"
+    """Compute dtype of forward and backward: float32, bfloat16 or float16."""
+
+    master_dtype: str = "float32"
+    """Dtype of the stored parameters, gradient reduction and optimizer state. float32 with a
+    lower `dtype` is mixed precision with fp32 master weights; equal to `dtype` is pure
+    low-precision training (e.g. both bfloat16)."""
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = field(default_factory=list)
+    """Dataset prefixes written by `meshtron preprocess` (PREFIX of PREFIX_text_document.bin or
+    PREFIX_packed_*_document.bin), or raw .jsonl/.json/.parquet/.txt files that are preprocessed
+    on the fly into OUTPUT_DIR/data with `handler`. Relative paths are relative to the current
+    directory, then to the config file's directory."""
+
+    weights: list[float] = field(default_factory=list)
+    """Blend weights, one per path; empty means proportional to the datasets' sizes."""
+
+    handler: str = ""
+    """Preprocess handler for raw files (pretrain, alpaca, sharegpt, openai); empty picks
+    "pretrain" for the pretrain recipe and "alpaca" for sft."""
+
+    mock: bool = False
+    """Train on deterministic random tokens instead of files (benchmarks, smoke tests)."""
+
+    reset_position_ids: bool = True
+    """Restart position ids at every document of a packed sequence; false keeps them running
+    across documents (attention is reset at document boundaries either way)."""
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = "pretrain"
+    """How a batch becomes a loss: pretrain (next-token loss on packed documents) or sft
+    (next-token loss on response tokens only)."""
+
+    steps: int = 10
+    """Number of optimizer steps of the run (resuming continues up to this count)."""
+
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks; gradient accumulation runs
+    global_batch_size / (micro_batch_size * data-parallel size) micro-batches per step."""
+
+    micro_batch_size: int = 2
+    """Sequences per forward/backward on one data-parallel rank."""
+
+    seq_length: int = 128
+    """Tokens per sequence."""
+
+    seed: int = 0
+    """Seed of weight initialization, data order and every random number generator."""
+
+    output_dir: str = "runs/default"
+    """Run directory: config.toml, metrics.jsonl, checkpoints/, tensorboard/, loss.png."""
+
+    deterministic: bool = False
+    """Use deterministic algorithms only, so that two runs of one config give bit-identical
+    losses (slower on GPU)."""
+
+    sample_prompt: str = ""
+    """Text to continue with the final model at the end of the run (printed and written to
+    OUTPUT_DIR/sample.txt); empty means no sample. Needs a tokenizer."""
+
+    sample_max_new_tokens: int = 40
+    """Number of tokens the end-of-run sample generates."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    """Optimizer: adamw (fused kernel where the device has one) or sgd."""
+
+    lr: float = 3e-4
+    """Peak learning rate (reached after warmup)."""
+
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices only (not to norms, biases or embeddings)."""
+
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW's (beta1, beta2)."""
+
+    eps: float = 1e-8
+    """AdamW's epsilon."""
+
+    momentum: float = 0.9
+    """SGD momentum."""
+
+    grad_clip: float = 1.0
+    """Clip gradients to this global L2 norm (over all shards); 0 disables clipping."""
+
+
+@dataclass
+class LRConfig:
+    schedule: str = "cosine"
+    """constant, cosine, linear (decay to min_lr) or wsd (warmup-stable-decay)."""
+
+    warmup_steps: int = 0
+    """Steps of linear warmup from 0 to the peak lr."""
+
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+
+    decay_ratio: float = 0.2
+    """wsd only: fraction of the steps after warmup spent in the final linear decay."""
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    """Data-parallel replicas: DDP on its own, HSDP (replicate x shard) with dp_shard > 1."""
+
+    dp_shard: int = -1
+    """FSDP2 degree (parameters, gradients and optimizer state sharded: ZeRO-3); -1 means
+    whatever the other degrees leave of the world size."""
+
+    tp: int = 1
+    """Tensor-parallel degree (attention heads and MLP columns split across ranks)."""
+
+    sequence_parallel: bool = True
+    """With tp > 1, also split norms and residual activations along the sequence."""
+
+    pp: int = 1
+    """Pipeline-parallel degree (not available in this version: must be 1)."""
+
+    cp: int = 1
+    """Context-parallel degree (not available in this version: must be 1)."""
+
+    ep: int = 1
+    """Expert-parallel degree (not available in this version: must be 1)."""
+
+
+@dataclass
+class RecomputeConfig:
+    mode: str = "none"
+    """Activation recompute: none, selective (the attention core of each chosen layer) or full
+    (each chosen layer whole)."""
+
+    num_layers: int = 0
+    """How many layers (from the first) recompute; 0 means all of them."""
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0
+    """Save every this many steps (0: only at the end of the run and on SIGTERM/SIGINT)."""
+
+    keep: int = 2
+    """Keep the newest this many complete checkpoints (0 keeps all)."""
+
+    resume: str = "auto"
+    """auto (continue from the newest complete checkpoint in OUTPUT_DIR if any), none (start
+    fresh), or the path of a checkpoint to continue from."""
+
+    async_: bool = False
+    """TOML key `async`: write checkpoints in a background thread while training continues."""
+
+    save_final: bool = True
+    """Save a checkpoint when the run reaches train.steps."""
+
+
+@dataclass
+class LogConfig:
+    interval: int = 1
+    """Log metrics every this many steps."""
+
+    tensorboard: bool = True
+    """Write TensorBoard event files to OUTPUT_DIR/tensorboard."""
+
+    plot: bool = True
+    """Draw the loss curve to OUTPUT_DIR/loss.png at the end of the run."""
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lr: LRConfig = field(default_factory=LRConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)

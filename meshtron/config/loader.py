@@ -1,0 +1,215 @@
+"""Load a `JobConfig` from a TOML file plus `--section.key VALUE` overrides, check every key and
+type, and write the resolved configuration back as TOML.
+
+Errors are `UserError`s that name the file, the key and the fix: an unknown section or key
+comes with a "did you mean", a wrongly typed value says which type was expected.
+"""
+
+import dataclasses
+import difflib
+import json
+import keyword
+import math
+import tomllib
+import typing
+from pathlib import Path
+
+from meshtron.config.job import JobConfig
+from meshtron.errors import UserError
+
+RECIPES = ("pretrain", "sft")
+DTYPES = ("float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "linear", "wsd")
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+def _field_name(key: str) -> str:
+    """TOML key -> dataclass field (`async` is a Python keyword, so its field is `async_`)."""
+    return f"{key}_" if keyword.iskeyword(key) else key
+
+
+def _toml_key(name: str) -> str:
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
+def _sections() -> dict[str, type]:
+    return typing.get_type_hints(JobConfig)
+
+
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(choices))}"
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table"}.get(
+        tp, str(tp)
+    )
+
+
+def _coerce(value, tp, where: str):
+    """Check `value` (as TOML parsed it) against the field type `tp`; ints are accepted as floats."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise UserError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _parse_override_value(text: str, tp):
+    """An override's text as the field's type: TOML literal syntax, bare strings, comma lists."""
+    if tp is str:
+        return text
+    if typing.get_origin(tp) is list and not text.lstrip().startswith("["):
+        return [_parse_override_value(part.strip(), typing.get_args(tp)[0]) for part in text.split(",") if part.strip()]
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # reported as a type error by _coerce
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
+    """["--train.steps", "5", "--lr.schedule=wsd"] -> [("train.steps", "5"), ("lr.schedule", "wsd")]."""
+    pairs, i = [], 0
+    while i < len(overrides):
+        arg = overrides[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise UserError(f"unexpected argument {arg!r}; overrides look like --section.key VALUE (e.g. --train.steps 5)")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(overrides):
+                raise UserError(f"override {arg} has no value; write {arg} VALUE")
+            value = overrides[i + 1]
+            i += 2
+        pairs.append((key, value))
+    return pairs
+
+
+def _set(cfg: JobConfig, section: str, key: str, value, source: str, from_text: bool) -> None:
+    sections = _sections()
+    if section not in sections:
+        raise UserError(f"{source}: unknown section [{section}]{_suggest(section, sections)}")
+    section_obj = getattr(cfg, section)
+    hints = typing.get_type_hints(type(section_obj))
+    name = _field_name(key)
+    if name not in hints:
+        known = [_toml_key(n) for n in hints]
+        raise UserError(f"{source}: unknown key {section}.{key}{_suggest(key, known)}")
+    tp = hints[name]
+    if from_text:
+        value = _parse_override_value(value, tp)
+    where = source if from_text else f"{source}: {section}.{key}"
+    setattr(section_obj, name, _coerce(value, tp, where))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
+    """Read a TOML file (None: defaults only), apply overrides, validate."""
+    cfg = JobConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"{path}: invalid TOML: {e}") from None
+        for section, table in raw.items():
+            if not isinstance(table, dict):
+                raise UserError(f"{path}: {section} = ... must be inside a section, e.g. [train]")
+            for key, value in table.items():
+                _set(cfg, section, key, value, str(path), from_text=False)
+    for dotted, text in parse_overrides(overrides or []):
+        section, _, key = dotted.partition(".")
+        _set(cfg, section, key, text, f"--{dotted}", from_text=True)
+    validate(cfg)
+    return cfg
+
+
+def _check_choice(value: str, choices, key: str) -> None:
+    if value not in choices:
+        raise UserError(f"{key} = {value!r} is not one of {', '.join(choices)}{_suggest(value, choices)}")
+
+
+def _check_positive(value, key: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero) or (isinstance(value, float) and math.isnan(value)):
+        raise UserError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: JobConfig) -> None:
+    """Checks that need no world size or files (ParallelDims and the trainer check the rest)."""
+    _check_choice(cfg.train.recipe, RECIPES, "train.recipe")
+    _check_choice(cfg.model.dtype, DTYPES, "model.dtype")
+    _check_choice(cfg.model.master_dtype, DTYPES, "model.master_dtype")
+    _check_choice(cfg.optim.name, OPTIMIZERS, "optim.name")
+    _check_choice(cfg.lr.schedule, SCHEDULES, "lr.schedule")
+    _check_choice(cfg.recompute.mode, RECOMPUTE_MODES, "recompute.mode")
+    for key in ("train.steps", "train.global_batch_size", "train.micro_batch_size", "train.seq_length",
+                "log.interval", "optim.lr"):
+        section, name = key.split(".")
+        _check_positive(getattr(getattr(cfg, section), name), key)
+    for key in ("lr.warmup_steps", "lr.min_lr", "optim.weight_decay", "optim.grad_clip", "checkpoint.interval",
+                "checkpoint.keep", "recompute.num_layers", "train.sample_max_new_tokens"):
+        section, name = key.split(".")
+        _check_positive(getattr(getattr(cfg, section), name), key, allow_zero=True)
+    if len(cfg.optim.betas) != 2:
+        raise UserError(f"optim.betas must have two values (beta1, beta2), got {cfg.optim.betas}")
+    if not 0 <= cfg.lr.decay_ratio <= 1:
+        raise UserError(f"lr.decay_ratio must be within [0, 1], got {cfg.lr.decay_ratio}")
+    if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.paths):
+        raise UserError(
+            f"data.weights has {len(cfg.data.weights)} values for {len(cfg.data.paths)} data.paths; give one weight "
+            "per path or none"
+        )
+    if not cfg.data.paths and not cfg.data.mock:
+        raise UserError("no training data: set data.paths (preprocessed prefixes or raw files) or data.mock = true")
+    if cfg.model.args and ":" not in cfg.model.name_or_path:
+        raise UserError(
+            f"model.args changes a flavor's shape, but model.name_or_path = {cfg.model.name_or_path!r} is not a "
+            "flavor (family:name); remove model.args"
+        )
+    if cfg.checkpoint.resume not in ("auto", "none") and not Path(cfg.checkpoint.resume).exists():
+        raise UserError(f"checkpoint.resume = {cfg.checkpoint.resume!r}: no such checkpoint; use auto, none or a path")
+
+
+def to_dict(cfg: JobConfig) -> dict:
+    return {
+        section.name: {_toml_key(k): v for k, v in dataclasses.asdict(getattr(cfg, section.name)).items()}
+        for section in dataclasses.fields(cfg)
+    }
+
+
+def to_toml(cfg: JobConfig) -> str:
+    """The resolved configuration as TOML (what OUTPUT_DIR/config.toml holds; loads back unchanged)."""
+    lines = []
+    for section, table in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {value!r} as TOML")

@@ -1,0 +1,106 @@
+"""ParallelDims: the parallel degrees of a run, checked once, and the one DeviceMesh they build.
+
+The mesh always has every axis, in the order pp, dp_replicate, dp_shard, cp, tp (a disabled
+axis has size 1), so that code asks for an axis by name and never branches on which exist.
+Flattened views: `dp` (dp_replicate x dp_shard: who sees different data) and `dp_shard_cp`
+(dp_shard x cp: over what FSDP shards). tp is innermost so that its ranks are neighbours
+(one node, fastest links); dp_replicate is outer so that HSDP replicates across nodes.
+"""
+
+from dataclasses import dataclass
+
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from meshtron.errors import UserError
+
+AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    world_size: int
+    pp: int = 1
+    cp: int = 1
+
+    @classmethod
+    def resolve(cls, *, dp_replicate: int, dp_shard: int, tp: int, world_size: int, pp: int = 1, cp: int = 1,
+                ep: int = 1) -> "ParallelDims":
+        """Fill in dp_shard = -1 from the world size and check that the degrees multiply to it."""
+        for name, value in (("pp", pp), ("cp", cp), ("ep", ep)):
+            if value != 1:
+                raise UserError(f"parallel.{name} = {value}: {name} parallelism is not available in this version; set it to 1")
+        for name, value in (("dp_replicate", dp_replicate), ("tp", tp)):
+            if value < 1:
+                raise UserError(f"parallel.{name} must be >= 1, got {value}")
+        others = dp_replicate * tp * pp * cp
+        if dp_shard == -1:
+            if world_size % others:
+                raise UserError(
+                    f"world size {world_size} is not divisible by dp_replicate x tp = {others}; "
+                    f"launch a multiple of {others} processes or change the degrees"
+                )
+            dp_shard = world_size // others
+        elif dp_shard < 1:
+            raise UserError(f"parallel.dp_shard must be >= 1 or -1 (the rest of the world), got {dp_shard}")
+        if others * dp_shard != world_size:
+            raise UserError(
+                f"parallel degrees dp_replicate={dp_replicate} x dp_shard={dp_shard} x tp={tp} = "
+                f"{others * dp_shard} do not match the world size {world_size}; change them so that their "
+                "product is the number of processes (or set dp_shard = -1)"
+            )
+        return cls(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, world_size=world_size, pp=pp, cp=cp)
+
+    @property
+    def dp_size(self) -> int:
+        """Ranks that see different data."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        """Whether parameters are wrapped with fully_shard (FSDP, HSDP, or DDP as HSDP with shard 1)."""
+        return self.dp_size > 1
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    def check_model(self, num_heads: int, num_kv_heads: int, ffn_dim: int, vocab_size: int, seq_length: int,
+                    sequence_parallel: bool) -> None:
+        """Tensor parallel splits heads, MLP columns, the vocabulary and (with SP) the sequence."""
+        if not self.tp_enabled:
+            return
+        for what, n in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("ffn_dim", ffn_dim),
+                        ("vocab_size", vocab_size)):
+            if n % self.tp:
+                raise UserError(f"the model's {what} ({n}) is not divisible by parallel.tp = {self.tp}; choose a tp "
+                                f"that divides {what}")
+        if sequence_parallel and seq_length % self.tp:
+            raise UserError(f"train.seq_length ({seq_length}) is not divisible by parallel.tp = {self.tp}, which "
+                            "sequence parallel needs; change one of them")
+
+    def build_mesh(self, device_type: str) -> "Meshes":
+        shape = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
+        world = init_device_mesh(device_type, shape, mesh_dim_names=AXES)
+        dp = world["dp_replicate", "dp_shard"]._flatten(mesh_dim_name="dp")
+        dp_shard_cp = world["dp_shard", "cp"]._flatten(mesh_dim_name="dp_shard_cp")
+        # cp is 1 in this version, so dp_shard is what HSDP shards over; with cp this becomes
+        # (dp_replicate, dp_shard_cp).
+        fsdp = world["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else dp_shard_cp
+        return Meshes(world=world, dp=dp, fsdp=fsdp, tp=world["tp"])
+
+
+@dataclass(frozen=True)
+class Meshes:
+    """The one mesh (`world`, axes named as AXES) and the views the parallel steps use.
+
+    Flattened views are kept here because torch asks callers to hold them rather than slice
+    them again from the root.
+    """
+
+    world: DeviceMesh
+    dp: DeviceMesh  # dp_replicate x dp_shard, flattened: ranks that see different data
+    fsdp: DeviceMesh  # what fully_shard shards over: 1-D (FSDP) or 2-D (HSDP, replicate x shard)
+    tp: DeviceMesh

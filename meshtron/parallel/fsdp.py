@@ -1,0 +1,22 @@
+"""FSDP2 (`fully_shard`) over the data-parallel axes: FSDP, HSDP and DDP in one code path.
+
+Each transformer block is one FSDP unit; the root unit holds the embedding, final norm and
+output head (so that tied embedding and head stay in one unit). On a 1-D mesh (dp_shard)
+this is FSDP/ZeRO-3; on a 2-D mesh (dp_replicate, dp_shard) it is HSDP, and with a shard
+degree of 1 it is DDP (parameters replicated, gradients all-reduced).
+"""
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype) -> None:
+    """Wrap blocks, then the root. param_dtype is the compute dtype; reduce_dtype that of gradient reduction."""
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    blocks = list(model.layers.values())
+    for i, block in enumerate(blocks):
+        # The last block's parameters are needed again right away by backward: keep them gathered.
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy)

@@ -1,0 +1,168 @@
+"""The parts a Trainer is built from: the process group and device, the model source (flavor,
+Hugging Face directory or meshtron checkpoint) and tokenizer, and the parallelized model.
+
+The model follows ARCHITECTURE principle 3: built on the meta device, parallelized, then
+materialized and initialized (or loaded, streaming shard by shard).
+"""
+
+import difflib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor.experimental import implicit_replication
+
+from meshtron.config import JobConfig
+from meshtron.errors import UserError
+from meshtron.models.common.args import ModelArgs
+from meshtron.models.registry import build_model, get_flavor
+from meshtron.parallel import Meshes, ParallelDims, parallelize
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXAMPLE_MODEL = "smollm2"
+
+
+def init_distributed(deterministic: bool) -> torch.device:
+    """Join the process group torchrun describes (or a one-process group) and pick the device.
+
+    NCCL on GPU (with gloo beside it for CPU-side collectives of checkpointing), gloo on CPU.
+    """
+    if deterministic:
+        # cuBLAS needs this set before its first use to pick deterministic workspaces.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        if "RANK" in os.environ:
+            dist.init_process_group(backend)
+        else:
+            # Not under torchrun: a one-process group, so that one code path (mesh, DCP) serves all runs.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return device
+
+
+@dataclass
+class ModelSource:
+    kind: str  # flavor | hf | checkpoint
+    args: ModelArgs
+    path: Path | None  # HF directory or checkpoint directory
+    tokenizer_dir: Path | None
+    hf_config_extra: dict  # bos/eos/pad ids to carry into an exported HF config
+
+
+def _example_model_dir() -> Path:
+    from meshtron.assets import prepare_smollm2
+
+    return prepare_smollm2()
+
+
+def _token_ids_from_dir(path: Path | None) -> dict:
+    config = path / "config.json" if path is not None else None
+    if config is None or not config.is_file():
+        return {}
+    raw = json.loads(config.read_text())
+    return {k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if raw.get(k) is not None}
+
+
+def _apply_arg_overrides(args: ModelArgs, overrides: dict) -> ModelArgs:
+    fields = args.to_dict()
+    for key in overrides:
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; fields: {', '.join(fields)}"
+            raise UserError(f"model.args: unknown field {key!r}{hint}")
+    try:
+        return ModelArgs.from_dict({**fields, **overrides})
+    except ValueError as e:
+        raise UserError(f"model.args: {e}") from None
+
+
+def resolve_model_source(config: JobConfig) -> ModelSource:
+    from meshtron.checkpoint.manager import read_manifest, resolve_checkpoint
+
+    name = config.model.name_or_path
+    tokenizer = config.model.tokenizer
+    tokenizer_dir = (_example_model_dir() if tokenizer == EXAMPLE_MODEL else Path(tokenizer)) if tokenizer else None
+    if tokenizer_dir is not None and not tokenizer_dir.is_dir():
+        raise UserError(f"model.tokenizer {tokenizer!r} is not a directory; give a tokenizer or HF model directory")
+    path = _example_model_dir() if name == EXAMPLE_MODEL else Path(name)
+    if path.is_dir() and (path / "config.json").is_file():
+        from meshtron.checkpoint.hf import read_hf_config
+
+        _, _, args = read_hf_config(path)
+        return ModelSource("hf", args, path, tokenizer_dir or path, _token_ids_from_dir(path))
+    if path.is_dir():
+        checkpoint = resolve_checkpoint(path)
+        manifest = read_manifest(checkpoint)
+        own_tokenizer = checkpoint / manifest["tokenizer"] if manifest.get("tokenizer") else None
+        return ModelSource("checkpoint", ModelArgs.from_dict(manifest["model_args"]), checkpoint,
+                           tokenizer_dir or own_tokenizer, manifest.get("hf_config_extra", {}))
+    if ":" not in name:
+        raise UserError(f"model.name_or_path {name!r} is neither a directory nor a flavor (family:name, e.g. "
+                        f"llama:debug) nor {EXAMPLE_MODEL!r}")
+    args = _apply_arg_overrides(get_flavor(name), config.model.args)
+    return ModelSource("flavor", args, None, tokenizer_dir, _token_ids_from_dir(tokenizer_dir))
+
+
+def precision(config: JobConfig) -> tuple[torch.dtype, torch.dtype]:
+    """(compute dtype, master dtype), checked."""
+    compute, master = DTYPES[config.model.dtype], DTYPES[config.model.master_dtype]
+    if compute == torch.float32 and master != torch.float32:
+        raise UserError(f"model.dtype = float32 with model.master_dtype = {config.model.master_dtype}: the master "
+                        "weights must be at least as precise as the compute; set master_dtype = float32")
+    if master == torch.float16:
+        raise UserError("pure float16 training (master_dtype = float16) overflows without fp32 master weights; use "
+                        "bfloat16, or dtype = float16 with master_dtype = float32 (dynamic loss scaling)")
+    if compute != master and master != torch.float32:
+        raise UserError(f"model.dtype = {config.model.dtype} with master_dtype = {config.model.master_dtype} is "
+                        "not a supported combination; use master_dtype = float32 or equal to dtype")
+    return compute, master
+
+
+def build_parallel_model(config: JobConfig, source: ModelSource, dims: ParallelDims, meshes: Meshes,
+                         device: torch.device, load_weights: bool) -> nn.Module:
+    """Meta build -> parallelize -> materialize -> initialize (seeded, layout-independent) -> load weights."""
+    args = source.args
+    dims.check_model(args.num_heads, args.num_kv_heads, args.ffn_dim, args.vocab_size, config.train.seq_length,
+                     config.parallel.sequence_parallel)
+    if config.train.seq_length > args.max_seq_len:
+        log.warning("train.seq_length %d exceeds the model's max_seq_len %d", config.train.seq_length, args.max_seq_len)
+    compute, master = precision(config)
+    model = build_model(args, device="meta")
+    model.to(master)
+    parallelize(
+        model, dims, meshes,
+        sequence_parallel=config.parallel.sequence_parallel,
+        recompute_mode=config.recompute.mode,
+        recompute_layers=config.recompute.num_layers,
+        param_dtype=compute,
+        reduce_dtype=master,
+    )
+    model.to_empty(device=device)
+    # Every rank draws the full tensors from one seeded CPU generator and keeps its shard
+    # (implicit_replication treats the drawn tensor as replicated), so the initial weights are
+    # the same at every parallel layout.
+    with implicit_replication():
+        model.init_weights(seed=config.train.seed)
+    if load_weights and source.kind == "hf":
+        from meshtron.checkpoint.hf import load_hf_weights
+        from meshtron.models.registry import get_family
+
+        load_hf_weights(model, source.path, get_family(args.family))
+    elif load_weights and source.kind == "checkpoint":
+        from meshtron.checkpoint import load_model_weights
+
+        load_model_weights(model, source.path)
+    model.train()
+    return model

@@ -1,0 +1,131 @@
+"""The trainer's data: the stateful loader of meshtron.data over preprocessed prefixes (raw files
+are preprocessed on the fly first), or deterministic mock data for benchmarks and tests.
+
+Both loaders shard a global stream of samples by data-parallel rank and checkpoint the number
+of samples consumed by all ranks, so a resumed run (at any dp size) continues with the next
+unseen sample.
+"""
+
+import hashlib
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.stateful import Stateful
+
+from meshtron.config import JobConfig
+from meshtron.errors import UserError
+from meshtron.train.losses import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+RAW_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".arrow")
+_DATASET_SUFFIXES = ("_text_document", "_packed_input_ids_document")
+
+
+class MockDataLoader(Stateful):
+    """Deterministic synthetic micro-batches: each sample holds two documents, each an arithmetic
+    sequence of token ids modulo the vocabulary, so a model can learn it and its loss falls.
+
+    Sample i depends only on (seed, i); rank r of a round takes samples r, r + dp_size, ... like
+    the real loader.
+    """
+
+    def __init__(self, vocab_size: int, seq_length: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 seed: int):
+        self.vocab_size, self.seq_length = vocab_size, seq_length
+        self.micro_batch_size, self.dp_rank, self.dp_size, self.seed = micro_batch_size, dp_rank, dp_size, seed
+        self.consumed_samples = 0
+
+    def sample(self, index: int) -> dict[str, torch.Tensor]:
+        S = self.seq_length
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        cut = int(torch.randint(S // 4, 3 * S // 4 + 1, (1,), generator=gen))
+        starts = torch.randint(0, self.vocab_size, (2,), generator=gen)
+        strides = torch.randint(1, 8, (2,), generator=gen)
+        lengths = (cut, S + 1 - cut)
+        tokens = torch.cat([(starts[d] + strides[d] * torch.arange(lengths[d])) % self.vocab_size for d in range(2)])
+        document_ids = torch.cat([torch.zeros(cut, dtype=torch.long), torch.ones(S - cut, dtype=torch.long)])
+        labels = tokens[1:].clone()
+        labels[cut - 1] = IGNORE_INDEX  # the first token of the next document is not predictable
+        positions = torch.cat([torch.arange(cut), torch.arange(S - cut)])
+        return {"input_ids": tokens[:-1], "labels": labels, "document_ids": document_ids, "position_ids": positions}
+
+    def __iter__(self):
+        while True:
+            start = self.consumed_samples + self.dp_rank
+            samples = [self.sample(start + j * self.dp_size) for j in range(self.micro_batch_size)]
+            self.consumed_samples += self.micro_batch_size * self.dp_size
+            yield {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.consumed_samples = int(state_dict["consumed_samples"])
+
+
+def build_data_loader(config: JobConfig, *, data_kind: str, default_handler: str, vocab_size: int,
+                      tokenizer_dir: Path | None, dp_rank: int, dp_size: int, config_dir: Path | None) -> Stateful:
+    train = config.train
+    if config.data.mock:
+        return MockDataLoader(vocab_size, train.seq_length, train.micro_batch_size, dp_rank, dp_size, train.seed)
+    from meshtron.data.loader import DataLoader, build_dataset
+
+    prefixes = [
+        _resolve_path(p, config, data_kind, config.data.handler or default_handler, tokenizer_dir, config_dir)
+        for p in config.data.paths
+    ]
+    dataset = build_dataset(prefixes, config.data.weights or None, train.seq_length, data_kind, train.seed,
+                            reset_position_ids=config.data.reset_position_ids)
+    return DataLoader(dataset, train.micro_batch_size, dp_rank, dp_size, train.seed)
+
+
+def _find(path: str, config_dir: Path | None) -> Path:
+    """`path` as given, else relative to the config file's directory (so shipped configs run from anywhere)."""
+    candidates = [Path(path)] + ([config_dir / path] if config_dir is not None else [])
+    for candidate in candidates:
+        if candidate.exists() or any(Path(f"{candidate}{s}.bin").exists() for s in _DATASET_SUFFIXES):
+            return candidate
+    return Path(path)
+
+
+def _resolve_path(path: str, config: JobConfig, data_kind: str, handler: str, tokenizer_dir: Path | None,
+                  config_dir: Path | None) -> str:
+    found = _find(path, config_dir)
+    if found.is_file() and found.suffix in RAW_SUFFIXES:
+        return _preprocess_on_the_fly(found, config, data_kind, handler, tokenizer_dir)
+    if any(Path(f"{found}{s}.bin").exists() for s in _DATASET_SUFFIXES) or (found.suffix == "" and Path(f"{found}.bin").exists()):
+        return str(found)
+    raise UserError(
+        f"data path {path!r} not found: give a prefix written by `meshtron preprocess` (PREFIX of "
+        f"PREFIX_text_document.bin) or a raw {'/'.join(RAW_SUFFIXES)} file"
+    )
+
+
+def _preprocess_on_the_fly(raw: Path, config: JobConfig, data_kind: str, handler: str,
+                           tokenizer_dir: Path | None) -> str:
+    """Preprocess a raw file into OUTPUT_DIR/data once (rank 0; the others wait), keyed by its inputs."""
+    if tokenizer_dir is None:
+        raise UserError(f"data path {raw} is a raw file and needs a tokenizer to be preprocessed; set "
+                        "model.tokenizer (e.g. \"smollm2\") or preprocess it with `meshtron preprocess`")
+    stat = raw.stat()
+    key = f"{raw.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{handler}|{tokenizer_dir}|{config.train.seq_length}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    prefix = Path(config.train.output_dir) / "data" / f"{raw.stem}-{handler}-{digest}"
+    done = Path(f"{prefix}_text_document.bin" if data_kind == "pretrain" else f"{prefix}_packed_input_ids_document.bin")
+    if (not dist.is_initialized() or dist.get_rank() == 0) and not done.exists():
+        cmd = [sys.executable, "-m", "meshtron", "preprocess", "--input", str(raw), "--handler", handler,
+               "--tokenizer", str(tokenizer_dir), "--output-prefix", str(prefix)]
+        cmd += ["--append-eod"] if data_kind == "pretrain" else ["--seq-length", str(config.train.seq_length), "--pack"]
+        log.info("preprocessing %s with handler %s into %s", raw, handler, prefix)
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
+            raise UserError(f"preprocessing {raw} failed: {lines[-1]}")
+    if dist.is_initialized():
+        dist.barrier()
+    return str(prefix)

@@ -1,0 +1,137 @@
+"""Training metrics: metrics.jsonl, TensorBoard, a console progress line with ETA, the loss plot.
+
+MFU follows the PaLM paper (appendix B): a token costs 6 N FLOPs in the matrices (forward and
+backward), N the parameters excluding the input embedding, plus 12 L H Q T for attention
+(L layers, H heads of size Q, T the sequence length). MFU = tokens/s x that / (peak FLOP/s of
+one device x devices). Peak numbers are dense bf16 tensor-core rates; on CPU (no known peak)
+MFU is not reported.
+"""
+
+import json
+import logging
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from meshtron.models.common.args import ModelArgs
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s by device-name substring, checked in order.
+_PEAK_BF16_FLOPS = (("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12),
+                    ("L40S", 362e12), ("A10", 125e12), ("4090", 165e12))
+
+
+def flops_per_token(args: ModelArgs, seq_length: int) -> float:
+    matrices = args.num_params(include_embedding=False)
+    attention = 12 * args.num_layers * args.num_heads * args.head_dim * seq_length
+    return 6 * matrices + attention
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in _PEAK_BF16_FLOPS if key in name), None)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory allocated, or on CPU the peak resident set size of this process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return kb / 1e6
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks hold a disabled logger."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, total_steps: int):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.metrics_file = Path(run_dir) / "metrics.jsonl"
+        self.writer = None
+        self._start_time = time.perf_counter()
+        self._start_step: int | None = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **metrics}
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and value is not None:
+                    self.writer.add_scalar(f"train/{key}", value, step)
+            self.writer.flush()
+        print(self._progress_line(step, metrics), file=sys.stderr, flush=True)
+
+    def _progress_line(self, step: int, m: dict) -> str:
+        if self._start_step is None:
+            self._start_step, self._start_time = step - 1, time.perf_counter() - m.get("step_time_s", 0.0)
+        per_step = (time.perf_counter() - self._start_time) / max(1, step - self._start_step)
+        eta = int(per_step * (self.total_steps - step))
+        parts = [
+            f"step {step}/{self.total_steps}",
+            f"loss {m['loss']:.4f}",
+            f"lr {m['lr']:.2e}",
+            f"grad_norm {m['grad_norm']:.3f}",
+            f"{m['tokens_per_s']:,.0f} tok/s",
+        ]
+        if m.get("mfu") is not None:
+            parts.append(f"mfu {m['mfu']:.1%}")
+        parts += [f"mem {m['mem_gb']:.2f} GB", f"eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"]
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(metrics_file: Path) -> list[dict]:
+    """Records of metrics.jsonl; a step logged again after a resume keeps its latest record."""
+    by_step: dict[int, dict] = {}
+    for line in Path(metrics_file).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_loss(metrics_file: Path, out_png: Path) -> Path | None:
+    """Draw loss against step (with a moving average) to a PNG; None if there is nothing to draw."""
+    records = read_metrics(metrics_file) if Path(metrics_file).is_file() else []
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    losses = [r["loss"] for r in records]
+    window = max(1, len(losses) // 20)
+    smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
+              for i in range(len(losses))]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, alpha=0.35, label="loss")
+    ax.plot(steps, smooth, label=f"moving average ({window} steps)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"training loss: {losses[0]:.3f} -> {smooth[-1]:.3f}")
+    if not any(math.isnan(x) for x in losses):
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return Path(out_png)

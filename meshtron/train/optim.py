@@ -1,0 +1,47 @@
+"""Optimizers (AdamW, SGD) and gradient clipping by the true global norm.
+
+Weight decay applies to matrices only: norms, biases and embeddings are excluded (as in
+Megatron-LM and nanoGPT), since decaying them hurts and saves nothing.
+"""
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from meshtron.config import OptimConfig
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():  # tied weights appear once
+        if not param.requires_grad:
+            continue
+        (decay if param.ndim >= 2 and "embed" not in name else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    # The fused kernel is one launch for all parameters on GPU; on CPU the foreach path is as fast.
+    fused = device_type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused, foreach=not fused)
+
+
+@torch.no_grad()
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip to `max_norm` (0: no clipping) by the L2 norm over every shard of every gradient; returns that norm.
+
+    Gradients are grouped by device mesh: with FSDP x TP some parameters live on the 2-D mesh and,
+    without sequence parallel, the norms on the data-parallel mesh only, and one foreach norm
+    cannot mix DTensors of different meshes. `full_tensor()` reduces each partial norm across its mesh.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    groups: dict[object, list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
+    norms = []
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm(group, foreach=True)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return total

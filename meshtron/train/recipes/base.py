@@ -1,0 +1,29 @@
+"""The hooks a recipe gives the Trainer.
+
+A recipe returns an *unnormalized* loss sum and the number of units it sums over (tokens for
+language-model losses, samples for pairwise ones). The Trainer adds the units over all
+micro-batches and data-parallel ranks of a step and divides by that global count, so that
+gradient accumulation and data parallel give the gradients of one big batch (principle 5).
+"""
+
+import torch
+from torch import nn
+
+from meshtron.config import JobConfig
+
+
+class Recipe:
+    name: str
+    data_kind: str  # what meshtron.data.loader.build_dataset reads: pretrain | sft | pairwise
+    default_handler: str  # meshtron preprocess handler for raw files
+
+    def __init__(self, config: JobConfig):
+        self.config = config
+
+    def num_loss_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """How many units this micro-batch's loss sums over."""
+        raise NotImplementedError
+
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward `batch` and return the summed loss (a scalar)."""
+        raise NotImplementedError

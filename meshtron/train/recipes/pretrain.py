@@ -1,0 +1,30 @@
+"""Pretraining: next-token loss over packed documents.
+
+Attention never crosses a document boundary (the batch's document_ids); positions restart at
+each document unless data.reset_position_ids is false.
+"""
+
+import torch
+from torch import nn
+
+from meshtron.train.losses import num_loss_tokens, token_cross_entropy_sum
+from meshtron.train.recipes.base import Recipe
+
+
+class PretrainRecipe(Recipe):
+    name = "pretrain"
+    data_kind = "pretrain"
+    default_handler = "pretrain"
+
+    def num_loss_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return num_loss_tokens(batch["labels"])
+
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(batch["input_ids"], position_ids=self.position_ids(batch), document_ids=batch["document_ids"])
+        return token_cross_entropy_sum(logits, batch["labels"])
+
+    def position_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.config.data.reset_position_ids:
+            return batch["position_ids"]
+        B, S = batch["input_ids"].shape
+        return torch.arange(S, device=batch["input_ids"].device).expand(B, S)

@@ -1,0 +1,306 @@
+"""The one training loop, in three levels: `forward_backward` (one micro-batch) -> `train_step`
+(one optimizer step over the accumulated micro-batches) -> `train` (steps, logging,
+checkpoints, resume, SIGTERM). Recipes supply how a batch becomes a loss.
+
+Loss normalization (ARCHITECTURE principle 5): each micro-batch's summed loss is divided by the
+number of loss tokens of the whole step over all data-parallel ranks, and multiplied by the
+data-parallel size because FSDP averages gradients over it. The gradients are then those of
+one big batch on one device, whatever the accumulation and data-parallel split.
+"""
+
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor
+
+from meshtron.config import JobConfig, to_dict, to_toml
+from meshtron.errors import UserError
+from meshtron.parallel import ParallelDims
+from meshtron.train.build import build_parallel_model, init_distributed, precision, resolve_model_source
+from meshtron.train.data import build_data_loader
+from meshtron.train.losses import loss_context
+from meshtron.train.lr import build_lr_scheduler
+from meshtron.train.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gb, plot_loss
+from meshtron.train.optim import build_optimizer, clip_grad_norm
+from meshtron.train.recipes import build_recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState(Stateful):
+    step: int = 0
+    tokens_seen: int = 0  # input tokens over all ranks
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.step, self.tokens_seen = int(state_dict["step"]), int(state_dict["tokens_seen"])
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class Trainer:
+    def __init__(self, config: JobConfig, config_dir: Path | None = None):
+        self.config = config
+        self.device = init_distributed(config.train.deterministic)
+        self._set_determinism()
+        p = config.parallel
+        self.dims = ParallelDims.resolve(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp,
+                                         world_size=dist.get_world_size(), pp=p.pp, cp=p.cp, ep=p.ep)
+        self.meshes = self.dims.build_mesh(self.device.type)
+        self.grad_accum_steps = self._grad_accum_steps()
+        self.run_dir = Path(config.train.output_dir)
+        self.is_main = dist.get_rank() == 0
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(to_toml(config))
+
+        self.source = resolve_model_source(config)
+        self.model_args = self.source.args
+        self.resume_from = self._find_resume_checkpoint()
+        self.model = build_parallel_model(config, self.source, self.dims, self.meshes, self.device,
+                                          load_weights=self.resume_from is None)
+        self.recipe = build_recipe(config)
+        self.optimizer = build_optimizer(self.model, config.optim, self.device.type)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, config.lr, config.optim.lr, config.train.steps)
+        self.grad_scaler = self._build_grad_scaler()
+        self.data_loader = build_data_loader(
+            config, data_kind=self.recipe.data_kind, default_handler=self.recipe.default_handler,
+            vocab_size=self.model_args.vocab_size, tokenizer_dir=self.source.tokenizer_dir,
+            dp_rank=self.meshes.dp.get_local_rank(), dp_size=self.dims.dp_size, config_dir=config_dir,
+        )
+        self.state = TrainState()
+        self.checkpointer = self._build_checkpointer()
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main, tensorboard=config.log.tensorboard,
+                                     total_steps=config.train.steps)
+        self._stop_signal: int | None = None
+
+    # ---- construction helpers ------------------------------------------------------------
+
+    def _set_determinism(self) -> None:
+        torch.manual_seed(self.config.train.seed)
+        if self.config.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+
+    def _grad_accum_steps(self) -> int:
+        t = self.config.train
+        per_step = t.micro_batch_size * self.dims.dp_size
+        if t.global_batch_size % per_step:
+            raise UserError(
+                f"train.global_batch_size ({t.global_batch_size}) must be a multiple of micro_batch_size x "
+                f"data-parallel size ({t.micro_batch_size} x {self.dims.dp_size} = {per_step})"
+            )
+        return t.global_batch_size // per_step
+
+    def _find_resume_checkpoint(self) -> Path | None:
+        resume = self.config.checkpoint.resume
+        if resume == "none":
+            return None
+        if resume == "auto":
+            from meshtron.checkpoint.manager import list_checkpoints
+
+            found = list_checkpoints(self.run_dir / "checkpoints")
+            return found[-1] if found else None
+        from meshtron.checkpoint.manager import resolve_checkpoint
+
+        return resolve_checkpoint(resume)
+
+    def _build_grad_scaler(self):
+        compute, master = precision(self.config)
+        if compute != torch.float16:
+            return None
+        # fp16 has a narrow range: scale the loss up dynamically so small gradients do not underflow.
+        if self.dims.fsdp_enabled:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            return ShardedGradScaler(self.device.type)
+        return torch.amp.GradScaler(self.device.type)
+
+    def _build_checkpointer(self):
+        from meshtron.checkpoint.manager import CheckpointManager, ModelState, OptimizerState
+
+        states = {
+            "model": ModelState(self.model),
+            "optimizer": OptimizerState(self.model, self.optimizer),
+            "lr_scheduler": self.lr_scheduler,
+            "dataloader": self.data_loader,
+            "train_state": self.state,
+        }
+        if self.grad_scaler is not None:
+            states["grad_scaler"] = self.grad_scaler
+        manifest = {
+            "model_args": self.model_args.to_dict(),
+            "recipe": self.config.train.recipe,
+            "dtype": self.config.model.master_dtype,
+            "world_size": self.dims.world_size,
+            "parallel": {"dp_replicate": self.dims.dp_replicate, "dp_shard": self.dims.dp_shard, "tp": self.dims.tp},
+            "hf_config_extra": self.source.hf_config_extra,
+            "config": to_dict(self.config),
+        }
+        return CheckpointManager(self.run_dir, states, keep=self.config.checkpoint.keep,
+                                 async_save=self.config.checkpoint.async_, manifest=manifest,
+                                 tokenizer_dir=self.source.tokenizer_dir)
+
+    # ---- the three levels ----------------------------------------------------------------
+
+    def train_context(self):
+        """Vocabulary-parallel loss under TP; autocast when computing below the master dtype without FSDP
+        (FSDP's mixed-precision policy casts the parameters itself)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(loss_context(self.dims.tp_enabled))
+        compute, master = precision(self.config)
+        if compute != master and not self.dims.fsdp_enabled:
+            stack.enter_context(torch.autocast(self.device.type, dtype=compute))
+        return stack
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], loss_scale: float) -> torch.Tensor:
+        """Forward and backward one micro-batch; returns its (unscaled) summed loss."""
+        with self.train_context():
+            loss_sum = self.recipe.loss_sum(self.model, batch)
+            loss = loss_sum * loss_scale
+            if self.grad_scaler is not None:
+                loss = self.grad_scaler.scale(loss)
+            loss.backward()
+        return _local(loss_sum.detach())
+
+    def train_step(self) -> dict:
+        """One optimizer step over `grad_accum_steps` micro-batches; returns its metrics."""
+        batches = [{k: v.to(self.device) for k, v in next(self.data_iter).items()}
+                   for _ in range(self.grad_accum_steps)]
+        units = torch.stack([self.recipe.num_loss_units(b) for b in batches]).sum().to(torch.float32)
+        units = self._dp_sum(units)
+        scale = self.dims.dp_size / max(units.item(), 1.0)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, batch in enumerate(batches):
+            if self.dims.fsdp_enabled:
+                # Reduce gradients once per step, after the last micro-batch.
+                self.model.set_requires_gradient_sync(i == len(batches) - 1)
+            loss_sum += self.forward_backward(batch, scale).float()
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizer)
+        grad_norm = clip_grad_norm(list(self.model.parameters()), self.config.optim.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        loss = self._dp_sum(loss_sum) / max(units.item(), 1.0)
+        return {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "loss_tokens": int(units.item())}
+
+    def train(self) -> None:
+        cfg = self.config
+        if self.resume_from is not None:
+            log.info("resuming from %s", self.resume_from)
+            self.checkpointer.load(self.resume_from)
+        self.data_iter = iter(self.data_loader)
+        tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
+        flops = flops_per_token(self.model_args, cfg.train.seq_length)
+        peak = peak_flops(self.device)
+        saved_step = self.state.step if self.resume_from is not None else None
+        with self._stop_on_signals():
+            while self.state.step < cfg.train.steps:
+                start = time.perf_counter()
+                metrics = self.train_step()
+                self.state.step += 1
+                self.state.tokens_seen += tokens_per_step
+                elapsed = time.perf_counter() - start
+                tokens_per_s = tokens_per_step / elapsed
+                metrics.update(
+                    tokens_per_s=tokens_per_s,
+                    mfu=tokens_per_s * flops / (peak * self.dims.world_size) if peak else None,
+                    mem_gb=peak_memory_gb(self.device),
+                    step_time_s=elapsed,
+                    tokens_seen=self.state.tokens_seen,
+                )
+                step = self.state.step
+                if step % cfg.log.interval == 0 or step == cfg.train.steps:
+                    self.metrics.log(step, metrics)
+                if self._stop_requested():
+                    log.warning("stopping at step %d on signal %s; saving a checkpoint", step, self._stop_signal)
+                    self.checkpointer.save(step)
+                    saved_step = step
+                    break
+                if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
+                    self.checkpointer.save(step)
+                    saved_step = step
+        if self.state.step >= cfg.train.steps and cfg.checkpoint.save_final and saved_step != self.state.step:
+            self.checkpointer.save(self.state.step)
+        self.checkpointer.wait()
+        self.metrics.close()
+        if self.is_main and self._stop_signal is None:
+            self._finish_run()
+        dist.barrier()
+
+    # ---- helpers of the loop ---------------------------------------------------------------
+
+    def _dp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.dims.dp_size > 1:
+            t = t.clone()
+            dist.all_reduce(t, group=self.meshes.dp.get_group())
+        return t
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """On SIGTERM/SIGINT, finish the current step, save and stop (preemption)."""
+
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _stop_requested(self) -> bool:
+        # Every rank must agree, or one would enter the checkpoint collectives alone.
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
+        if dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self._stop_signal is None:
+            self._stop_signal = -1  # another rank was signalled
+        return bool(flag.item())
+
+    def _finish_run(self) -> None:
+        """Rank 0: the loss plot and the sample text."""
+        if self.config.log.plot:
+            png = plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+            if png is not None:
+                log.info("loss curve: %s", png)
+        if self.config.train.sample_prompt:
+            self._write_sample()
+
+    def _write_sample(self) -> None:
+        from meshtron.checkpoint.manager import list_checkpoints
+
+        if not list_checkpoints(self.run_dir / "checkpoints") or self.source.tokenizer_dir is None:
+            log.warning("no sample: it needs a final checkpoint (checkpoint.save_final) and a tokenizer (model.tokenizer)")
+            return
+        from meshtron.infer.generation import SamplingParams, generate
+        from meshtron.infer.loading import load_for_generation
+
+        loaded = load_for_generation(str(self.run_dir), dtype="float32", device=torch.device("cpu"))
+        prompt = self.config.train.sample_prompt
+        prompt_ids = loaded.tokenizer(prompt)["input_ids"]
+        params = SamplingParams(max_new_tokens=self.config.train.sample_max_new_tokens, temperature=0.7, top_k=40,
+                                repetition_penalty=1.2, stop_token_ids=loaded.stop_token_ids,
+                                seed=self.config.train.seed)
+        new_ids = generate(loaded.model, [prompt_ids], params)[0]
+        text = prompt + loaded.tokenizer.decode(new_ids, skip_special_tokens=True)
+        (self.run_dir / "sample.txt").write_text(text + "\n")
+        print(f"sample: {text}", flush=True)
