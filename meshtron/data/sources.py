@@ -23,6 +23,8 @@ FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".txt": "txt"
            ".arrow": "arrow"}
 LINE_FORMATS = ("jsonl", "txt")
 _BLOCK = 16 << 20
+# Smallest piece a line file is cut into: below this, a worker's start-up costs more than it saves.
+MIN_PIECE = 64 << 10
 
 
 @dataclass
@@ -118,7 +120,7 @@ def _row_units(path: str, fmt: str, size: int) -> list[Unit]:
 def plan_units(files: list[str], num_parts: int) -> tuple[list[Unit], list[str]]:
     """Work units over all files in input order, and the files found empty."""
     sizes = {path: os.path.getsize(path) for path in files}
-    piece = max(sum(sizes.values()) // max(num_parts, 1), 1 << 20)
+    piece = max(sum(sizes.values()) // max(num_parts, 1), MIN_PIECE)
     units, empty = [], []
     for path in files:
         fmt = input_format(path)
