@@ -29,6 +29,8 @@ _DATASET_SUFFIXES = ("_text_document", "_packed_input_ids_document")
 class MockDataLoader(Stateful):
     """Deterministic synthetic micro-batches: each sample holds two documents, each an arithmetic
     sequence of token ids modulo the vocabulary, so a model can learn it and its loss falls.
+    A random-length head of the first document takes no loss, like an SFT prompt, so samples
+    differ in their number of loss tokens (which makes the loss normalization observable).
 
     Sample i depends only on (seed, i); rank r of a round takes samples r, r + dp_size, ... like
     the real loader.
@@ -51,6 +53,7 @@ class MockDataLoader(Stateful):
         document_ids = torch.cat([torch.zeros(cut, dtype=torch.long), torch.ones(S - cut, dtype=torch.long)])
         labels = tokens[1:].clone()
         labels[cut - 1] = IGNORE_INDEX  # the first token of the next document is not predictable
+        labels[: int(torch.randint(0, cut // 2 + 1, (1,), generator=gen))] = IGNORE_INDEX
         positions = torch.cat([torch.arange(cut), torch.arange(S - cut)])
         return {"input_ids": tokens[:-1], "labels": labels, "document_ids": document_ids, "position_ids": positions}
 
