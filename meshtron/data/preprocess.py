@@ -149,9 +149,9 @@ def run_shard(cfg: PreprocessConfig, units: list[Unit], prefix: str, report) -> 
 class Progress:
     """Documents and tokens per second on stderr: one rewritten line on a terminal, else a line a while."""
 
-    def __init__(self, interval_s: float, stream=sys.stderr) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
+    def __init__(self, interval_s: float, stream=None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
         self.interval_s = interval_s if self.tty else max(interval_s, 10.0)
         self.start = self.last = time.monotonic()
         self.docs = self.tokens = 0

@@ -1,0 +1,133 @@
+"""`meshtron preprocess` end to end, as a user runs it: outputs, packing, workers, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from meshtron.cli import main
+from meshtron.data import indexed
+from meshtron.data.loader import build_dataset
+from meshtron.data.sources import plan_units
+
+pytestmark = pytest.mark.smollm2
+
+
+def cli(capsys, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["preprocess", *map(str, args)])
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.err
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def alpaca_records(n):
+    return [{"instruction": f"Spell the number {i}.", "output": " ".join(str(i)) * (1 + i % 5)} for i in range(n)]
+
+
+GOOD = b'{"text": "A good line."}\n'
+BAD_INPUTS = {
+    "malformed": (GOOD + b'{"text": "oops"\n', "bad.jsonl:2: malformed JSON"),
+    "missing": (GOOD + b'{"body": "no text field"}\n', "bad.jsonl:2: missing field 'text'"),
+    "empty_text": (GOOD + b'{"text": "   "}\n', "bad.jsonl:2: empty text in field 'text'"),
+    "utf8": (GOOD + b'{"text": "caf\xe9"}\n', "bad.jsonl:2: not valid UTF-8 (byte 0xe9"),
+    "empty_file": (b"", "bad.jsonl:1: file is empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_fails_with_file_and_line(tmp_path, capsys, smollm2_dir, case):
+    content, message = BAD_INPUTS[case]
+    (tmp_path / "bad.jsonl").write_bytes(content)
+    code, err = cli(capsys, "--input", tmp_path / "bad.jsonl", "--handler", "pretrain", "--tokenizer", smollm2_dir,
+                    "--output-prefix", tmp_path / "out" / "x")
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("meshtron preprocess: error: ") and message in last, err
+    assert "Traceback" not in err
+    # Nothing that looks finished, and no temporary files left behind.
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+
+
+def test_unknown_handler(tmp_path, capsys, smollm2_dir):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
+    code, err = cli(capsys, "--input", tmp_path / "a.jsonl", "--handler", "nope", "--tokenizer", smollm2_dir,
+                    "--output-prefix", tmp_path / "x")
+    assert code == 2 and "unknown handler 'nope'; choose one of pretrain, alpaca" in err and "Traceback" not in err
+
+
+def test_skip_bad_lines_counts_them(tmp_path, capsys, smollm2_dir):
+    (tmp_path / "bad.jsonl").write_bytes(b"".join(content for content, _ in BAD_INPUTS.values()) + GOOD)
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    code, err = cli(capsys, "--input", tmp_path / "bad.jsonl", tmp_path / "empty.jsonl", "--handler", "pretrain",
+                    "--tokenizer", smollm2_dir, "--output-prefix", tmp_path / "x", "--skip-bad-lines")
+    assert code == 0, err
+    assert "skipped lines: 5" in err
+    for kind in ("malformed JSON: 1", "missing field 'text': 1", "empty text in field 'text': 1",
+                 "not valid UTF-8: 1", "file is empty: 1"):
+        assert kind in err, err
+    assert indexed.IndexedDataset(str(tmp_path / "x_text_document")).num_documents == 5
+
+
+def test_packing_keeps_every_sample_once_with_boundaries(tmp_path, capsys, smollm2_dir):
+    src = write_jsonl(tmp_path / "sft.jsonl", alpaca_records(80))
+    common = ["--input", src, "--handler", "alpaca", "--tokenizer", smollm2_dir, "--seq-length", 96]
+    assert cli(capsys, *common, "--output-prefix", tmp_path / "plain")[0] == 0
+    code, err = cli(capsys, *common, "--pack", "--output-prefix", tmp_path / "packed")
+    assert code == 0 and "packed into" in err and "pad ratio at --seq-length 96" in err
+    plain = indexed.IndexedDataset(str(tmp_path / "plain_packed_input_ids_document"))
+    packed = indexed.IndexedDataset(str(tmp_path / "packed_packed_input_ids_document"))
+    mask = indexed.IndexedDataset(str(tmp_path / "packed_packed_attention_mask_document"))
+    assert packed.num_documents < plain.num_documents == 80
+    samples = sorted(tuple(plain[i].tolist()) for i in range(len(plain)))
+    assert sorted(tuple(packed[i].tolist()) for i in range(len(packed))) == samples
+    for doc in range(packed.num_documents):
+        assert len(packed.document(doc)) <= 96
+        seqs = packed.document_sequences(doc)
+        expected = np.concatenate([np.full(packed.sequence_lengths[s], n) for n, s in enumerate(seqs, 1)])
+        np.testing.assert_array_equal(mask.document(doc), expected)
+    # The loader's document ids give back each sample of a pack.
+    rows = build_dataset([str(tmp_path / "packed")], None, 96, "sft", seed=0)
+    recovered = []
+    for i in range(len(rows)):
+        row = rows[i]
+        for d in range(len(packed.document_sequences(i))):  # ids past these are padding
+            recovered.append(tuple(row["input_ids"][row["document_ids"] == d].tolist()))
+    assert sorted(recovered) == samples
+
+
+@pytest.mark.parametrize("handler,records,extra", [
+    ("pretrain", [{"text": f"Document number {i}. " * (i % 9 + 1)} for i in range(3000)], ["--append-eod"]),
+    ("alpaca", alpaca_records(1500), ["--seq-length", "64", "--pack"]),
+])
+def test_two_workers_write_the_same_bytes(tmp_path, capsys, smollm2_dir, handler, records, extra):
+    src = write_jsonl(tmp_path / "in.jsonl", records)
+    assert len(plan_units([str(src)], 2)[0]) == 2  # the file is really split between the workers
+    outputs = {}
+    for workers in (1, 2):
+        prefix = tmp_path / f"w{workers}"
+        code, err = cli(capsys, "--input", src, "--handler", handler, "--tokenizer", smollm2_dir,
+                        "--output-prefix", prefix, "--workers", workers, *extra)
+        assert code == 0, err
+        outputs[workers] = {p.name.removeprefix(f"w{workers}"): p.read_bytes()
+                            for p in sorted(tmp_path.glob(f"w{workers}_*"))}
+    assert outputs[1] and outputs[1] == outputs[2]
+
+
+def test_console_script_progress_and_summary(tmp_path, smollm2_dir):
+    (tmp_path / "corpus.txt").write_text("".join(f"Line {i} of a plain text corpus.\n" for i in range(200)))
+    result = subprocess.run(
+        [sys.executable, "-m", "meshtron", "preprocess", "--input", str(tmp_path), "--handler", "pretrain",
+         "--tokenizer", str(smollm2_dir), "--output-prefix", str(tmp_path / "out" / "c"), "--append-eod",
+         "--workers", "2"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "docs/s" in result.stderr and "tokens/s" in result.stderr
+    assert "200 samples" in result.stderr and "skipped lines: 0" in result.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == ["c_text_document.bin", "c_text_document.idx"]
