@@ -1,0 +1,1 @@
+"""Benchmark evaluation: tasks, scoring, the HumanEval sandbox and reports."""

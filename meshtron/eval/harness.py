@@ -1,0 +1,185 @@
+"""Run tasks against a model, data-parallel across ranks when launched with torchrun.
+
+Items are dealt round-robin to ranks (item i to rank i % world), each rank scores its share,
+and rank 0 gathers the per-item scores back into the original order, so the scores do not
+depend on the number of ranks.
+"""
+
+import datetime
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from meshtron.errors import UserError
+from meshtron.eval.lm import EvalLM
+from meshtron.eval.tasks import ChoiceItem, GenItem, Task, get_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSettings:
+    shots: int | None = None  # None: each task's default
+    limit: int | None = None  # per subtask (MMLU subject, BBH task, ...)
+    mode: str | None = None  # scoring mode; None: each task's default
+    chat_template: bool = False
+    batch_size: int = 8
+    num_samples: int = 1  # HumanEval completions per problem (pass@k for k <= n)
+    temperature: float = 0.0  # for HumanEval sampling when num_samples > 1
+    seed: int = 1234
+
+
+@dataclass
+class TaskResult:
+    task: str
+    metric: str
+    score: float
+    n: int
+    shots: int
+    mode: str
+    method: str
+    subtasks: dict[str, dict] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k = 1 - C(n-c, k) / C(n, k), as a numerically stable product."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size); joins the torchrun process group when launched under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _gather(local: list, rank: int, world: int, total: int) -> list:
+    if world == 1:
+        return local
+    parts: list = [None] * world
+    dist.all_gather_object(parts, local)
+    merged = [None] * total
+    for r, part in enumerate(parts):
+        for j, value in enumerate(part):
+            merged[r + j * world] = value
+    return merged
+
+
+def resolve_mode(task: Task, mode: str | None) -> str:
+    if mode is None or mode in task.modes:
+        return mode or task.modes[0]
+    if len(task.modes) == 1:
+        log.warning("%s is scored only by %s; --scoring %s does not apply to it", task.name, task.modes[0], mode)
+        return task.modes[0]
+    raise UserError(f"{task.name} cannot be scored by {mode!r}; choose from {', '.join(task.modes)}")
+
+
+def run_task(lm: EvalLM, task: Task, data_dir: Path | None, settings: EvalSettings, rank=0, world=1) -> TaskResult:
+    mode = resolve_mode(task, settings.mode)
+    shots = task.default_shots if settings.shots is None else settings.shots
+    items = task.load(data_dir, shots, settings.limit, mode)
+    if not items:
+        raise UserError(f"{task.name}: the data holds no items to evaluate")
+    repeats = settings.num_samples if mode == "execution" else 1
+    work = [(i, r) for i in range(len(items)) for r in range(repeats)]
+    mine = work[rank::world]
+    start = time.monotonic()
+    local = _score(lm, task, [items[i] for i, _ in mine], settings)
+    scores = _gather(local, rank, world, len(work))
+    log.info("%s: %d items scored in %.1fs", task.name, len(work), time.monotonic() - start)
+    per_item = [scores[i * repeats : (i + 1) * repeats] for i in range(len(items))]
+    return _aggregate(task, items, per_item, shots, mode, settings)
+
+
+def _score(lm: EvalLM, task: Task, items: list, settings: EvalSettings) -> list[float]:
+    scores: list[float | None] = [None] * len(items)
+    choice_idx = [i for i, it in enumerate(items) if isinstance(it, ChoiceItem)]
+    gen_idx = [i for i, it in enumerate(items) if isinstance(it, GenItem)]
+    if choice_idx:
+        requests = [(items[i].context, c) for i in choice_idx for c in items[i].choices]
+        loglik = [ll for ll, _ in lm.loglikelihood(requests)]
+        pos = 0
+        for i in choice_idx:
+            n = len(items[i].choices)
+            chosen = max(range(n), key=lambda j: loglik[pos + j])
+            scores[i] = float(chosen == items[i].gold)
+            pos += n
+    # Generation items are grouped by their stop strings and budget so that they batch together.
+    groups: dict[tuple, list[int]] = {}
+    for i in gen_idx:
+        groups.setdefault((tuple(items[i].stop), items[i].max_new_tokens), []).append(i)
+    for (stop, max_new), idx in groups.items():
+        texts = lm.generate_until([items[i].prompt for i in idx], list(stop), max_new,
+                                  temperature=settings.temperature, seed=settings.seed)
+        for i, text in zip(idx, texts):
+            scores[i] = task.score_generation(items[i], text)
+    return scores
+
+
+def _aggregate(task, items, per_item, shots, mode, settings) -> TaskResult:
+    by_subtask: dict[str, list[list[float]]] = {}
+    for item, scores in zip(items, per_item):
+        by_subtask.setdefault(item.subtask, []).append(scores)
+    if mode == "execution":
+        n = settings.num_samples
+        ks = [k for k in (1, 10, 100) if k <= n]
+        passes = {k: [pass_at_k(n, int(sum(s)), k) for s in per_item] for k in ks}
+        subtasks = {name: {"score": sum(pass_at_k(n, int(sum(s)), 1) for s in rows) / len(rows), "n": len(rows)}
+                    for name, rows in by_subtask.items()}
+        extra = {f"pass@{k}": sum(v) / len(v) for k, v in passes.items()}
+        return TaskResult(task.name, "pass@1", extra["pass@1"], len(items), shots, mode, task.method[mode],
+                          subtasks, extra)
+    flat = [s[0] for s in per_item]
+    subtasks = {name: {"score": sum(r[0] for r in rows) / len(rows), "n": len(rows)}
+                for name, rows in by_subtask.items()}
+    return TaskResult(task.name, "acc", sum(flat) / len(flat), len(items), shots, mode, task.method[mode], subtasks)
+
+
+def evaluate(model_path: str, task_names: list[str], data_dir: str | None, settings: EvalSettings,
+             dtype: str = "auto", seq_length: int = 1024) -> dict | None:
+    """Evaluate; returns the report on rank 0 (None on other ranks)."""
+    from meshtron.eval.perplexity import perplexity, resolve_prefix
+    from meshtron.infer.loading import load_for_generation
+
+    # Everything a user can get wrong is checked before the model loads.
+    tasks = [None if name == "perplexity" else get_task(name) for name in task_names]
+    if data_dir is None and any(t is None or t.name != "humaneval" for t in tasks):
+        raise UserError("--data-dir is required for every task but humaneval")
+    if None in tasks:
+        if len(tasks) > 1:
+            raise UserError("perplexity reads --data-dir as a dataset prefix; evaluate it in a run of its own")
+        resolve_prefix(data_dir)
+    elif data_dir is not None and not Path(data_dir).is_dir():
+        raise UserError(f"data directory {data_dir} does not exist")
+    rank, world = init_distributed()
+    lm = EvalLM(load_for_generation(model_path, dtype=dtype), settings.batch_size, settings.chat_template)
+    results = [
+        perplexity(lm, data_dir, seq_length, settings.limit, rank, world) if task is None
+        else run_task(lm, task, Path(data_dir) if data_dir else None, settings, rank, world)
+        for task in tasks
+    ]
+    if rank != 0:
+        return None
+    return {
+        "model": str(model_path),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "world_size": world,
+        "chat_template": settings.chat_template,
+        "limit": settings.limit,
+        "results": {r.task: r.__dict__ for r in results},
+    }
