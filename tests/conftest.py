@@ -19,3 +19,66 @@ def smollm2_tokenizer(smollm2_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(smollm2_dir))
+
+
+@pytest.fixture(scope="session")
+def eval_data_dir(tmp_path_factory):
+    """Small benchmark files in the official formats: MMLU, C-Eval, BoolQ, BBH, AGIEval."""
+    import csv
+    import json
+
+    root = tmp_path_factory.mktemp("evaldata")
+
+    def write_csv(path, rows, header=None):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            if header:
+                w.writerow(header)
+            w.writerows(rows)
+
+    mmlu = {
+        "geography": [["What is the capital of France?", "Berlin", "Paris", "Rome", "Madrid", "B"],
+                      ["Which ocean is the largest?", "Atlantic", "Indian", "Pacific", "Arctic", "C"],
+                      ["On which continent is Kenya?", "Africa", "Asia", "Europe", "Oceania", "A"]],
+        "elementary_mathematics": [["What is 2 + 2?", "3", "4", "5", "6", "B"],
+                                   ["What is 10 - 7?", "1", "2", "4", "3", "D"],
+                                   ["What is 3 * 3?", "9", "6", "12", "8", "A"]],
+    }
+    for subject, rows in mmlu.items():
+        write_csv(root / "mmlu" / "test" / f"{subject}_test.csv", rows)
+        write_csv(root / "mmlu" / "dev" / f"{subject}_dev.csv", rows[::-1][:2])
+    ceval_rows = [["0", "中国的首都是哪里？", "上海", "北京", "广州", "深圳", "B"],
+                  ["1", "一年有几个月？", "十个", "十一个", "十二个", "十三个", "C"],
+                  ["2", "水的化学式是什么？", "H2O", "CO2", "O2", "NaCl", "A"]]
+    header = ["id", "question", "A", "B", "C", "D", "answer"]
+    write_csv(root / "ceval" / "val" / "high_school_geography_val.csv", ceval_rows, header)
+    write_csv(root / "ceval" / "dev" / "high_school_geography_dev.csv",
+              [r + ["explanation"] for r in ceval_rows[:1]], header + ["explanation"])
+    (root / "boolq").mkdir()
+    boolq = [
+        {"question": "is paris the capital of france", "passage": "Paris is the capital and largest city of France.",
+         "answer": True, "title": "Paris"},
+        {"question": "is the sun a planet", "passage": "The Sun is the star at the center of the Solar System.",
+         "answer": False, "title": "Sun"},
+        {"question": "do fish live in water", "passage": "Fish are aquatic animals that breathe with gills.",
+         "answer": True, "title": "Fish"},
+    ]
+    (root / "boolq" / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in boolq))
+    (root / "bbh").mkdir()
+    bbh = {"examples": [{"input": "not ( True ) and ( True ) is", "target": "False"},
+                        {"input": "True and not False is", "target": "True"},
+                        {"input": "not not True is", "target": "True"}]}
+    (root / "bbh" / "boolean_expressions.json").write_text(json.dumps(bbh))
+    (root / "agieval").mkdir()
+    agi = [
+        {"passage": None, "question": "Which number is even?", "options": ["(A)3", "(B)5", "(C)8", "(D)9"],
+         "label": "C", "answer": None},
+        {"passage": "Tom has two apples and buys one more.", "question": "How many apples does Tom have?",
+         "options": ["(A)1", "(B)2", "(C)3", "(D)4"], "label": "C", "answer": None},
+    ]
+    (root / "agieval" / "sat-math.jsonl").write_text("".join(json.dumps(r) + "\n" for r in agi))
+    cloze = [{"passage": None, "question": "What is 6 + 1?", "options": None, "label": None, "answer": "7"}]
+    (root / "agieval" / "math.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cloze))
+    return root
+
