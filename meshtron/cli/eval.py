@@ -22,6 +22,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-samples", type=int, default=1, help="HumanEval completions per problem (pass@k)")
     parser.add_argument("--temperature", type=float, default=0.0, help="HumanEval sampling temperature")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="cap on generated tokens per item")
     parser.add_argument("--seq-length", type=int, default=1024, help="perplexity window length")
     parser.add_argument("--output", default="eval_results/report.json", help="report JSON (a .png chart beside it)")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
@@ -39,7 +40,8 @@ def run(args) -> int:
     if args.num_samples > 1 and args.temperature == 0:
         raise UserError("--num-samples > 1 needs --temperature > 0 (greedy samples are identical)")
     settings = EvalSettings(shots=args.shots, limit=args.limit, mode=args.scoring, chat_template=args.chat_template,
-                            batch_size=args.batch_size, num_samples=args.num_samples, temperature=args.temperature)
+                            batch_size=args.batch_size, num_samples=args.num_samples, temperature=args.temperature,
+                            max_new_tokens=args.max_new_tokens)
     report = evaluate(args.model, names, args.data_dir, settings, dtype=args.dtype, seq_length=args.seq_length)
     if report is None:  # not rank 0
         return 0

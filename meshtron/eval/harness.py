@@ -32,6 +32,7 @@ class EvalSettings:
     batch_size: int = 8
     num_samples: int = 1  # HumanEval completions per problem (pass@k for k <= n)
     temperature: float = 0.0  # for HumanEval sampling when num_samples > 1
+    max_new_tokens: int | None = None  # caps every task's generation budget
     seed: int = 1234
 
 
@@ -89,13 +90,27 @@ def resolve_mode(task: Task, mode: str | None) -> str:
     raise UserError(f"{task.name} cannot be scored by {mode!r}; choose from {', '.join(task.modes)}")
 
 
-def run_task(lm: EvalLM, task: Task, data_dir: Path | None, settings: EvalSettings, rank=0, world=1) -> TaskResult:
+@dataclass
+class PreparedTask:
+    task: Task
+    mode: str
+    shots: int
+    items: list
+
+
+def prepare_task(task: Task, data_dir: Path | None, settings: EvalSettings) -> PreparedTask:
+    """Read and check a task's data (before any model is loaded, so data errors come first)."""
     mode = resolve_mode(task, settings.mode)
     shots = task.default_shots if settings.shots is None else settings.shots
     items = task.load(data_dir, shots, settings.limit, mode)
     if not items:
         raise UserError(f"{task.name}: the data holds no items to evaluate")
-    repeats = settings.num_samples if mode == "execution" else 1
+    return PreparedTask(task, mode, shots, items)
+
+
+def run_task(lm: EvalLM, prepared: PreparedTask, settings: EvalSettings, rank=0, world=1) -> TaskResult:
+    task, items = prepared.task, prepared.items
+    repeats = settings.num_samples if prepared.mode == "execution" else 1
     work = [(i, r) for i in range(len(items)) for r in range(repeats)]
     mine = work[rank::world]
     start = time.monotonic()
@@ -103,7 +118,7 @@ def run_task(lm: EvalLM, task: Task, data_dir: Path | None, settings: EvalSettin
     scores = _gather(local, rank, world, len(work))
     log.info("%s: %d items scored in %.1fs", task.name, len(work), time.monotonic() - start)
     per_item = [scores[i * repeats : (i + 1) * repeats] for i in range(len(items))]
-    return _aggregate(task, items, per_item, shots, mode, settings)
+    return _aggregate(task, items, per_item, prepared.shots, prepared.mode, settings)
 
 
 def _score(lm: EvalLM, task: Task, items: list, settings: EvalSettings) -> list[float]:
@@ -122,7 +137,8 @@ def _score(lm: EvalLM, task: Task, items: list, settings: EvalSettings) -> list[
     # Generation items are grouped by their stop strings and budget so that they batch together.
     groups: dict[tuple, list[int]] = {}
     for i in gen_idx:
-        groups.setdefault((tuple(items[i].stop), items[i].max_new_tokens), []).append(i)
+        budget = min(items[i].max_new_tokens, settings.max_new_tokens or items[i].max_new_tokens)
+        groups.setdefault((tuple(items[i].stop), budget), []).append(i)
     for (stop, max_new), idx in groups.items():
         texts = lm.generate_until([items[i].prompt for i in idx], list(stop), max_new,
                                   temperature=settings.temperature, seed=settings.seed)
@@ -166,12 +182,14 @@ def evaluate(model_path: str, task_names: list[str], data_dir: str | None, setti
         resolve_prefix(data_dir)
     elif data_dir is not None and not Path(data_dir).is_dir():
         raise UserError(f"data directory {data_dir} does not exist")
+    root = Path(data_dir) if data_dir else None
+    prepared = [None if task is None else prepare_task(task, root, settings) for task in tasks]
     rank, world = init_distributed()
     lm = EvalLM(load_for_generation(model_path, dtype=dtype), settings.batch_size, settings.chat_template)
     results = [
-        perplexity(lm, data_dir, seq_length, settings.limit, rank, world) if task is None
-        else run_task(lm, task, Path(data_dir) if data_dir else None, settings, rank, world)
-        for task in tasks
+        perplexity(lm, data_dir, seq_length, settings.limit, rank, world) if p is None
+        else run_task(lm, p, settings, rank, world)
+        for p in prepared
     ]
     if rank != 0:
         return None

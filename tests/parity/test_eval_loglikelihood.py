@@ -5,7 +5,7 @@ official formats."""
 import pytest
 import torch
 
-from meshtron.eval.harness import EvalSettings, run_task
+from meshtron.eval.harness import EvalSettings, prepare_task, run_task
 from meshtron.eval.lm import EvalLM
 from meshtron.eval.tasks import ChoiceItem, get_task
 from meshtron.infer.loading import load_for_generation
@@ -53,7 +53,7 @@ def test_chosen_answers_equal_transformers(lm, hf_model, eval_data_dir, task_nam
         ours = max(range(n), key=lambda j: scores[pos + j])
         pos += n
         assert ours == reference_choice(hf_model, lm.tokenizer, item), item.context[-80:]
-    result = run_task(lm, task, eval_data_dir, EvalSettings(shots=shots))
+    result = run_task(lm, prepare_task(task, eval_data_dir, EvalSettings(shots=shots)), EvalSettings(shots=shots))
     assert result.n == len(task.load(eval_data_dir, shots, None, task.modes[0]))
     assert 0.0 <= result.score <= 1.0
 

@@ -1,0 +1,74 @@
+"""`meshtron eval` end to end: a full report on the real HumanEval, data-parallel equality,
+and one clear line for bad data."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run_eval(*args, nproc=1):
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "meshtron", "eval", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-port", "29533", "-m", "meshtron", "eval", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, env=env)
+
+
+@pytest.mark.smollm2
+def test_smollm2_humaneval_report_end_to_end(smollm2_dir, tmp_path):
+    out = tmp_path / "report.json"
+    result = run_eval("--model", str(smollm2_dir), "--tasks", "humaneval", "--limit", "2",
+                      "--max-new-tokens", "96", "--output", str(out), "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    r = report["results"]["humaneval"]
+    assert r["n"] == 2 and r["metric"] == "pass@1" and r["mode"] == "execution" and r["shots"] == 0
+    assert 0.0 <= r["score"] <= 1.0 and "pass@1" in r["extra"]
+    assert report["model"] == str(smollm2_dir) and report["date"]
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "humaneval" in result.stdout and "pass@1" in result.stdout and "sandbox" in result.stdout
+
+
+@pytest.mark.smollm2
+def test_two_ranks_give_the_same_scores_as_one(smollm2_dir, eval_data_dir, tmp_path):
+    scores = []
+    for nproc in (1, 2):
+        out = tmp_path / f"r{nproc}.json"
+        result = run_eval("--model", str(smollm2_dir), "--tasks", "mmlu,boolq,bbh", "--data-dir", str(eval_data_dir),
+                          "--shots", "1", "--max-new-tokens", "8", "--output", str(out), nproc=nproc)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(out.read_text())
+        assert report["world_size"] == nproc
+        scores.append({k: (v["score"], v["n"], v["subtasks"]) for k, v in report["results"].items()})
+    assert scores[0] == scores[1]
+
+
+def _assert_one_line_error(result, fragment):
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and fragment in errors[0], result.stderr
+
+
+def test_missing_data_directory(tmp_path):
+    _assert_one_line_error(run_eval("--model", str(tmp_path), "--tasks", "mmlu", "--data-dir", str(tmp_path / "no")),
+                           "does not exist")
+
+
+def test_file_in_the_wrong_format(tmp_path):
+    (tmp_path / "mmlu" / "test").mkdir(parents=True)
+    (tmp_path / "mmlu" / "test" / "anatomy_test.csv").write_text("question,A,B\n")
+    model = tmp_path / "model"  # never loaded: data is checked first
+    model.mkdir()
+    result = run_eval("--model", str(model), "--tasks", "mmlu", "--data-dir", str(tmp_path))
+    _assert_one_line_error(result, "anatomy_test.csv:1: expected 6 columns, found 3")
+
+
+def test_unknown_task(tmp_path):
+    _assert_one_line_error(run_eval("--model", str(tmp_path), "--tasks", "mmlu,nope", "--data-dir", str(tmp_path)),
+                           "unknown task 'nope'")
