@@ -3,7 +3,12 @@
 Prompts of different lengths are left-padded into one batch; the cache's `key_valid` hides the
 padding and each row's position ids count only its real tokens, so a batched prompt gives the
 same tokens as the prompt alone. Sampling follows transformers' order of logits processors:
-repetition penalty, temperature, top-k, top-p.
+repetition penalty, temperature, top-k, top-p. Beam search follows transformers' default
+(length penalty on the generated length, its early-stop heuristic) so that both pick the same beam.
+
+Three levels: `generate` (token ids in, token ids out, a per-step hook), `beam_search` (one
+prompt) and `generate_text` (adds detokenization, stop strings, per-row token limits and
+streaming of text; what the CLI and the server call).
 """
 
 from collections.abc import Callable, Sequence
@@ -11,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from meshtron.infer.streaming import IncrementalDecoder
 
 
 @dataclass
@@ -21,7 +28,10 @@ class SamplingParams:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     stop_token_ids: Sequence[int] = field(default_factory=tuple)
+    stop_strings: Sequence[str] = field(default_factory=tuple)
     seed: int | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
@@ -34,6 +44,12 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.num_beams > 1 and self.temperature > 0:
+            raise ValueError("beam search is deterministic: use temperature 0 with num_beams > 1")
+        if any(not s for s in self.stop_strings):
+            raise ValueError("stop strings must not be empty")
 
 
 def process_logits(
@@ -69,27 +85,43 @@ def next_tokens(scores_BV: torch.Tensor, params: SamplingParams, generator: torc
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters())
+    # A tensor-parallel parameter is a DTensor; its local shard tells where this rank computes.
+    return param.to_local().device if hasattr(param, "to_local") else param.device
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    B, L = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.full((B, L), pad_id, dtype=torch.long)
+    valid = torch.zeros((B, L), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        tokens[i, L - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        valid[i, L - len(p) :] = True
+    return tokens.to(device), valid.to(device)
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
     pad_id: int = 0,
-    on_tokens: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    on_tokens: Callable[[torch.Tensor, torch.Tensor], Sequence[bool] | None] | None = None,
 ) -> list[list[int]]:
     """Generate for a batch of token-id prompts; returns the new tokens per prompt (stop token excluded).
 
-    `on_tokens(step_tokens_B, active_B)` is called after each decode step (for streaming).
+    `on_tokens(step_tokens_B, active_B)` is called after each decode step (for streaming); it may
+    return a per-row sequence of bools, True for rows to finish now (a stop string, a row's own
+    token limit). Beam search (`params.num_beams > 1`) runs prompt by prompt and calls no hook.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    device = next(model.parameters()).device
-    B, L = len(prompts), max(len(p) for p in prompts)
-    tokens = torch.full((B, L), pad_id, dtype=torch.long, device=device)
-    valid = torch.zeros((B, L), dtype=torch.bool, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, L - len(p) :] = torch.tensor(list(p), dtype=torch.long, device=device)
-        valid[i, L - len(p) :] = True
+    if params.num_beams > 1:
+        return [beam_search(model, p, params) for p in prompts]
+    device = _device(model)
+    tokens, valid = _left_pad(prompts, pad_id, device)
+    B, L = tokens.shape
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
     cache = model.new_cache(B, L + params.max_new_tokens, device=device)
     cache.key_valid[:, :L] = valid
@@ -98,33 +130,146 @@ def generate(
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
     stop_ids = torch.tensor(sorted(set(params.stop_token_ids)) or [-1], device=device)
-    seen = torch.zeros((B, model.args.vocab_size), dtype=torch.bool, device=device)
-    seen[torch.arange(B, device=device)[:, None].expand(B, L)[valid], tokens[valid]] = True
-    out = torch.empty((B, 0), dtype=torch.long, device=device)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros((B, model.args.vocab_size), dtype=torch.bool, device=device)
+        seen[torch.arange(B, device=device)[:, None].expand(B, L)[valid], tokens[valid]] = True
+    steps: list[torch.Tensor] = []
     active = torch.ones(B, dtype=torch.bool, device=device)
-    next_pos = positions[:, -1] + 1
+    next_pos = positions[:, -1:] + 1
 
     logits = model(tokens, position_ids=positions, cache=cache)[:, -1]
-    for _ in range(params.max_new_tokens):
+    for i in range(params.max_new_tokens):
         step = next_tokens(process_logits(logits, params, seen), params, generator)
         step = torch.where(active, step, torch.full_like(step, pad_id))
-        out = torch.cat([out, step[:, None]], dim=1)
-        seen[torch.arange(B, device=device), step] = True
+        steps.append(step)
+        if seen is not None:
+            seen[torch.arange(B, device=device), step] = True
         if on_tokens is not None:
-            on_tokens(step, active.clone())
+            finished = on_tokens(step, active.clone())
+            if finished is not None:
+                active = active & ~torch.as_tensor(list(finished), dtype=torch.bool, device=device)
         active = active & ~torch.isin(step, stop_ids)
-        if not active.any() or out.shape[1] == params.max_new_tokens:
+        # One host sync per step: the loop must know whether any row still runs.
+        if i + 1 == params.max_new_tokens or not active.any():
             break
-        logits = model(step[:, None], position_ids=next_pos[:, None], cache=cache)[:, -1]
+        logits = model(step[:, None], position_ids=next_pos, cache=cache)[:, -1]
         next_pos = next_pos + 1
 
-    results = []
-    stop_set = set(params.stop_token_ids)
-    for row in out.tolist():
-        kept = []
-        for t in row:
-            if t in stop_set:
-                break
-            kept.append(t)
-        results.append(kept)
-    return results
+    out = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(B)]
+    return [_cut_at_stop(row, params.stop_token_ids) for row in out]
+
+
+def _cut_at_stop(row: list[int], stop_token_ids: Sequence[int]) -> list[int]:
+    stop_set = set(stop_token_ids)
+    return row[: next((i for i, t in enumerate(row) if t in stop_set), len(row))]
+
+
+@torch.no_grad()
+def beam_search(model: nn.Module, prompt: Sequence[int], params: SamplingParams) -> list[int]:
+    """The best of `params.num_beams` beams for one prompt (stop token excluded).
+
+    At each step the 2 x num_beams best continuations (more with several stop ids) are ranked by
+    summed log-probability; those ending in a stop token, or at the length limit, become finished
+    hypotheses (score / generated_length ** length_penalty) when among the top num_beams, and the
+    best num_beams others continue. The search ends when no running beam can beat the worst kept
+    hypothesis (judged at the current length), or at max_new_tokens.
+    """
+    num_beams, max_new = params.num_beams, params.max_new_tokens
+    if max_new == 0:
+        return []
+    device = _device(model)
+    cache = model.new_cache(1, len(prompt) + max_new, device=device)
+    logits = model(torch.tensor([list(prompt)], device=device), cache=cache)[:, -1]
+    cache.reorder(torch.zeros(num_beams, dtype=torch.long, device=device))
+    logits = logits.expand(num_beams, -1)
+    stop_ids = torch.tensor(sorted(set(params.stop_token_ids)) or [-1], device=device)
+    num_candidates = max(2, 1 + len(set(params.stop_token_ids))) * num_beams
+
+    running = torch.empty((num_beams, 0), dtype=torch.long, device=device)
+    # Every beam starts as the same prompt: only the first may propose continuations at step 1.
+    running_scores = torch.full((num_beams,), -1e9, device=device)
+    running_scores[0] = 0.0
+    finished: list[tuple[float, list[int]]] = []
+    for step in range(1, max_new + 1):
+        log_probs = torch.log_softmax(logits.float(), dim=-1) + running_scores[:, None]  # (N, V)
+        vocab_size = log_probs.shape[-1]
+        top_scores, top_idx = torch.topk(log_probs.view(-1), num_candidates)
+        beam, token = top_idx // vocab_size, top_idx % vocab_size
+        hits = torch.isin(token, stop_ids) if step < max_new else torch.ones_like(token, dtype=torch.bool)
+        sequences = torch.cat([running[beam], token[:, None]], dim=1)
+        for j in torch.nonzero(hits[:num_beams]).flatten().tolist():
+            finished.append((top_scores[j].item() / step**params.length_penalty, sequences[j].tolist()))
+        # A stable sort keeps earlier hypotheses first on ties, as transformers' merge does.
+        finished = sorted(finished, key=lambda f: -f[0])[:num_beams]
+        keep = torch.topk(top_scores - hits.float() * 1e9, num_beams).indices
+        running, running_scores = sequences[keep], (top_scores - hits.float() * 1e9)[keep]
+        if bool(hits.all()):
+            break
+        best_possible = running_scores[0].item() / step**params.length_penalty
+        worst_kept = finished[-1][0] if len(finished) == num_beams else -1e9
+        if best_possible <= worst_kept:
+            break
+        cache.reorder(beam[keep])
+        logits = model(running[:, -1:], cache=cache)[:, -1]
+    return _cut_at_stop(finished[0][1], params.stop_token_ids)
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]  # generated tokens, up to (not including) a stop token
+    text: str  # the decoded text, cut before a stop string
+    finish_reason: str  # "stop" (stop token or string) or "length"
+
+
+def generate_text(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    pad_id: int = 0,
+    max_new_tokens: Sequence[int] | None = None,
+    on_text: Callable[[int, str], None] | None = None,
+) -> list[Completion]:
+    """Generate and detokenize, honouring stop strings; `on_text(row, chunk)` streams text.
+
+    `max_new_tokens` gives each row its own limit (at most `params.max_new_tokens`), so that
+    requests with different limits can share a batch. Streamed chunks never split a character
+    and hold back text that may be the start of a stop string.
+    """
+    limits = list(max_new_tokens) if max_new_tokens is not None else [params.max_new_tokens] * len(prompts)
+    assert len(limits) == len(prompts) and max(limits, default=0) <= params.max_new_tokens
+    decoders = [IncrementalDecoder(tokenizer, params.stop_token_ids, params.stop_strings) for _ in prompts]
+    counts = [0] * len(prompts)
+
+    def on_tokens(step_B, active_B):
+        finished = [False] * len(prompts)
+        for row, (token, is_active) in enumerate(zip(step_B.tolist(), active_B.tolist())):
+            if not is_active:
+                continue
+            counts[row] += 1
+            chunk = decoders[row].push(token)
+            if chunk and on_text is not None:
+                on_text(row, chunk)
+            finished[row] = decoders[row].stopped or counts[row] >= limits[row]
+        return finished
+
+    if params.num_beams > 1:
+        ids = [row_ids[:limit] for row_ids, limit in zip(generate(model, prompts, params, pad_id=pad_id), limits)]
+        for row, row_ids in enumerate(ids):
+            for token in row_ids:
+                chunk = decoders[row].push(token)
+                if chunk and on_text is not None:
+                    on_text(row, chunk)
+    else:
+        generated = generate(model, prompts, params, pad_id=pad_id, on_tokens=on_tokens)
+        # Rows finished by a stop string or their own limit were padded after they stopped.
+        ids = [row_ids[:count] for row_ids, count in zip(generated, counts)]
+    completions = []
+    for row, decoder in enumerate(decoders):
+        chunk = decoder.finish()
+        if chunk and on_text is not None:
+            on_text(row, chunk)
+        stopped = decoder.stopped or len(ids[row]) < limits[row]
+        completions.append(Completion(ids[row], decoder.text, "stop" if stopped else "length"))
+    return completions

@@ -35,10 +35,16 @@ class LoadedModel:
     stop_token_ids: list[int]
 
 
-def load_for_generation(path: str, dtype: str = "auto", device: torch.device | None = None) -> LoadedModel:
-    from transformers import AutoTokenizer
+def load_for_generation(
+    path: str, dtype: str = "auto", device: torch.device | None = None, tp_mesh=None
+) -> LoadedModel:
+    """Model (eval mode), tokenizer and stop ids from an HF directory or a meshtron checkpoint.
 
-    from meshtron.checkpoint.hf import load_hf_model
+    With `tp_mesh` the model is sharded for tensor-parallel inference: an HF directory is built
+    on the meta device, sharded, then each rank streams in only its shards; a checkpoint is
+    loaded whole on each rank, then sharded.
+    """
+    from transformers import AutoTokenizer
 
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
@@ -46,7 +52,7 @@ def load_for_generation(path: str, dtype: str = "auto", device: torch.device | N
     if not root.exists():
         raise UserError(f"model path {root} does not exist")
     if (root / "config.json").is_file():
-        model, _ = load_hf_model(root, device=device, dtype=torch_dtype)
+        model = _load_hf(root, device, torch_dtype, tp_mesh)
         tokenizer_dir = root
     else:
         try:
@@ -55,9 +61,32 @@ def load_for_generation(path: str, dtype: str = "auto", device: torch.device | N
             raise UserError(f"{root} is not a Hugging Face model directory (no config.json)") from None
         model, _, tokenizer_dir = load_for_inference(root, device=device, dtype=torch_dtype)
         tokenizer_dir = Path(tokenizer_dir)
+        if tp_mesh is not None:
+            from meshtron.infer.tp import parallelize_for_inference
+
+            parallelize_for_inference(model, tp_mesh)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     return LoadedModel(model, tokenizer, tokenizer_dir, stop_token_ids(tokenizer, tokenizer_dir))
+
+
+def _load_hf(root: Path, device: torch.device, dtype: torch.dtype, tp_mesh) -> nn.Module:
+    from meshtron.checkpoint.hf import load_hf_model, load_hf_weights, read_hf_config
+    from meshtron.models.registry import build_model
+
+    if tp_mesh is None:
+        model, _ = load_hf_model(root, device=device, dtype=dtype)
+        return model
+    from meshtron.infer.tp import parallelize_for_inference
+
+    spec, _, args = read_hf_config(root)
+    model = build_model(args, device="meta")
+    parallelize_for_inference(model, tp_mesh)
+    model.to_empty(device=device)
+    model.to(dtype)
+    model.init_buffers()
+    load_hf_weights(model, root, spec)
+    return model
 
 
 def stop_token_ids(tokenizer, model_dir: Path) -> list[int]:
@@ -75,6 +104,11 @@ def stop_token_ids(tokenizer, model_dir: Path) -> list[int]:
         if token in vocab and token in template:
             ids.add(vocab[token])
     return sorted(ids)
+
+
+def pad_token_id(tokenizer) -> int:
+    """Padding never reaches attention (masked), so any id serves when the tokenizer has none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None) -> list[int]:

@@ -1,0 +1,71 @@
+"""Tensor-parallel inference under torchrun: one process per device, one "tp" mesh axis.
+
+The sharding plan is the training plan (`meshtron.parallel.tp`, without sequence parallel):
+q/k/v and gate/up column-wise, o/down row-wise, embedding and head over the vocabulary. The
+model reads head counts from tensor shapes, so attention and the KV cache work on each rank's
+local heads unchanged. Only the logits are gathered, so that every rank samples the same
+token from the same full distribution.
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def init_tp_mesh() -> tuple[DeviceMesh | None, torch.device | None]:
+    """Under torchrun with several processes: the process group, a 1-D "tp" mesh and this
+    rank's device (gloo on CPU, NCCL on GPUs). (None, None) for a single process."""
+    if world_size() == 1:
+        return None, None
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    mesh = init_device_mesh(device.type, (world_size(),), mesh_dim_names=("tp",))
+    return mesh, device
+
+
+def parallelize_for_inference(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Shard `model` (on the meta device, or materialized: then each rank keeps its shard) in place."""
+    from meshtron.errors import UserError
+    from meshtron.parallel.tp import apply_tp
+
+    args = model.args
+    size = tp_mesh.size()
+    for name, count in (("attention heads", args.num_heads), ("key/value heads", args.num_kv_heads),
+                        ("MLP width", args.ffn_dim), ("vocabulary", args.vocab_size)):
+        if count % size:
+            raise UserError(f"the model's {name} ({count}) do not split over {size} processes; "
+                            f"launch a number of processes that divides {count}")
+    apply_tp(model, tp_mesh, sequence_parallel=False)
+    model.register_forward_hook(_gather_logits)
+
+
+def _gather_logits(module, inputs, output):
+    return output.full_tensor() if isinstance(output, DTensor) else output
+
+
+def shared_seed(seed: int | None) -> int | None:
+    """Every rank must sample the same tokens: without a seed, rank 0 draws one for all."""
+    if seed is not None or not dist.is_initialized():
+        return seed
+    drawn = torch.randint(0, 2**62, (1,)) if is_main_process() else torch.zeros(1, dtype=torch.long)
+    if dist.get_backend() == "nccl":
+        drawn = drawn.cuda()
+    dist.broadcast(drawn, src=0)
+    return int(drawn.item())
