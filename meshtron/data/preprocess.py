@@ -113,9 +113,8 @@ def _batches(units: list[Unit], size: int):
         yield batch
 
 
-def run_shard(cfg: PreprocessConfig, units: list[Unit], prefix: str, report) -> Stats:
+def run_shard(cfg: PreprocessConfig, handler, units: list[Unit], prefix: str, report) -> Stats:
     """Tokenize `units` into indexed datasets `prefix_<output>`; `report(docs, tokens)` shows progress."""
-    handler = make_handler(cfg.handler, load_tokenizer(cfg.tokenizer), cfg.options)
     stats = Stats()
     with ExitStack() as stack:
         writers = {
@@ -142,7 +141,7 @@ def run_shard(cfg: PreprocessConfig, units: list[Unit], prefix: str, report) -> 
             stats.documents += docs
             stats.tokens += tokens
             report(docs, tokens)
-    stats.policy = handler.stats
+    stats.policy = Counter(handler.stats)
     return stats
 
 
@@ -179,10 +178,10 @@ class Progress:
             self.stream.write("\n")
 
 
-def _worker(cfg, units, prefix, index, messages) -> None:
+def _worker(cfg, handler, units, prefix, index, messages) -> None:
     """A worker process: runs one shard, reporting progress and the outcome on `messages`."""
     try:
-        stats = run_shard(cfg, units, prefix, lambda d, t: messages.put(("progress", index, d, t)))
+        stats = run_shard(cfg, handler, units, prefix, lambda d, t: messages.put(("progress", index, d, t)))
         messages.put(("done", index, stats))
     except UserError as e:
         messages.put(("user_error", index, str(e)))
@@ -190,11 +189,11 @@ def _worker(cfg, units, prefix, index, messages) -> None:
         messages.put(("crash", index, traceback.format_exc()))
 
 
-def _run_parallel(cfg: PreprocessConfig, groups, prefixes, progress: Progress) -> Stats:
-    # fork: workers start at once and inherit the parsed config; they load their own tokenizer.
+def _run_parallel(cfg: PreprocessConfig, handler, groups, prefixes, progress: Progress) -> Stats:
+    # fork: workers start at once and inherit the loaded tokenizer (loading it costs seconds).
     ctx = mp.get_context("fork")
     messages = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(cfg, g, p, i, messages), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(cfg, handler, g, p, i, messages), daemon=True)
              for i, (g, p) in enumerate(zip(groups, prefixes))]
     for proc in procs:
         proc.start()
@@ -281,7 +280,8 @@ def preprocess(cfg: PreprocessConfig) -> Summary:
     # for the same cores (set TOKENIZERS_PARALLELISM=true to use them anyway).
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     files = discover(cfg.inputs)
-    # Build the handler here too: a bad handler name, template or option fails before any work starts.
+    # Built once, before any work starts (a bad handler name, template or option fails here);
+    # workers inherit it.
     handler = make_handler(cfg.handler, load_tokenizer(cfg.tokenizer), cfg.options)
     validate(cfg, handler)
     units, empty = plan_units(files, cfg.workers)
@@ -298,9 +298,9 @@ def preprocess(cfg: PreprocessConfig) -> Summary:
         progress = Progress(cfg.progress_interval_s)
         if len(groups) <= 1:
             shard_prefixes = [f"{tmp}.shard0"]
-            stats.add(run_shard(cfg, units, shard_prefixes[0], progress.update))
+            stats.add(run_shard(cfg, handler, units, shard_prefixes[0], progress.update))
         else:
-            stats.add(_run_parallel(cfg, groups, shard_prefixes, progress))
+            stats.add(_run_parallel(cfg, handler, groups, shard_prefixes, progress))
         progress.close()
         for name in names:
             if len(shard_prefixes) == 1:
