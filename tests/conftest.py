@@ -82,3 +82,27 @@ def eval_data_dir(tmp_path_factory):
     (root / "agieval" / "math.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cloze))
     return root
 
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(smollm2_dir, tmp_path_factory):
+    """A tiny random Llama (2 layers, dim 64, 4 heads / 2 kv heads) with SmolLM2's tokenizer and
+    chat template, as an HF directory: fast enough for server, chat and tensor-parallel tests.
+    A large init std makes its logits peaked, so greedy choices are not near-ties."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, initializer_range=0.2,
+        bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(out))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (smollm2_dir / name).is_file():
+            shutil.copy2(smollm2_dir / name, out / name)
+    return out

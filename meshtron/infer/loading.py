@@ -114,9 +114,14 @@ def pad_token_id(tokenizer) -> int:
 def encode_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None) -> list[int]:
     if not chat:
         return tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    if not getattr(tokenizer, "chat_template", None):
-        raise UserError("--chat needs a tokenizer with a chat template; this one has none")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return encode_messages(tokenizer, messages)
+
+
+def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation through the chat template, ending with the assistant's turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("chat needs a tokenizer with a chat template; this one has none")
     return list(
         tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
             "input_ids"
