@@ -95,9 +95,17 @@ def _count_newlines_range(path: str, start: int, stop: int) -> int:
     return count
 
 
+def _import_pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise UserError("reading .parquet or .arrow input needs pyarrow: pip install pyarrow") from None
+    return pyarrow, pyarrow.parquet
+
+
 def _row_units(path: str, fmt: str, size: int) -> list[Unit]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa, pq = _import_pyarrow()
 
     if fmt == "parquet":
         meta = pq.ParquetFile(path).metadata
@@ -131,6 +139,7 @@ def plan_units(files: list[str], num_parts: int) -> tuple[list[Unit], list[str]]
         elif fmt == "json":
             units.append(Unit(path, fmt, 0, sizes[path], 1, sizes[path]))
         else:
+            _import_pyarrow()
             try:
                 units += _row_units(path, fmt, sizes[path])
             except Exception as e:  # pyarrow raises several types for a damaged file
@@ -218,8 +227,7 @@ def _read_json(unit: Unit):
 
 
 def _read_rows(unit: Unit):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa, pq = _import_pyarrow()
 
     if unit.fmt == "parquet":
         batches = pq.ParquetFile(unit.path).iter_batches(row_groups=range(unit.start, unit.stop))
