@@ -131,3 +131,33 @@ def test_console_script_progress_and_summary(tmp_path, smollm2_dir):
     assert "docs/s" in result.stderr and "tokens/s" in result.stderr
     assert "200 samples" in result.stderr and "skipped lines: 0" in result.stderr
     assert sorted(os.listdir(tmp_path / "out")) == ["c_text_document.bin", "c_text_document.idx"]
+
+
+def test_interrupted_run_leaves_nothing_that_looks_finished(tmp_path, capsys, smollm2_dir, monkeypatch):
+    from meshtron.data.handlers.pretrain import PretrainHandler
+
+    calls = []
+    original = PretrainHandler.encode_batch
+
+    def interrupt_on_second_batch(self, records):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, records)
+
+    monkeypatch.setattr(PretrainHandler, "encode_batch", interrupt_on_second_batch)
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": f"doc {i}"} for i in range(1000)])
+    code, err = cli(capsys, "--input", src, "--handler", "pretrain", "--tokenizer", smollm2_dir,
+                    "--output-prefix", tmp_path / "out" / "x")
+    assert code == 130 and "interrupted" in err
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_several_json_keys_write_one_dataset_each(tmp_path, capsys, smollm2_dir, smollm2_tokenizer):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"title": f"Title {i}", "body": f"Body text {i}."} for i in range(5)])
+    code, err = cli(capsys, "--input", src, "--handler", "pretrain", "--tokenizer", smollm2_dir,
+                    "--output-prefix", tmp_path / "x", "--json-keys", "title", "body")
+    assert code == 0, err
+    for key, text in (("title", "Title 3"), ("body", "Body text 3.")):
+        ds = indexed.IndexedDataset(str(tmp_path / f"x_{key}_document"))
+        assert len(ds) == 5 and ds[3].tolist() == smollm2_tokenizer(text)["input_ids"]
