@@ -1,0 +1,173 @@
+"""LoRA on the model's nn.Linear layers, optionally over an NF4-quantized frozen base (QLoRA).
+
+`apply_lora` turns each targeted nn.Linear into a `LoRALinear` in place (the instance's class
+is swapped and two small linears are attached), so the base weight keeps its name
+(`layers.0.attn.q_proj.weight`) and Hugging Face key maps, checkpoints and parallel plans that
+address the base layer keep working. The adapter adds `lora_B(lora_A(dropout(x))) * alpha / r`;
+B starts at zero, so a fresh adapter leaves the model's outputs unchanged.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshtron.errors import UserError
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    # Module names (q_proj, v_proj, ...) or "all-linear" (every projection but the output head).
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    # "none" | "all" | "lora_only": which biases train (as PEFT's `bias`).
+    bias: str = "none"
+    # "" for a float base; "nf4" stores the frozen base weights in NF4 (QLoRA).
+    quantize_base: str = ""
+
+    def target_names(self) -> tuple[str, ...]:
+        names = ALL_LINEAR if "all-linear" in self.targets else tuple(self.targets)
+        unknown = [n for n in names if n not in ALL_LINEAR]
+        if unknown:
+            raise UserError(f"lora.targets: unknown module(s) {unknown}; choose from {list(ALL_LINEAR)} or all-linear")
+        return names
+
+    def validate(self) -> None:
+        if self.rank <= 0:
+            raise UserError(f"lora.rank must be positive, got {self.rank}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise UserError(f"lora.bias must be none, all or lora_only, got {self.bias!r}")
+        if self.quantize_base not in ("", "nf4"):
+            raise UserError(f"lora.quantize_base must be '' or 'nf4', got {self.quantize_base!r}")
+        self.target_names()
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear with a low-rank adapter; created by `apply_lora`, never directly."""
+
+    lora_A: nn.Linear
+    lora_B: nn.Linear
+    lora_dropout: nn.Module
+    scaling: float
+    lora_enabled: bool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if not self.lora_enabled:
+            return out
+        adapter = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        return out + (adapter * self.scaling).to(out.dtype)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W + scaling * B @ A, computed in float32 (cast by the caller)."""
+        base = dequantize(self.weight).float()
+        return base + self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+
+def dequantize(weight: torch.Tensor) -> torch.Tensor:
+    get = getattr(weight, "get_original_weight", None)
+    return get() if get is not None else weight
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Attach adapters to the targeted linears in place and freeze everything else.
+
+    Returns the names of the adapted modules. Works on a model on the meta device (adapters are
+    created there too and initialized by `init_lora`) or on a materialized one.
+    """
+    config.validate()
+    targets = config.target_names()
+    adapted = []
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and name.rsplit(".", 1)[-1] in targets:
+            _convert(module, config)
+            adapted.append(name)
+    if not adapted:
+        raise UserError(f"lora.targets {list(config.targets)} matched no linear layer of the model")
+    for pname, p in model.named_parameters():
+        trainable = ".lora_A." in pname or ".lora_B." in pname
+        if pname.endswith(".bias") and config.bias == "all":
+            trainable = True
+        if pname.endswith(".bias") and config.bias == "lora_only":
+            trainable = trainable or pname.rsplit(".", 2)[0] in adapted
+        p.requires_grad_(trainable)
+    if config.quantize_base == "nf4":
+        quantize_base_nf4(model)
+    return adapted
+
+
+def _convert(linear: nn.Linear, config: LoRAConfig) -> None:
+    device, dtype = linear.weight.device, linear.weight.dtype
+    linear.__class__ = LoRALinear
+    linear.lora_A = nn.Linear(linear.in_features, config.rank, bias=False, device=device, dtype=dtype)
+    linear.lora_B = nn.Linear(config.rank, linear.out_features, bias=False, device=device, dtype=dtype)
+    linear.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+    linear.scaling = config.scaling
+    linear.lora_enabled = True
+    if device.type != "meta":
+        init_lora(linear)
+
+
+@torch.no_grad()
+def init_lora(model: nn.Module, seed: int | None = None) -> None:
+    """A: Kaiming-uniform (as nn.Linear and PEFT), B: zeros."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    for module in [model] if isinstance(model, LoRALinear) else model.modules():
+        if isinstance(module, LoRALinear):
+            a = module.lora_A.weight
+            bound = 1.0 / a.shape[1] ** 0.5
+            values = torch.empty(a.shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
+            a.copy_(values.to(a.dtype))
+            module.lora_B.weight.zero_()
+
+
+def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch adapters off (the base model, e.g. the DPO reference) or back on."""
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.lora_enabled = enabled
+
+
+@torch.no_grad()
+def quantize_base_nf4(model: nn.Module, block_size: int = 64, scaler_block_size: int = 256) -> None:
+    """Store every adapted base weight as a torchao NF4Tensor (frozen); adapters stay in float."""
+    try:
+        from torchao.quantization import NF4Tensor
+    except ImportError:
+        raise UserError("QLoRA (lora.quantize_base = 'nf4') needs torchao: pip install torchao") from None
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            weight = module.weight
+            if weight.numel() % block_size:
+                raise UserError(
+                    f"NF4 needs weights whose size is a multiple of {block_size}; a {tuple(weight.shape)} "
+                    "weight is not (use a float base for this model)"
+                )
+            # The double-quantization block must divide the number of scales; shrink it for odd shapes.
+            num_scales = weight.numel() // block_size
+            scaler_block = next(b for b in (scaler_block_size, 128, 64, 32, 16, 8, 4, 2, 1) if num_scales % b == 0)
+            nf4 = NF4Tensor.from_tensor(weight.detach(), block_size, scaler_block)
+            module.weight = nn.Parameter(nf4, requires_grad=False)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the trainable (adapter) tensors."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list({id(p): p for p in model.parameters()}.values())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
