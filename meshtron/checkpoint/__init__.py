@@ -38,7 +38,8 @@ def load_for_inference(
     model.to(dtype)
     model.init_buffers()
     # DCP reads each tensor into the one given here, casting from the stored dtype.
-    dcp.load({"model": model.state_dict()}, checkpoint_id=str(checkpoint_dir))
+    # no_dist: this process reads the whole model itself, even inside a distributed job.
+    dcp.load({"model": model.state_dict()}, checkpoint_id=str(checkpoint_dir), no_dist=True)
     model.eval()
     tokenizer = manifest.get("tokenizer")
     return model, args, (checkpoint_dir / tokenizer) if tokenizer else None

@@ -37,8 +37,8 @@ class DataConfig:
     paths: list[str] = field(default_factory=list)
     """Dataset prefixes written by `meshtron preprocess` (PREFIX of PREFIX_text_document.bin or
     PREFIX_packed_*_document.bin), or raw .jsonl/.json/.parquet/.txt files that are preprocessed
-    on the fly into OUTPUT_DIR/data with `handler`. Relative paths are relative to the current
-    directory, then to the config file's directory."""
+    on the fly into OUTPUT_DIR/data with `handler`. A relative path is looked up in the current
+    directory, then in the config file's directory and its parents."""
 
     weights: list[float] = field(default_factory=list)
     """Blend weights, one per path; empty means proportional to the datasets' sizes."""

@@ -88,8 +88,11 @@ def build_data_loader(config: JobConfig, *, data_kind: str, default_handler: str
 
 
 def _find(path: str, config_dir: Path | None) -> Path:
-    """`path` as given, else relative to the config file's directory (so shipped configs run from anywhere)."""
-    candidates = [Path(path)] + ([config_dir / path] if config_dir is not None else [])
+    """`path` as given (relative to the current directory), else relative to the config file's
+    directory or one of its parents (so that shipped configs find the repository's data/ from anywhere)."""
+    candidates = [Path(path)]
+    if config_dir is not None and not Path(path).is_absolute():
+        candidates += [parent / path for parent in (config_dir, *config_dir.parents)]
     for candidate in candidates:
         if candidate.exists() or any(Path(f"{candidate}{s}.bin").exists() for s in _DATASET_SUFFIXES):
             return candidate

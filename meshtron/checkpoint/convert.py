@@ -1,0 +1,58 @@
+"""Conversion between meshtron checkpoints and Hugging Face directories, both ways.
+
+checkpoint -> HF: the model weights of a checkpoint (any layout it was trained at) become a
+safetensors directory with config.json and the tokenizer and chat template the checkpoint
+carries. HF -> native: the weights are written as a single-process DCP checkpoint with a
+manifest, loadable by `meshtron train` (model.name_or_path), generate, eval and convert.
+Both write to a temporary directory and rename it into place when complete.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from meshtron.checkpoint.hf import SIDE_FILES, hf_token_config, load_hf_model, read_hf_config, save_hf_model
+from meshtron.checkpoint.manager import COMMIT_MARKER, FORMAT, MANIFEST, TOKENIZER_DIR, read_chat_template
+from meshtron.checkpoint import load_for_inference, read_manifest, resolve_checkpoint
+
+
+def checkpoint_to_hf(checkpoint: str | Path, output_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+    model, args, tokenizer_dir = load_for_inference(checkpoint, device="cpu", dtype=torch.float32)
+    manifest = read_manifest(resolve_checkpoint(checkpoint))
+    state_dict = {k: v for k, v in model.state_dict().items()}
+    return save_hf_model(state_dict, args, output_dir, source_dir=tokenizer_dir, dtype=dtype,
+                         hf_config_extra=manifest.get("hf_config_extra") or None)
+
+
+def hf_to_checkpoint(hf_dir: str | Path, output_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    hf_dir, output_dir = Path(hf_dir), Path(output_dir)
+    _, hf_cfg, _ = read_hf_config(hf_dir)
+    model, args = load_hf_model(hf_dir, device="cpu", dtype=dtype)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp), no_dist=True)
+        (tmp / TOKENIZER_DIR).mkdir()
+        for name in SIDE_FILES:
+            if (hf_dir / name).is_file():
+                shutil.copy2(hf_dir / name, tmp / TOKENIZER_DIR / name)
+        manifest = {
+            "format": FORMAT, "version": 1, "step": 0, "recipe": None, "model_args": args.to_dict(),
+            "dtype": str(dtype).removeprefix("torch."), "world_size": 1, "tokenizer": TOKENIZER_DIR,
+            "chat_template": read_chat_template(hf_dir), "hf_config_extra": hf_token_config(hf_cfg),
+            "source": str(hf_dir),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (tmp / COMMIT_MARKER).write_text("ok\n")
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir

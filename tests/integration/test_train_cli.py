@@ -1,0 +1,166 @@
+"""`meshtron train` end to end as a user runs it: raw data preprocessed on the fly, pretrain and
+SFT recipes, run-directory outputs, recompute and precision modes, and one clear message per
+bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY = """
+[model]
+name_or_path = "llama:debug"
+[data]
+mock = true
+[train]
+steps = 3
+global_batch_size = 2
+micro_batch_size = 2
+seq_length = 32
+[log]
+tensorboard = false
+plot = false
+[checkpoint]
+save_final = false
+"""
+
+
+def meshtron_train(config: Path, output_dir: Path, *overrides: str):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "meshtron", "train", str(config), "--train.output_dir", str(output_dir), *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def records(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    return path
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--parallel.dp_shard", "2"], "do not match the world size 1"),
+        (["--data.mock", "false", "--data.paths", "no/such/corpus"], "data path 'no/such/corpus' not found"),
+        (["--optim.weight_decy", "1"], "unknown key optim.weight_decy; did you mean 'weight_decay'?"),
+        (["--train.micro_batch_size", "two"], "--train.micro_batch_size: expected an integer, got 'two'"),
+        (["--train.global_batch_size", "3"], "global_batch_size (3) must be a multiple of micro_batch_size"),
+        (["--model.args", "{num_layer = 1}"], "model.args: unknown field 'num_layer'; did you mean 'num_layers'?"),
+    ],
+)
+def test_bad_input_gives_one_line(tiny, tmp_path, overrides, message):
+    result = meshtron_train(tiny, tmp_path / "run", *overrides)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("meshtron train: error: ") and message in lines[-1], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_recompute_modes_do_not_change_the_losses(tiny, tmp_path):
+    runs = {mode: meshtron_train(tiny, tmp_path / mode, "--recompute.mode", mode) for mode in ("none", "selective", "full")}
+    for mode, result in runs.items():
+        assert result.returncode == 0, result.stderr[-2000:]
+    base = [r["loss"] for r in records(tmp_path / "none")]
+    assert [r["loss"] for r in records(tmp_path / "selective")] == pytest.approx(base, rel=1e-6)
+    assert [r["loss"] for r in records(tmp_path / "full")] == pytest.approx(base, rel=1e-6)
+
+
+def test_bfloat16_mixed_and_pure_precision_track_float32(tiny, tmp_path):
+    results = {
+        "fp32": meshtron_train(tiny, tmp_path / "fp32"),
+        "bf16": meshtron_train(tiny, tmp_path / "bf16", "--model.dtype", "bfloat16"),
+        "pure": meshtron_train(tiny, tmp_path / "pure", "--model.dtype", "bfloat16", "--model.master_dtype", "bfloat16"),
+    }
+    for name, result in results.items():
+        assert result.returncode == 0, result.stderr[-2000:]
+    base = [r["loss"] for r in records(tmp_path / "fp32")]
+    for name in ("bf16", "pure"):
+        got = [r["loss"] for r in records(tmp_path / name)]
+        assert got != base  # it really computed in bfloat16
+        assert got == pytest.approx(base, abs=0.05), name
+
+
+@pytest.mark.smollm2
+def test_pretrain_from_raw_text_writes_the_whole_run_directory(tmp_path, smollm2_dir):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Document {i}: the quick brown fox jumps over the lazy dog. " * 8})
+                              + "\n" for i in range(40)))
+    config = tmp_path / "pretrain.toml"
+    config.write_text(f"""
+[model]
+name_or_path = "llama:debug"
+args = {{ vocab_size = 49152, tie_embeddings = true }}
+tokenizer = "{smollm2_dir}"
+[data]
+paths = ["{corpus}"]
+[train]
+steps = 4
+global_batch_size = 4
+micro_batch_size = 2
+seq_length = 64
+sample_prompt = "Document"
+sample_max_new_tokens = 5
+[optim]
+lr = 0.01
+""")
+    out = tmp_path / "run"
+    result = meshtron_train(config, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    recs = records(out)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gb"} <= set(recs[0])
+    assert recs[-1]["loss"] < recs[0]["loss"]
+    for name in ("config.toml", "loss.png", "sample.txt"):
+        assert (out / name).is_file(), name
+    assert (out / "sample.txt").read_text().startswith("Document")
+    assert list((out / "tensorboard").iterdir())
+    checkpoint = out / "checkpoints" / "step-4"
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert manifest["step"] == 4 and manifest["recipe"] == "pretrain"
+    assert (checkpoint / "COMMITTED").is_file() and (checkpoint / manifest["tokenizer"] / "tokenizer.json").is_file()
+    assert list((out / "data").glob("corpus-pretrain-*_text_document.bin"))
+
+
+@pytest.mark.smollm2
+def test_sft_recipe_on_instruction_data(tmp_path, smollm2_dir):
+    data = tmp_path / "instructions.jsonl"
+    rows = [{"instruction": f"Add {i} and {i}.", "input": "", "output": f"The sum is {2 * i}."} for i in range(30)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "sft.toml"
+    config.write_text(f"""
+[model]
+name_or_path = "llama:debug"
+args = {{ vocab_size = 49152 }}
+tokenizer = "{smollm2_dir}"
+[data]
+paths = ["{data}"]
+[train]
+recipe = "sft"
+steps = 3
+global_batch_size = 2
+micro_batch_size = 1
+seq_length = 64
+[optim]
+lr = 0.01
+[log]
+tensorboard = false
+plot = false
+""")
+    out = tmp_path / "run"
+    result = meshtron_train(config, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    recs = records(out)
+    assert len(recs) == 3 and all(r["loss"] > 0 for r in recs)
+    # Only response tokens take loss: far fewer than the 2 x 64 input tokens of a step.
+    assert all(0 < r["loss_tokens"] < 2 * 64 for r in recs)
+    assert list((out / "data").glob("instructions-alpaca-*_packed_labels_document.bin"))
+    manifest = json.loads((out / "checkpoints" / "step-3" / "manifest.json").read_text())
+    assert manifest["recipe"] == "sft"

@@ -1,0 +1,71 @@
+"""The training config: typed sections, overrides, one clear message per mistake, TOML round trip."""
+
+import pytest
+
+from meshtron.config import JobConfig, load_config, to_toml
+from meshtron.errors import UserError
+
+MOCK = ["--data.mock", "true"]
+
+
+def write(tmp_path, text):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def test_file_values_and_overrides_are_typed(tmp_path):
+    path = write(tmp_path, '[data]\nmock = true\n[train]\nsteps = 7\n[optim]\nlr = 1\n')
+    cfg = load_config(path, ["--train.seed", "3", "--optim.betas", "0.8,0.9", "--model.args={num_layers = 3}",
+                             "--lr.schedule", "wsd"])
+    assert (cfg.train.steps, cfg.train.seed, cfg.lr.schedule) == (7, 3, "wsd")
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)  # an integer is a valid float
+    assert cfg.optim.betas == [0.8, 0.9]
+    assert cfg.model.args == {"num_layers": 3}
+
+
+def test_async_key_maps_to_a_python_field(tmp_path):
+    cfg = load_config(write(tmp_path, "[data]\nmock = true\n[checkpoint]\nasync = true\n"))
+    assert cfg.checkpoint.async_ is True
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("[trian]\nsteps = 3\n", [], "unknown section [trian]; did you mean 'train'?"),
+        ("[train]\nstpes = 3\n", [], "unknown key train.stpes; did you mean 'steps'?"),
+        ("", ["--optim.learning_rate", "1"], "unknown key optim.learning_rate"),
+        ('[train]\nsteps = "ten"\n', [], "train.steps: expected an integer, got 'ten'"),
+        ("", ["--train.steps", "1.5"], "--train.steps: expected an integer, got 1.5"),
+        ("", ["--data.mock", "yes"], "--data.mock: expected true or false, got 'yes'"),
+        ("[train]\nrecipe = \"pretrian\"\n", [], "train.recipe = 'pretrian' is not one of pretrain, sft; did you mean"),
+        ("[data]\npaths = [\"a\", \"b\"]\nweights = [1.0]\n", [], "data.weights has 1 values for 2 data.paths"),
+        ("[train]\nsteps = 0\n", [], "train.steps must be > 0"),
+        ("", ["--train.steps"], "override --train.steps has no value"),
+        ("", ["steps=3"], "overrides look like --section.key VALUE"),
+        ("[train\n", [], "invalid TOML"),
+    ],
+)
+def test_mistakes_give_one_clear_message(tmp_path, text, overrides, message):
+    with pytest.raises(UserError) as e:
+        load_config(write(tmp_path, text + ("\n[data]\nmock = true\n" if "[data]" not in text else "")), overrides)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_no_data_is_reported(tmp_path):
+    with pytest.raises(UserError, match="no training data: set data.paths"):
+        load_config(write(tmp_path, ""))
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path):
+    cfg = load_config(None, [*MOCK, "--model.args", "{dim = 32, num_layers = 1}", "--train.sample_prompt",
+                             'say "hi"', "--optim.eps", "1e-6"])
+    again = load_config(write(tmp_path, to_toml(cfg)))
+    assert again == cfg
+    assert again != JobConfig()

@@ -1,0 +1,36 @@
+"""ParallelDims: degrees resolved and checked once, with messages that say what to change."""
+
+import pytest
+
+from meshtron.errors import UserError
+from meshtron.parallel import ParallelDims
+
+
+def test_dp_shard_takes_the_rest_of_the_world():
+    dims = ParallelDims.resolve(dp_replicate=2, dp_shard=-1, tp=2, world_size=8)
+    assert (dims.dp_shard, dims.dp_size, dims.fsdp_enabled, dims.tp_enabled) == (2, 4, True, True)
+    single = ParallelDims.resolve(dp_replicate=1, dp_shard=-1, tp=1, world_size=1)
+    assert not single.fsdp_enabled and not single.tp_enabled
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(dp_replicate=1, dp_shard=2, tp=2, world_size=2), "= 4 do not match the world size 2"),
+        (dict(dp_replicate=1, dp_shard=-1, tp=3, world_size=4), "world size 4 is not divisible by dp_replicate x tp = 3"),
+        (dict(dp_replicate=1, dp_shard=-1, tp=1, world_size=2, pp=2), "parallel.pp = 2: pp parallelism is not available"),
+        (dict(dp_replicate=0, dp_shard=-1, tp=1, world_size=2), "parallel.dp_replicate must be >= 1"),
+    ],
+)
+def test_impossible_layouts(kwargs, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ParallelDims.resolve(**kwargs)
+
+
+def test_heads_not_divisible_by_tp():
+    dims = ParallelDims.resolve(dp_replicate=1, dp_shard=1, tp=4, world_size=4)
+    with pytest.raises(UserError, match=r"num_heads \(6\) is not divisible by parallel.tp = 4"):
+        dims.check_model(num_heads=6, num_kv_heads=2, ffn_dim=64, vocab_size=128, seq_length=32, sequence_parallel=True)
+    with pytest.raises(UserError, match=r"seq_length \(30\) is not divisible by parallel.tp = 4"):
+        dims.check_model(num_heads=8, num_kv_heads=4, ffn_dim=64, vocab_size=128, seq_length=30, sequence_parallel=True)
+    dims.check_model(num_heads=8, num_kv_heads=4, ffn_dim=64, vocab_size=128, seq_length=30, sequence_parallel=False)
