@@ -1,0 +1,1 @@
+"""Preference alignment and reward modelling: DPO, SimPO, outcome and process reward models."""
