@@ -97,7 +97,7 @@ def tiny_llama_dir(smollm2_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-llama")
     config = LlamaConfig(
         vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, initializer_range=0.2,
+        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True, initializer_range=0.2,
         bos_token_id=1, eos_token_id=2,
     )
     torch.manual_seed(0)

@@ -1,0 +1,81 @@
+"""`meshtron chat` driven through its standard input, on a tiny random model."""
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+
+def _chat(model_dir, *extra):
+    return [sys.executable, "-m", "meshtron", "chat", "--model", str(model_dir), "--dtype", "float32", *extra]
+
+
+@pytest.fixture(scope="module")
+def direct(tiny_llama_dir):
+    from meshtron.infer.generation import SamplingParams, generate_text
+    from meshtron.infer.loading import encode_messages, load_for_generation
+
+    loaded = load_for_generation(str(tiny_llama_dir), dtype="float32")
+
+    def run(messages, max_new_tokens=8):
+        ids = encode_messages(loaded.tokenizer, messages)
+        params = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=loaded.stop_token_ids)
+        return generate_text(loaded.model, loaded.tokenizer, [ids], params)[0].text
+
+    return run
+
+
+def test_multi_turn_history_clear_and_end_of_input(tiny_llama_dir, direct):
+    result = subprocess.run(_chat(tiny_llama_dir, "--max-new-tokens", "8", "--system", "Be brief."),
+                            input="Hello\nTell me more\n/clear\nHello\n", capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    system = {"role": "system", "content": "Be brief."}
+    first = direct([system, {"role": "user", "content": "Hello"}])
+    second = direct([system, {"role": "user", "content": "Hello"}, {"role": "assistant", "content": first},
+                     {"role": "user", "content": "Tell me more"}])
+    # After /clear the history is gone: the same message gets the same reply as at the start.
+    assert result.stdout == f">>> {first}\n>>> {second}\n>>> >>> {first}\n>>> \n"
+    assert "conversation cleared" in result.stderr
+
+
+def test_history_is_bounded_by_max_turns(tiny_llama_dir, direct):
+    result = subprocess.run(_chat(tiny_llama_dir, "--max-new-tokens", "6", "--max-turns", "1"),
+                            input="One\nTwo\n/exit\n", capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    first = direct([{"role": "user", "content": "One"}], 6)
+    second = direct([{"role": "user", "content": "One"}, {"role": "assistant", "content": first},
+                     {"role": "user", "content": "Two"}], 6)
+    assert result.stdout == f">>> {first}\n>>> {second}\n>>> "
+    third = subprocess.run(_chat(tiny_llama_dir, "--max-new-tokens", "6", "--max-turns", "1"),
+                           input="One\nTwo\nThree\n", capture_output=True, text=True, timeout=120)
+    # With one exchange kept, "Three" is answered with only the "Two" exchange before it.
+    two = third.stdout.split(">>> ")[2].rstrip("\n")
+    expected = direct([{"role": "user", "content": "Two"}, {"role": "assistant", "content": two},
+                       {"role": "user", "content": "Three"}], 6)
+    assert third.stdout.split(">>> ")[3] == expected + "\n"
+
+
+def test_ctrl_c_stops_the_reply_not_the_program(tiny_llama_dir):
+    proc = subprocess.Popen(_chat(tiny_llama_dir, "--max-new-tokens", "4000"), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
+    reader.start()
+    proc.stdin.write("Tell me a long story\n")
+    proc.stdin.flush()
+    deadline = time.time() + 60
+    while len("".join(out)) < 30 and time.time() < deadline:  # the reply is streaming
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.stdin.write("/exit\n")
+    proc.stdin.flush()
+    _, err = proc.communicate(timeout=60)
+    reader.join(timeout=5)
+    assert proc.returncode == 0, err
+    assert "[interrupted]" in err
+    assert "".join(out).count(">>> ") == 2  # back at the prompt after the interrupted reply
