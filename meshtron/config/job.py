@@ -47,6 +47,10 @@ class DataConfig:
     """Preprocess handler for raw files (pretrain, alpaca, sharegpt, openai); empty picks
     "pretrain" for the pretrain recipe and "alpaca" for sft."""
 
+    eval_paths: list[str] = field(default_factory=list)
+    """Held-out data (prefixes or raw files, like `paths`): its loss is measured before training, every
+    train.eval_interval steps and at the end, and logged as eval_loss."""
+
     mock: bool = False
     """Train on deterministic random tokens instead of files (benchmarks, smoke tests)."""
 
@@ -83,6 +87,10 @@ class TrainConfig:
     deterministic: bool = False
     """Use deterministic algorithms only, so that two runs of one config give bit-identical
     losses (slower on GPU)."""
+
+    eval_interval: int = 0
+    """Measure the held-out loss (data.eval_paths) every this many steps; 0 means only before and
+    after training."""
 
     sample_prompt: str = ""
     """Text to continue with the final model at the end of the run (printed and written to

@@ -161,7 +161,7 @@ def validate(cfg: JobConfig) -> None:
         section, name = key.split(".")
         _check_positive(getattr(getattr(cfg, section), name), key)
     for key in ("lr.warmup_steps", "lr.min_lr", "optim.weight_decay", "optim.grad_clip", "checkpoint.interval",
-                "checkpoint.keep", "recompute.num_layers", "train.sample_max_new_tokens"):
+                "checkpoint.keep", "recompute.num_layers", "train.eval_interval", "train.sample_max_new_tokens"):
         section, name = key.split(".")
         _check_positive(getattr(getattr(cfg, section), name), key, allow_zero=True)
     if len(cfg.optim.betas) != 2:
@@ -175,6 +175,8 @@ def validate(cfg: JobConfig) -> None:
         )
     if not cfg.data.paths and not cfg.data.mock:
         raise UserError("no training data: set data.paths (preprocessed prefixes or raw files) or data.mock = true")
+    if cfg.data.eval_paths and cfg.data.mock:
+        raise UserError("data.eval_paths needs real data; mock data has no held-out split (set data.mock = false)")
     if cfg.model.args and ":" not in cfg.model.name_or_path:
         raise UserError(
             f"model.args changes a flavor's shape, but model.name_or_path = {cfg.model.name_or_path!r} is not a "

@@ -76,15 +76,33 @@ def build_data_loader(config: JobConfig, *, data_kind: str, default_handler: str
     train = config.train
     if config.data.mock:
         return MockDataLoader(vocab_size, train.seq_length, train.micro_batch_size, dp_rank, dp_size, train.seed)
-    from meshtron.data.loader import DataLoader, build_dataset
+    from meshtron.data.loader import DataLoader
 
-    prefixes = [
-        _resolve_path(p, config, data_kind, config.data.handler or default_handler, tokenizer_dir, config_dir)
-        for p in config.data.paths
-    ]
-    dataset = build_dataset(prefixes, config.data.weights or None, train.seq_length, data_kind, train.seed,
-                            reset_position_ids=config.data.reset_position_ids)
+    dataset = build_training_dataset(config, config.data.paths, config.data.weights, data_kind=data_kind,
+                                     default_handler=default_handler, tokenizer_dir=tokenizer_dir,
+                                     config_dir=config_dir)
     return DataLoader(dataset, train.micro_batch_size, dp_rank, dp_size, train.seed)
+
+
+def build_training_dataset(config: JobConfig, paths: list[str], weights: list[float], *, data_kind: str,
+                           default_handler: str, tokenizer_dir: Path | None, config_dir: Path | None):
+    """The dataset over `paths` (prefixes or raw files, preprocessed on the fly)."""
+    from meshtron.data.loader import build_dataset
+
+    handler = config.data.handler or default_handler
+    prefixes = [_resolve_path(p, config, data_kind, handler, tokenizer_dir, config_dir) for p in paths]
+    return build_dataset(prefixes, weights or None, config.train.seq_length, data_kind, config.train.seed,
+                         reset_position_ids=config.data.reset_position_ids)
+
+
+def one_pass(dataset, micro_batch_size: int, dp_rank: int, dp_size: int):
+    """The micro-batches of one in-order pass over `dataset` for this rank (a last partial round is dropped,
+    so every rank runs the same number of batches)."""
+    from meshtron.data.loader import DataLoader
+
+    num_batches = max(1, len(dataset) // (micro_batch_size * dp_size))
+    loader = iter(DataLoader(dataset, micro_batch_size, dp_rank, dp_size, seed=0, shuffle=False))
+    return (next(loader) for _ in range(num_batches))
 
 
 def _find(path: str, config_dir: Path | None) -> Path:

@@ -75,6 +75,16 @@ class MetricsLogger:
             self.writer.flush()
         print(self._progress_line(step, metrics), file=sys.stderr, flush=True)
 
+    def log_eval(self, step: int, eval_loss: float) -> None:
+        if not self.enabled:
+            return
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps({"step": step, "eval_loss": eval_loss}) + "\n")
+        if self.writer is not None:
+            self.writer.add_scalar("eval/loss", eval_loss, step)
+            self.writer.flush()
+        print(f"step {step}/{self.total_steps} | eval_loss {eval_loss:.4f}", file=sys.stderr, flush=True)
+
     def _progress_line(self, step: int, m: dict) -> str:
         if self._start_step is None:
             self._start_step, self._start_time = step - 1, time.perf_counter() - m.get("step_time_s", 0.0)
@@ -97,13 +107,15 @@ class MetricsLogger:
             self.writer.close()
 
 
-def read_metrics(metrics_file: Path) -> list[dict]:
-    """Records of metrics.jsonl; a step logged again after a resume keeps its latest record."""
+def read_metrics(metrics_file: Path, key: str = "loss") -> list[dict]:
+    """Records of metrics.jsonl holding `key` (loss: training steps, eval_loss: evaluations); a step
+    logged again after a resume keeps its latest record."""
     by_step: dict[int, dict] = {}
     for line in Path(metrics_file).read_text().splitlines():
         if line.strip():
             record = json.loads(line)
-            by_step[record["step"]] = record
+            if key in record:
+                by_step[record["step"]] = record
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -125,6 +137,9 @@ def plot_loss(metrics_file: Path, out_png: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, losses, alpha=0.35, label="loss")
     ax.plot(steps, smooth, label=f"moving average ({window} steps)")
+    evals = read_metrics(metrics_file, key="eval_loss")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(f"training loss: {losses[0]:.3f} -> {smooth[-1]:.3f}")

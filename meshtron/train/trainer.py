@@ -24,7 +24,7 @@ from meshtron.config import JobConfig, to_dict, to_toml
 from meshtron.errors import UserError
 from meshtron.parallel import ParallelDims
 from meshtron.train.build import build_parallel_model, init_distributed, precision, resolve_model_source
-from meshtron.train.data import build_data_loader
+from meshtron.train.data import build_data_loader, build_training_dataset, one_pass
 from meshtron.train.losses import loss_context
 from meshtron.train.lr import build_lr_scheduler
 from meshtron.train.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gb, plot_loss
@@ -80,6 +80,12 @@ class Trainer:
             vocab_size=self.model_args.vocab_size, tokenizer_dir=self.source.tokenizer_dir,
             dp_rank=self.meshes.dp.get_local_rank(), dp_size=self.dims.dp_size, config_dir=config_dir,
         )
+        self.eval_dataset = None
+        if config.data.eval_paths:
+            self.eval_dataset = build_training_dataset(
+                config, config.data.eval_paths, [], data_kind=self.recipe.data_kind,
+                default_handler=self.recipe.default_handler, tokenizer_dir=self.source.tokenizer_dir,
+                config_dir=config_dir)
         self.state = TrainState()
         self.checkpointer = self._build_checkpointer()
         self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main, tensorboard=config.log.tensorboard,
@@ -211,6 +217,8 @@ class Trainer:
         flops = flops_per_token(self.model_args, cfg.train.seq_length)
         peak = peak_flops(self.device)
         saved_step = self.state.step if self.resume_from is not None else None
+        if self.eval_dataset is not None and self.state.step == 0:
+            self.metrics.log_eval(0, self.evaluate())
         with self._stop_on_signals():
             while self.state.step < cfg.train.steps:
                 start = time.perf_counter()
@@ -229,6 +237,9 @@ class Trainer:
                 step = self.state.step
                 if step % cfg.log.interval == 0 or step == cfg.train.steps:
                     self.metrics.log(step, metrics)
+                if self.eval_dataset is not None and (
+                        step == cfg.train.steps or (cfg.train.eval_interval and step % cfg.train.eval_interval == 0)):
+                    self.metrics.log_eval(step, self.evaluate())
                 if self._stop_requested():
                     log.warning("stopping at step %d on signal %s; saving a checkpoint", step, self._stop_signal)
                     self.checkpointer.save(step)
@@ -244,6 +255,20 @@ class Trainer:
         if self.is_main and self._stop_signal is None:
             self._finish_run()
         dist.barrier()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """The loss over one pass of the held-out data, normalized like the training loss."""
+        loss_sum = torch.zeros((), device=self.device)
+        units = torch.zeros((), device=self.device)
+        batches = one_pass(self.eval_dataset, self.config.train.micro_batch_size, self.meshes.dp.get_local_rank(),
+                           self.dims.dp_size)
+        for batch in batches:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self.train_context():
+                loss_sum += _local(self.recipe.loss_sum(self.model, batch)).float()
+            units += self.recipe.num_loss_units(batch)
+        return (self._dp_sum(loss_sum) / self._dp_sum(units).clamp(min=1)).item()
 
     # ---- helpers of the loop ---------------------------------------------------------------
 

@@ -134,6 +134,8 @@ def test_sft_recipe_on_instruction_data(tmp_path, smollm2_dir):
     data = tmp_path / "instructions.jsonl"
     rows = [{"instruction": f"Add {i} and {i}.", "input": "", "output": f"The sum is {2 * i}."} for i in range(30)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
     config = tmp_path / "sft.toml"
     config.write_text(f"""
 [model]
@@ -142,6 +144,7 @@ args = {{ vocab_size = 49152 }}
 tokenizer = "{smollm2_dir}"
 [data]
 paths = ["{data}"]
+eval_paths = ["{heldout}"]
 [train]
 recipe = "sft"
 steps = 3
@@ -157,7 +160,9 @@ plot = false
     out = tmp_path / "run"
     result = meshtron_train(config, out)
     assert result.returncode == 0, result.stderr[-3000:]
-    recs = records(out)
+    evals = [r for r in records(out) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 3]
+    recs = [r for r in records(out) if "loss" in r]
     assert len(recs) == 3 and all(r["loss"] > 0 for r in recs)
     # Only response tokens take loss: far fewer than the 2 x 64 input tokens of a step.
     assert all(0 < r["loss_tokens"] < 2 * 64 for r in recs)
