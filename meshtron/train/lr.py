@@ -20,7 +20,8 @@ def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int, 
         return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
-    decay_steps = max(1, total_steps - warmup_steps - 1)  # the last step runs at min_lr
+    # The decay would reach min_lr one step after the last, so that no step runs at lr 0 when min_lr is 0.
+    decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     if schedule == "cosine":
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -12,12 +12,16 @@ from meshtron.config import OptimConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    # Parameters on different meshes (or plain ones beside DTensors, as with TP alone without sequence
+    # parallel) go to separate groups: a foreach kernel cannot mix them.
+    groups: dict[tuple, list[torch.Tensor]] = {}
     for name, param in model.named_parameters():  # tied weights appear once
-        if not param.requires_grad:
-            continue
-        (decay if param.ndim >= 2 and "embed" not in name else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if param.requires_grad:
+            decays = param.ndim >= 2 and "embed" not in name
+            mesh = param.device_mesh if isinstance(param, DTensor) else None
+            groups.setdefault((decays, mesh), []).append(param)
+    groups = [{"params": params, "weight_decay": cfg.weight_decay if decays else 0.0}
+              for (decays, _), params in groups.items()]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     # The fused kernel is one launch for all parameters on GPU; on CPU the foreach path is as fast.
@@ -31,17 +35,19 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
 
     Gradients are grouped by device mesh: with FSDP x TP some parameters live on the 2-D mesh and,
     without sequence parallel, the norms on the data-parallel mesh only, and one foreach norm
-    cannot mix DTensors of different meshes. `full_tensor()` reduces each partial norm across its mesh.
+    cannot mix DTensors of different meshes (nor DTensors and plain tensors, as with TP alone without
+    sequence parallel). `full_tensor()` reduces each partial norm across its mesh.
     """
-    grads = [p.grad for p in params if p.grad is not None]
     groups: dict[object, list[torch.Tensor]] = {}
-    for g in grads:
-        groups.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
     norms = []
     for group in groups.values():
-        norm = torch.nn.utils.get_total_norm(group, foreach=True)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], foreach=True)
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+        for group in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
     return total

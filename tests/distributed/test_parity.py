@@ -29,9 +29,10 @@ def reference(run_train, tiny_config, tmp_path_factory):
         (2, ["--parallel.dp_shard", "2"]),
         (2, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "1"]),
         (2, ["--parallel.tp", "2", "--parallel.dp_shard", "1"]),
+        (2, ["--parallel.tp", "2", "--parallel.dp_shard", "1", "--parallel.sequence_parallel", "false"]),
         (4, ["--parallel.dp_shard", "2", "--parallel.tp", "2"]),
     ],
-    ids=["fsdp2", "ddp2", "tp2-sp", "fsdp2xtp2"],
+    ids=["fsdp2", "ddp2", "tp2-sp", "tp2-no-sp", "fsdp2xtp2"],
 )
 def test_parallel_layout_matches_single_process(run_train, reference, tiny_config, tmp_path, nproc, layout):
     _, records = run_train(tiny_config, tmp_path, nproc=nproc, overrides=layout)
