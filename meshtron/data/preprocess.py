@@ -274,6 +274,27 @@ def validate(cfg: PreprocessConfig, handler) -> None:
         raise UserError("--pack needs --seq-length N (the most tokens in a packed sequence)")
 
 
+def _tokenize(cfg: PreprocessConfig, handler, units: list[Unit], tmp: str) -> Stats:
+    """Run the shards (in this process for one, else in worker processes) and merge them into `tmp_<name>`."""
+    groups = split_units(units, cfg.workers)
+    progress = Progress(cfg.progress_interval_s)
+    shards = [f"{tmp}.shard{i}" for i in range(max(len(groups), 1))]
+    if len(groups) <= 1:
+        stats = run_shard(cfg, handler, units, shards[0], progress.update)
+    else:
+        stats = _run_parallel(cfg, handler, groups, shards, progress)
+    progress.close()
+    for name, dtype in handler.outputs().items():
+        if len(shards) == 1:
+            indexed.rename(f"{shards[0]}_{name}", f"{tmp}_{name}")
+            continue
+        with indexed.IndexedWriter(f"{tmp}_{name}", dtype) as writer:
+            for shard in shards:
+                writer.merge(f"{shard}_{name}")
+                indexed.remove(f"{shard}_{name}")
+    return stats
+
+
 def preprocess(cfg: PreprocessConfig) -> Summary:
     start = time.monotonic()
     # --workers is the parallelism: the tokenizer's own threads would compete with the workers
@@ -288,46 +309,30 @@ def preprocess(cfg: PreprocessConfig) -> Summary:
     stats = Stats()
     for path in empty:
         _bad(cfg, stats, f"{path}:1", "file is empty")
-    out_dir = os.path.dirname(os.path.abspath(cfg.output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.output_prefix)), exist_ok=True)
+    # Everything is written under this prefix and renamed only once all of it is complete.
     tmp = f"{cfg.output_prefix}.incomplete-{os.getpid()}"
-    names = list(handler.outputs())
     try:
-        groups = split_units(units, cfg.workers)
-        shard_prefixes = [f"{tmp}.shard{i}" for i in range(len(groups))]
-        progress = Progress(cfg.progress_interval_s)
-        if len(groups) <= 1:
-            shard_prefixes = [f"{tmp}.shard0"]
-            stats.add(run_shard(cfg, handler, units, shard_prefixes[0], progress.update))
-        else:
-            stats.add(_run_parallel(cfg, handler, groups, shard_prefixes, progress))
-        progress.close()
-        for name in names:
-            if len(shard_prefixes) == 1:
-                indexed.rename(f"{shard_prefixes[0]}_{name}", f"{tmp}_{name}")
-            else:
-                with indexed.IndexedWriter(f"{tmp}_{name}", handler.outputs()[name]) as writer:
-                    for shard in shard_prefixes:
-                        writer.merge(f"{shard}_{name}")
-                        indexed.remove(f"{shard}_{name}")
+        stats.add(_tokenize(cfg, handler, units, tmp))
         if stats.documents == 0:
             raise UserError("no usable samples in the input" + (" (every line was skipped)" if stats.skipped else ""))
+        names = list(handler.outputs())
         num_rows, ratio = stats.documents, None
         if handler.kind == "sft":
             num_rows, ratio = _write_sft_extras(tmp, cfg)
             names.append("packed_attention_mask_document")
-        if hasattr(handler, "metadata"):
-            with open(f"{tmp}_prm.json", "w") as f:
-                json.dump(handler.metadata(), f, indent=2)
-        outputs = []
+        metadata = handler.metadata()
+        if metadata is not None:
+            with open(f"{tmp}_{handler.name}.json", "w") as f:
+                json.dump(metadata, f, indent=2)
         for name in names:
             indexed.rename(f"{tmp}_{name}", f"{cfg.output_prefix}_{name}")
-            outputs.append(f"{cfg.output_prefix}_{name}")
-        if hasattr(handler, "metadata"):
-            os.replace(f"{tmp}_prm.json", f"{cfg.output_prefix}_prm.json")
+        if metadata is not None:
+            os.replace(f"{tmp}_{handler.name}.json", f"{cfg.output_prefix}_{handler.name}.json")
     finally:
         for path in glob.glob(glob.escape(tmp) + "*"):
             os.remove(path)
+    outputs = [f"{cfg.output_prefix}_{name}" for name in names]
     return Summary(stats, outputs, time.monotonic() - start, num_rows, ratio)
 
 

@@ -69,6 +69,10 @@ class Handler:
     def encode(self, record: dict) -> dict[str, np.ndarray] | None:
         raise NotImplementedError
 
+    def metadata(self) -> dict | None:
+        """What training needs to know beyond the token files (written as PREFIX_<handler>.json), if anything."""
+        return None
+
     def encode_batch(self, records: list[dict]) -> list:
         """One result per record: a dict of arrays, None (dropped by policy) or a BadRecord."""
         results = []

@@ -16,6 +16,14 @@ class PretrainHandler(Handler):
         if options.append_eod and tokenizer.eos_token_id is None:
             raise UserError("--append-eod needs a tokenizer with an eos token; this one has none")
 
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """The ids `tokenizer(text)["input_ids"]` gives, for many texts at once."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None and hasattr(backend, "encode_batch_fast"):
+            # The same Rust call transformers makes, minus character offsets (~25% faster).
+            return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
+        return self.tokenizer(texts)["input_ids"]
+
     def outputs(self) -> dict[str, type]:
         dtype = token_dtype(len(self.tokenizer))
         return {f"{key}_document": dtype for key in self.options.json_keys}
@@ -34,7 +42,7 @@ class PretrainHandler(Handler):
                     good.append(i)
                 except BadRecord as e:
                     results[i] = e
-            ids = self.tokenizer(texts)["input_ids"] if texts else []
+            ids = self.tokenize(texts) if texts else []
             for i, tokens in zip(good, ids):
                 if self.options.append_eod:
                     tokens.append(self.tokenizer.eos_token_id)

@@ -1,5 +1,6 @@
 """The datasets shipped in data/ preprocess cleanly with the handler each is meant for."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -32,3 +33,5 @@ def test_shipped_data_preprocesses(tmp_path, smollm2_dir, name, handler, kind, n
     assert (labels != -100).any()
     if handler == "prm":
         assert set(np.unique(labels)) <= {-100, 0, 1}
+        meta = json.loads((tmp_path / "d_prm.json").read_text())
+        assert meta["step_separator"] == "\n\n" and meta["step_separator_ids"]
