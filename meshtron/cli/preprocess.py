@@ -3,15 +3,14 @@
 import json
 import sys
 
+from meshtron.data.handlers import HANDLER_NAMES
 from meshtron.errors import UserError
-
-HANDLERS = ("pretrain", "alpaca", "sharegpt", "openai", "pairwise", "prm")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
                         help="input files or directories (.jsonl .json .txt .parquet .arrow)")
-    parser.add_argument("--handler", required=True, metavar="NAME", help=f"one of: {', '.join(HANDLERS)}")
+    parser.add_argument("--handler", required=True, metavar="NAME", help=f"one of: {', '.join(HANDLER_NAMES)}")
     parser.add_argument("--tokenizer", required=True, metavar="DIR", help="Hugging Face tokenizer or model directory")
     parser.add_argument("--output-prefix", required=True, metavar="PREFIX",
                         help="output path prefix; files are PREFIX_<name>_document.bin/.idx")
@@ -51,8 +50,6 @@ def run(args) -> int:
     from meshtron.data.handlers import HandlerOptions
     from meshtron.data.preprocess import PreprocessConfig, format_summary, preprocess
 
-    if args.handler not in HANDLERS:
-        raise UserError(f"unknown handler {args.handler!r}; choose one of {', '.join(HANDLERS)}")
     options = HandlerOptions(
         json_keys=args.json_keys,
         append_eod=args.append_eod,

@@ -58,13 +58,13 @@ class Stats:
     examples: dict = field(default_factory=dict)  # reason -> first locations
     policy: Counter = field(default_factory=Counter)  # truncation policy outcomes
 
-    def skip(self, where: str, reason: str) -> None:
+    def skip(self, where, reason: str) -> None:
         # Reasons are grouped by their kind, not their details (column, byte value).
         kind = re.split(r"[:(]", reason)[0].strip()
         self.skipped[kind] += 1
         self.examples.setdefault(kind, [])
         if len(self.examples[kind]) < MAX_EXAMPLES:
-            self.examples[kind].append(where)
+            self.examples[kind].append(str(where))
 
     def add(self, other: "Stats") -> None:
         self.documents += other.documents
@@ -95,7 +95,7 @@ def load_tokenizer(path: str):
         raise UserError(f"--tokenizer {path}: cannot load a tokenizer: {e}") from None
 
 
-def _bad(cfg: PreprocessConfig, stats: Stats, where: str, reason: str) -> None:
+def _bad(cfg: PreprocessConfig, stats: Stats, where, reason: str) -> None:
     if not cfg.skip_bad_lines:
         raise UserError(f"{where}: {reason} (pass --skip-bad-lines to skip such lines and count them)")
     stats.skip(where, reason)

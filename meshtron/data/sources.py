@@ -8,9 +8,9 @@ Formats, by extension:
     .arrow             Arrow IPC file or stream (HF `datasets` cache files), rows
 
 Line-based files larger than a worker's share are split at line boundaries, so
-several workers can read one big file; each unit knows the line number it starts
-at, so messages name the file and line. Everything is streamed: memory does not
-grow with the size of the input.
+several workers can read one big file. A piece counts the lines before it only
+when a message must name a line (an error), so splitting costs no pass over the
+data. Everything is streamed: memory does not grow with the size of the input.
 """
 
 import json
@@ -35,8 +35,25 @@ class Unit:
     fmt: str
     start: int
     stop: int
-    first_line: int  # 1-based line (line formats) or row number of the first record
+    first_line: int | None  # 1-based line (line formats) or row of the first record; None: not counted yet
     size: int  # bytes, for balancing work between workers
+
+    def start_line(self) -> int:
+        if self.first_line is None:
+            self.first_line = 1 + _count_newlines(self.path, 0, self.start)
+        return self.first_line
+
+
+class LineLocation:
+    """`path:line` of a record; formatting it may count the lines before its piece of the file."""
+
+    __slots__ = ("unit", "offset")
+
+    def __init__(self, unit: Unit, offset: int) -> None:
+        self.unit, self.offset = unit, offset
+
+    def __str__(self) -> str:
+        return f"{self.unit.path}:{self.unit.start_line() + self.offset}"
 
 
 def input_format(path: str) -> str:
@@ -79,14 +96,11 @@ def _line_units(path: str, fmt: str, size: int, piece: int) -> list[Unit]:
                 break
             cuts.append(f.tell())
     cuts.append(size)
-    units, line = [], 1
-    for start, stop in zip(cuts, cuts[1:]):
-        units.append(Unit(path, fmt, start, stop, line, stop - start))
-        line += _count_newlines_range(path, start, stop)
-    return units
+    return [Unit(path, fmt, start, stop, 1 if start == 0 else None, stop - start)
+            for start, stop in zip(cuts, cuts[1:])]
 
 
-def _count_newlines_range(path: str, start: int, stop: int) -> int:
+def _count_newlines(path: str, start: int, stop: int) -> int:
     count = 0
     with open(path, "rb") as f:
         f.seek(start)
@@ -162,7 +176,8 @@ def split_units(units: list[Unit], num_parts: int) -> list[list[Unit]]:
     return groups
 
 
-# A record stream yields (where, record, error): record is a dict, or None with the reason in error.
+# A record stream yields (where, record, error): where formats as "path:line" (or row/record) with str();
+# record is a dict, or None with the reason in error.
 
 
 def _parse_json_line(raw: bytes):
@@ -180,16 +195,14 @@ def _parse_json_line(raw: bytes):
 
 
 def _read_lines(unit: Unit):
-    line = unit.first_line
     with open(unit.path, "rb") as f:
         f.seek(unit.start)
         position = unit.start
-        for raw in f:
+        for offset, raw in enumerate(f):
             if position >= unit.stop:
                 break
             position += len(raw)
-            where = f"{unit.path}:{line}"
-            line += 1
+            where = LineLocation(unit, offset)
             raw = raw.rstrip(b"\r\n")
             if not raw.strip():
                 continue

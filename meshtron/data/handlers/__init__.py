@@ -84,8 +84,7 @@ class Handler:
         return results
 
 
-def handler_names() -> list[str]:
-    return ["pretrain", "alpaca", "sharegpt", "openai", "pairwise", "prm"]
+HANDLER_NAMES = ("pretrain", "alpaca", "sharegpt", "openai", "pairwise", "prm")
 
 
 def make_handler(name: str, tokenizer, options: HandlerOptions) -> Handler:
@@ -102,8 +101,9 @@ def make_handler(name: str, tokenizer, options: HandlerOptions) -> Handler:
         "pairwise": PairwiseHandler,
         "prm": PRMHandler,
     }
+    assert set(classes) == set(HANDLER_NAMES)
     if name not in classes:
-        raise UserError(f"unknown handler {name!r}; choose one of {', '.join(handler_names())}")
+        raise UserError(f"unknown handler {name!r}; choose one of {', '.join(HANDLER_NAMES)}")
     if options.truncation not in TRUNCATION_POLICIES:
         raise UserError(f"unknown truncation policy {options.truncation!r}; choose one of {TRUNCATION_POLICIES}")
     return classes[name](tokenizer, options)

@@ -9,7 +9,7 @@ from meshtron.errors import UserError
 
 
 def read_all(units):
-    return [item for unit in units for item in read_unit(unit)]
+    return [(str(where), record, error) for unit in units for where, record, error in read_unit(unit)]
 
 
 def test_split_line_file_keeps_every_line_once_with_its_number(tmp_path):
@@ -19,6 +19,7 @@ def test_split_line_file_keeps_every_line_once_with_its_number(tmp_path):
     whole, _ = plan_units([str(path)], 1)
     units, _ = plan_units([str(path)], 4)
     assert len(whole) == 1 and len(units) >= 4
+    assert units[0].first_line == 1 and all(u.first_line is None for u in units[1:])  # counted on demand
     assert read_all(units) == read_all(whole)
     wheres = [where for where, _, _ in read_all(units)]
     assert wheres == [f"{path}:{i}" for i in range(1, 3001)]
