@@ -145,3 +145,23 @@ def test_build_dataset_errors(tmp_path):
         build_dataset([str(tmp_path / "c")] * 2, [1.0], 8, "pretrain", 0)
     with pytest.raises(UserError, match="fewer than seq_length"):
         build_dataset([str(tmp_path / "c")], None, 4096, "pretrain", 0)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_loader_state_round_trips_through_dcp(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.stateful import Stateful
+
+    write_corpus(str(tmp_path / "c_text_document"))
+    ds = build_dataset([str(tmp_path / "c")], None, 8, "pretrain", seed=0)
+    loader = DataLoader(ds, 2, 0, 1, seed=5)
+    assert isinstance(loader, Stateful)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    dcp.save({"data": loader}, checkpoint_id=str(tmp_path / "ckpt"))
+    expected = next(it)
+    resumed = DataLoader(ds, 2, 0, 1, seed=5)
+    dcp.load({"data": resumed}, checkpoint_id=str(tmp_path / "ckpt"))
+    assert resumed.consumed_samples == 6
+    assert torch.equal(next(iter(resumed))["input_ids"], expected["input_ids"])
