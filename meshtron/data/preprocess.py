@@ -266,10 +266,12 @@ def validate(cfg: PreprocessConfig, handler) -> None:
         raise UserError(f"--workers must be at least 1, got {cfg.workers}")
     if cfg.options.seq_length is not None and cfg.options.seq_length < 1:
         raise UserError(f"--seq-length must be positive, got {cfg.options.seq_length}")
-    if cfg.pack and handler.kind != "sft":
-        raise UserError(f"--pack applies to the sft handlers (alpaca, sharegpt, openai, prm), not {cfg.handler!r}"
-                        + ("; pretraining samples are cut across documents at load time" if handler.kind ==
-                           "pretrain" else ""))
+    if cfg.pack and handler.kind == "pretrain":
+        raise UserError("--pack applies to SFT data; pretraining samples are cut across documents at load time")
+    if cfg.pack and handler.kind == "pairwise":
+        # Chosen and rejected rows must stay aligned one to one, so pairs are padded, never packed.
+        logger.warning("--pack is ignored for pairwise data (each pair is one padded row); --seq-length still applies")
+        cfg.pack = False
     if cfg.pack and cfg.options.seq_length is None:
         raise UserError("--pack needs --seq-length N (the most tokens in a packed sequence)")
 

@@ -161,3 +161,13 @@ def test_several_json_keys_write_one_dataset_each(tmp_path, capsys, smollm2_dir,
     for key, text in (("title", "Title 3"), ("body", "Body text 3.")):
         ds = indexed.IndexedDataset(str(tmp_path / f"x_{key}_document"))
         assert len(ds) == 5 and ds[3].tolist() == smollm2_tokenizer(text)["input_ids"]
+
+
+def test_pack_is_refused_for_pretrain_and_ignored_for_pairwise(tmp_path, capsys, caplog, smollm2_dir):
+    src = write_jsonl(tmp_path / "p.jsonl", [{"instruction": "2+2?", "chosen": "4", "rejected": "5", "text": "x"}])
+    common = ["--input", src, "--tokenizer", smollm2_dir, "--seq-length", 64, "--pack"]
+    code, err = cli(capsys, *common, "--handler", "pretrain", "--output-prefix", tmp_path / "a")
+    assert code == 2 and "--pack applies to SFT data" in err
+    code, err = cli(capsys, *common, "--handler", "pairwise", "--output-prefix", tmp_path / "b")
+    assert code == 0 and "--pack is ignored for pairwise" in caplog.text
+    assert indexed.exists(str(tmp_path / "b_packed_rejected_labels_document"))
