@@ -122,7 +122,8 @@ def main() -> None:
         base_tokens = int(out)
         base_rate = base_tokens / base_s
         print("wall time includes start-up (imports, tokenizer load) for every method\n")
-        print("| method | wall s | tokens | tokens/s | vs loop | peak MiB |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+        print("| method | wall s | tokens | tokens/s | vs loop | peak MiB |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
         print(f"| plain tokenizer loop | {base_s:.1f} | {base_tokens:,} | {base_rate:,.0f} | 1.00x | {base_peak:.0f} |")
         for workers in map(int, args.workers.split(",")):
             wall, peak, tokens = run_preprocess(corpus, args.tokenizer, workers, os.path.join(tmp, "out"))

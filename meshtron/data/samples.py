@@ -46,6 +46,10 @@ class PretrainDataset:
         self.tokens = self.data.tokens
         item = self.data.dtype.itemsize
         seq_starts = np.append(self.data.sequence_pointers // item, len(self.tokens))
+        # Windows read the .bin as one stream, which needs the sequences back to back (as every writer lays them).
+        end = seq_starts[-2] + self.data.sequence_lengths[-1] if len(self.data) else 0
+        if len(self.data) and (seq_starts[0] != 0 or end != len(self.tokens)):
+            raise UserError(f"{prefix}: sequences are not stored back to back; rewrite it with `meshtron preprocess`")
         self.doc_starts = seq_starts[self.data.document_indices[:-1]]
         self.num_samples = (len(self.tokens) - 1) // seq_length
         if self.num_samples < 1:

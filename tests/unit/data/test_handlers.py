@@ -103,7 +103,8 @@ def test_map_keys_rename_fields_and_roles(smollm2_tokenizer):
                "user_tag": "me", "assistant_tag": "bot"}
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     check(smollm2_tokenizer, encode(smollm2_tokenizer, "sharegpt", record, map_keys=mapping), messages)
-    alpaca = encode(smollm2_tokenizer, "alpaca", {"q": "Hi", "a": "Hello"}, map_keys={"instruction": "q", "output": "a"})
+    alpaca = encode(smollm2_tokenizer, "alpaca", {"q": "Hi", "a": "Hello"},
+                    map_keys={"instruction": "q", "output": "a"})
     check(smollm2_tokenizer, alpaca, messages)
 
 
