@@ -195,3 +195,28 @@ def test_unknown_handler_and_template(smollm2_tokenizer):
         make_handler("nope", smollm2_tokenizer, HandlerOptions())
     with pytest.raises(UserError, match="neither a file nor a built-in"):
         make_handler("alpaca", smollm2_tokenizer, HandlerOptions(chat_template="mystery"))
+
+
+@pytest.mark.parametrize("name,end_of_turn", [("chatml", "<|im_end|>"), ("qwen", "<|im_end|>"),
+                                               ("llama3", "<|eot_id|>")])
+def test_every_builtin_template_trains_reply_and_end_of_turn(smollm2_tokenizer, tmp_path, name, end_of_turn):
+    from meshtron.data.templates import BUILTIN_TEMPLATES
+
+    # The markers are single special tokens in their families' tokenizers; make them so here.
+    tokenizer = copy.deepcopy(smollm2_tokenizer)
+    tokenizer.add_tokens(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], special_tokens=True)
+    messages = [{"role": "system", "content": "S."}, {"role": "user", "content": "Q1"},
+                {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"},
+                {"role": "assistant", "content": "A2"}]
+    result = encode(tokenizer, "openai", {"messages": messages}, chat_template=name)
+    ids, labels = result["packed_input_ids_document"], result["packed_labels_document"]
+    assert ids.tolist() == reference_ids(tokenizer, messages, chat_template=BUILTIN_TEMPLATES[name])
+    # The trained runs of tokens are exactly the two replies, each with its end-of-turn marker.
+    trained = np.flatnonzero(labels != IGNORE_INDEX)
+    runs = np.split(trained, np.flatnonzero(np.diff(trained) > 1) + 1)
+    assert [tokenizer.decode(ids[run]) for run in runs] == [f"A1{end_of_turn}", f"A2{end_of_turn}"]
+    # A template file works like a built-in name.
+    path = tmp_path / "template.jinja"
+    path.write_text(BUILTIN_TEMPLATES[name])
+    from_file = encode(tokenizer, "openai", {"messages": messages}, chat_template=str(path))
+    np.testing.assert_array_equal(from_file["packed_labels_document"], labels)
