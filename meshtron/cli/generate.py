@@ -60,14 +60,23 @@ def check_context(model, prompt_len: int, max_new_tokens: int) -> None:
 
 
 def run(args) -> int:
-    from meshtron.infer.generation import generate_text
-    from meshtron.infer.loading import encode_prompt, load_for_generation, pad_token_id
-    from meshtron.infer.tp import init_tp_mesh, is_main_process, shared_seed
+    from meshtron.infer.tp import close_tp, init_tp_mesh
 
     params = sampling_params(args, num_beams=args.num_beams)
     if args.stream and len(args.prompt) > 1:
         raise UserError("--stream prints one completion; give a single --prompt")
     tp_mesh, device = init_tp_mesh()
+    try:
+        return _generate(args, params, tp_mesh, device)
+    finally:
+        close_tp(tp_mesh)
+
+
+def _generate(args, params, tp_mesh, device) -> int:
+    from meshtron.infer.generation import generate_text
+    from meshtron.infer.loading import encode_prompt, load_for_generation, pad_token_id
+    from meshtron.infer.tp import is_main_process, shared_seed
+
     params.seed = shared_seed(params.seed)
     loaded = load_for_generation(args.model, dtype=args.dtype, device=device, tp_mesh=tp_mesh)
     params.stop_token_ids = loaded.stop_token_ids

@@ -40,6 +40,11 @@ def init_tp_mesh() -> tuple[DeviceMesh | None, torch.device | None]:
     return mesh, device
 
 
+def close_tp(tp_mesh: DeviceMesh | None) -> None:
+    if tp_mesh is not None and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def parallelize_for_inference(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Shard `model` (on the meta device, or materialized: then each rank keeps its shard) in place."""
     from meshtron.errors import UserError
