@@ -222,14 +222,20 @@ def _read_json(unit: Unit):
     if not head.startswith(b"["):
         yield from _read_lines(Unit(unit.path, "jsonl", unit.start, unit.stop, 1, unit.size))
         return
+    with open(unit.path, "rb") as f:
+        data = f.read()
     try:
-        with open(unit.path, encoding="utf-8") as f:
-            records = json.load(f)
+        records = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
-        yield f"{unit.path}:byte {e.start}", None, "not valid UTF-8"
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        yield f"{unit.path}:{line}", None, f"not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column})"
         return
     except json.JSONDecodeError as e:
         yield f"{unit.path}:{e.lineno}", None, f"malformed JSON: {e.msg} at column {e.colno}"
+        return
+    if not isinstance(records, list):
+        yield f"{unit.path}:1", None, f"expected a JSON array of objects, got {type(records).__name__}"
         return
     for n, record in enumerate(records, 1):
         where = f"{unit.path}:record {n}"

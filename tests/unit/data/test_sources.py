@@ -73,3 +73,13 @@ def test_discover_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no input files"):
         discover([str(tmp_path / "empty")])
+
+
+def test_json_array_errors_name_the_line(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_bytes(b'[\n  {"text": "ok"},\n  {"text": "caf\xe9"}\n]\n')
+    [(where, record, error)] = read_all(plan_units([str(path)], 1)[0])
+    assert where == f"{path}:3" and record is None and error == "not valid UTF-8 (byte 0xe9 at column 16)"
+    path.write_text('[\n  {"text": "ok"},\n  {"text": }\n]\n')
+    [(where, _, error)] = read_all(plan_units([str(path)], 1)[0])
+    assert where == f"{path}:3" and error.startswith("malformed JSON")
