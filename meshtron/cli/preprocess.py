@@ -23,7 +23,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (default 1)")
     parser.add_argument("--map-keys", default=None, metavar="JSON",
                         help='rename fields, canonical -> yours, e.g. \'{"instruction": "question", '
-                             '"output": "answer"}\'; sharegpt also role_tag, content_tag, user_tag, assistant_tag, ...')
+                             '"output": "answer"}\'; sharegpt also role_tag, content_tag, user_tag, assistant_tag, '
+                             '...; MindSpeed-LLM\'s names (prompt, query, response, messages, tags) work too')
     parser.add_argument("--chat-template", default=None, metavar="NAME_OR_FILE",
                         help="chatml, llama3, qwen, or a Jinja file (default: the tokenizer's own template)")
     parser.add_argument("--truncation", choices=("right", "drop"), default="right",
@@ -41,8 +42,8 @@ def parse_map_keys(text: str | None) -> dict:
         mapping = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"--map-keys is not valid JSON ({e.msg}); example: '{{\"instruction\": \"question\"}}'")
-    if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
-        raise UserError("--map-keys must be a JSON object of strings, canonical name -> your field name")
+    if not isinstance(mapping, dict):
+        raise UserError("--map-keys must be a JSON object, canonical name -> your field name")
     return mapping
 
 

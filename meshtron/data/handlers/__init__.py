@@ -39,15 +39,30 @@ class Handler:
 
     name = ""
     kind = ""  # "pretrain" | "sft" | "pairwise": which dataset family the outputs form
+    # MindSpeed-LLM's names for this handler's canonical fields, accepted in --map-keys.
+    KEY_ALIASES: dict[str, str] = {}
 
     def __init__(self, tokenizer, options: HandlerOptions) -> None:
         self.tokenizer = tokenizer
         self.options = options
         self.stats = Counter()
+        self.map_keys = self.normalize_map_keys(options.map_keys)
+
+    def normalize_map_keys(self, map_keys: dict) -> dict:
+        """Flatten MindSpeed-LLM's nested {"tags": {...}} and translate its field names to ours."""
+        flat = {k: v for k, v in map_keys.items() if k != "tags"}
+        tags = map_keys.get("tags", {})
+        if not isinstance(tags, dict):
+            raise UserError('--map-keys: "tags" must be an object, e.g. {"tags": {"role_tag": "from"}}')
+        flat.update(tags)
+        bad = [k for k, v in flat.items() if not isinstance(v, str)]
+        if bad:
+            raise UserError(f"--map-keys: the value of {bad[0]!r} must be a field name (a string)")
+        return {self.KEY_ALIASES.get(k, k): v for k, v in flat.items()}
 
     def key(self, canonical: str) -> str:
         """The record's field name for a canonical one (renamed by --map-keys)."""
-        return self.options.map_keys.get(canonical, canonical)
+        return self.map_keys.get(canonical, canonical)
 
     def get(self, record: dict, canonical: str, required: bool = True, kind=str):
         name = self.key(canonical)

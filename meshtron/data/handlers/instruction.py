@@ -111,10 +111,14 @@ def alpaca_messages(handler: Handler, record: dict, response: str | None = None)
     return messages
 
 
+ALPACA_ALIASES = {"prompt": "instruction", "query": "input", "response": "output"}
+
+
 class AlpacaHandler(ChatHandler):
     """{"instruction", "input"?, "output", "system"?, "history"?: [[query, response], ...]}."""
 
     name = "alpaca"
+    KEY_ALIASES = ALPACA_ALIASES
 
     def messages(self, record: dict) -> list[dict]:
         return alpaca_messages(self, record, self.get(record, "output"))
@@ -132,9 +136,9 @@ SHAREGPT_ROLES = {
 
 
 def sharegpt_messages(handler: Handler, turns: list, field: str) -> list[dict]:
-    role_tag = handler.options.map_keys.get("role_tag", "from")
-    content_tag = handler.options.map_keys.get("content_tag", "value")
-    roles = {handler.options.map_keys.get(tag, name): role for tag, (name, role) in SHAREGPT_ROLES.items()}
+    role_tag = handler.map_keys.get("role_tag", "from")
+    content_tag = handler.map_keys.get("content_tag", "value")
+    roles = {handler.map_keys.get(tag, name): role for tag, (name, role) in SHAREGPT_ROLES.items()}
     messages = []
     for n, turn in enumerate(turns):
         if not isinstance(turn, dict) or role_tag not in turn or content_tag not in turn:
@@ -151,6 +155,7 @@ class ShareGPTHandler(ChatHandler):
     """{"conversations": [{"from": "human"|"gpt"|"system"|"observation"|"function_call", "value"}], "system"?}."""
 
     name = "sharegpt"
+    KEY_ALIASES = {"messages": "conversations"}
 
     def messages(self, record: dict) -> list[dict]:
         turns = self.get(record, "conversations", kind=list)

@@ -7,7 +7,7 @@ on the assistant replies; a pair is dropped whole when either side is.
 """
 
 from meshtron.data.handlers import BadRecord
-from meshtron.data.handlers.instruction import ChatHandler, alpaca_messages, sharegpt_messages
+from meshtron.data.handlers.instruction import ALPACA_ALIASES, ChatHandler, alpaca_messages, sharegpt_messages
 
 SIDES = ("chosen", "rejected")
 
@@ -15,6 +15,7 @@ SIDES = ("chosen", "rejected")
 class PairwiseHandler(ChatHandler):
     name = "pairwise"
     kind = "pairwise"
+    KEY_ALIASES = {**ALPACA_ALIASES, "messages": "conversations"}
 
     def outputs(self) -> dict[str, type]:
         single = super().outputs()
@@ -25,7 +26,7 @@ class PairwiseHandler(ChatHandler):
     def response(self, record: dict, side: str) -> str:
         value = record.get(self.key(side))
         if isinstance(value, dict):
-            value = value.get(self.options.map_keys.get("content_tag", "value"))
+            value = value.get(self.map_keys.get("content_tag", "value"))
         if not isinstance(value, str):
             raise BadRecord(f"missing field {self.key(side)!r} (a string, or a turn object)")
         if not value.strip():

@@ -220,3 +220,15 @@ def test_every_builtin_template_trains_reply_and_end_of_turn(smollm2_tokenizer, 
     path.write_text(BUILTIN_TEMPLATES[name])
     from_file = encode(tokenizer, "openai", {"messages": messages}, chat_template=str(path))
     np.testing.assert_array_equal(from_file["packed_labels_document"], labels)
+
+
+def test_mindspeed_style_map_keys(smollm2_tokenizer):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    record = {"dialog": [{"speaker": "me", "text": "Hi"}, {"speaker": "bot", "text": "Hello"}]}
+    mapping = {"messages": "dialog", "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "me",
+                                              "assistant_tag": "bot"}}
+    check(smollm2_tokenizer, encode(smollm2_tokenizer, "sharegpt", record, map_keys=mapping), messages)
+    alpaca = encode(smollm2_tokenizer, "alpaca", {"q": "Hi", "a": "Hello"}, map_keys={"prompt": "q", "response": "a"})
+    check(smollm2_tokenizer, alpaca, messages)
+    with pytest.raises(UserError, match="must be a field name"):
+        encode(smollm2_tokenizer, "alpaca", {}, map_keys={"prompt": 3})
