@@ -14,6 +14,9 @@ with a clear error rather than given a wrong loss mask.
 
 import os
 
+import jinja2
+
+from meshtron.data.handlers import BadRecord
 from meshtron.errors import UserError
 
 # Built-ins for tokenizers that ship no template. Written for this project; each
@@ -66,9 +69,13 @@ def resolve_template(tokenizer, name_or_file: str | None) -> str:
 
 
 def render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except jinja2.TemplateError as e:
+        # Templates reject conversations they cannot render (e.g. roles that do not alternate): a bad record.
+        raise BadRecord(f"the chat template rejects this conversation: {e}") from None
 
 
 def assistant_spans(tokenizer, template: str, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:

@@ -36,7 +36,7 @@ class ChatEncoder:
         self.tokenizer = tokenizer
         self.template = resolve_template(tokenizer, chat_template)
 
-    def encode(self, messages: list[dict]) -> "Encoded":
+    def encode(self, messages: list[dict]) -> Encoded:
         text, spans = assistant_spans(self.tokenizer, self.template, messages)
         if not spans:
             raise BadRecord("no assistant reply to learn from")

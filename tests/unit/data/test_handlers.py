@@ -232,3 +232,13 @@ def test_mindspeed_style_map_keys(smollm2_tokenizer):
     check(smollm2_tokenizer, alpaca, messages)
     with pytest.raises(UserError, match="must be a field name"):
         encode(smollm2_tokenizer, "alpaca", {}, map_keys={"prompt": 3})
+
+
+def test_template_that_rejects_a_conversation_gives_a_bad_record(smollm2_tokenizer, tmp_path):
+    path = tmp_path / "strict.jinja"
+    path.write_text("{% for m in messages %}{% if loop.index0 % 2 == 0 and m['role'] != 'user' %}"
+                    "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+                    "{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}")
+    messages = [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Hello"}]
+    with pytest.raises(BadRecord, match="chat template rejects this conversation: roles must alternate"):
+        encode(smollm2_tokenizer, "openai", {"messages": messages}, chat_template=str(path))
