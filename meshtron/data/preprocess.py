@@ -102,26 +102,27 @@ def _bad(cfg: PreprocessConfig, stats: Stats, where, reason: str) -> None:
 
 
 def _batches(units: list[Unit], size: int):
-    batch = []
+    """Batches of records, each with the input bytes of the units finished while it filled."""
+    batch, done_bytes = [], 0
     for unit in units:
         for item in read_unit(unit):
             batch.append(item)
             if len(batch) == size:
-                yield batch
-                batch = []
-    if batch:
-        yield batch
+                yield batch, done_bytes
+                batch, done_bytes = [], 0
+        done_bytes += unit.size
+    yield batch, done_bytes
 
 
 def run_shard(cfg: PreprocessConfig, handler, units: list[Unit], prefix: str, report) -> Stats:
-    """Tokenize `units` into indexed datasets `prefix_<output>`; `report(docs, tokens)` shows progress."""
+    """Tokenize `units` into indexed datasets `prefix_<output>`; `report(docs, tokens, bytes)` shows progress."""
     stats = Stats()
     with ExitStack() as stack:
         writers = {
             name: stack.enter_context(indexed.IndexedWriter(f"{prefix}_{name}", dtype))
             for name, dtype in handler.outputs().items()
         }
-        for batch in _batches(units, cfg.batch_size):
+        for batch, done_bytes in _batches(units, cfg.batch_size):
             good = []
             for where, record, error in batch:
                 if error is None:
@@ -140,24 +141,28 @@ def run_shard(cfg: PreprocessConfig, handler, units: list[Unit], prefix: str, re
                     tokens += sum(len(a) for name, a in result.items() if "labels" not in name)
             stats.documents += docs
             stats.tokens += tokens
-            report(docs, tokens)
+            report(docs, tokens, done_bytes)
     stats.policy = Counter(handler.stats)
     return stats
 
 
 class Progress:
-    """Documents and tokens per second on stderr: one rewritten line on a terminal, else a line a while."""
+    """A progress bar with docs/s and tokens/s on stderr: one line rewritten on a terminal, else a line a while."""
 
-    def __init__(self, interval_s: float, stream=None) -> None:
+    WIDTH = 20
+
+    def __init__(self, total_bytes: int, interval_s: float, stream=None) -> None:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.interval_s = interval_s if self.tty else max(interval_s, 10.0)
         self.start = self.last = time.monotonic()
-        self.docs = self.tokens = 0
+        self.total_bytes = max(total_bytes, 1)
+        self.docs = self.tokens = self.bytes = 0
 
-    def update(self, docs: int, tokens: int) -> None:
+    def update(self, docs: int, tokens: int, done_bytes: int) -> None:
         self.docs += docs
         self.tokens += tokens
+        self.bytes += done_bytes
         now = time.monotonic()
         if now - self.last >= self.interval_s:
             self.last = now
@@ -165,8 +170,11 @@ class Progress:
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.start, 1e-9)
-        return (f"{self.docs:,} docs  {self.tokens:,} tokens  {self.docs / elapsed:,.0f} docs/s  "
-                f"{self.tokens / elapsed:,.0f} tokens/s  {elapsed:.0f}s")
+        fraction = min(self.bytes / self.total_bytes, 1.0)
+        filled = int(fraction * self.WIDTH)
+        return (f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {fraction:4.0%}  {self.docs:,} docs  "
+                f"{self.tokens:,} tokens  {self.docs / elapsed:,.0f} docs/s  {self.tokens / elapsed:,.0f} tokens/s  "
+                f"{elapsed:.0f}s")
 
     def show(self) -> None:
         self.stream.write(("\r" if self.tty else "") + self.line() + ("" if self.tty else "\n"))
@@ -181,7 +189,7 @@ class Progress:
 def _worker(cfg, handler, units, prefix, index, messages) -> None:
     """A worker process: runs one shard, reporting progress and the outcome on `messages`."""
     try:
-        stats = run_shard(cfg, handler, units, prefix, lambda d, t: messages.put(("progress", index, d, t)))
+        stats = run_shard(cfg, handler, units, prefix, lambda *counts: messages.put(("progress", index, *counts)))
         messages.put(("done", index, stats))
     except UserError as e:
         messages.put(("user_error", index, str(e)))
@@ -279,7 +287,7 @@ def validate(cfg: PreprocessConfig, handler) -> None:
 def _tokenize(cfg: PreprocessConfig, handler, units: list[Unit], tmp: str) -> Stats:
     """Run the shards (in this process for one, else in worker processes) and merge them into `tmp_<name>`."""
     groups = split_units(units, cfg.workers)
-    progress = Progress(cfg.progress_interval_s)
+    progress = Progress(sum(unit.size for unit in units), cfg.progress_interval_s)
     shards = [f"{tmp}.shard{i}" for i in range(max(len(groups), 1))]
     if len(groups) <= 1:
         stats = run_shard(cfg, handler, units, shards[0], progress.update)

@@ -23,8 +23,10 @@ FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".txt": "txt"
            ".arrow": "arrow"}
 LINE_FORMATS = ("jsonl", "txt")
 _BLOCK = 16 << 20
-# Smallest piece a line file is cut into: below this, a worker's start-up costs more than it saves.
+# Line files are cut into pieces of at most MAX_PIECE (progress advances a piece at a time)
+# and at least MIN_PIECE (below it, a worker's start-up costs more than it saves).
 MIN_PIECE = 64 << 10
+MAX_PIECE = 8 << 20
 
 
 @dataclass
@@ -142,7 +144,7 @@ def _row_units(path: str, fmt: str, size: int) -> list[Unit]:
 def plan_units(files: list[str], num_parts: int) -> tuple[list[Unit], list[str]]:
     """Work units over all files in input order, and the files found empty."""
     sizes = {path: os.path.getsize(path) for path in files}
-    piece = max(sum(sizes.values()) // max(num_parts, 1), MIN_PIECE)
+    piece = min(max(sum(sizes.values()) // max(num_parts, 1), MIN_PIECE), MAX_PIECE)
     units, empty = [], []
     for path in files:
         fmt = input_format(path)
