@@ -11,6 +11,8 @@ def test_progress_bar_shows_share_and_rates():
     stream = io.StringIO()
     progress = Progress(total_bytes=200, interval_s=0.0, stream=stream)
     progress.update(10, 1000, 100)
+    assert stream.getvalue() == ""  # not a terminal: at most one line every 10 s
+    progress.close()
     line = stream.getvalue().strip().splitlines()[-1]
     assert line.startswith("[##########..........]  50%  10 docs  1,000 tokens")
     assert "docs/s" in line and "tokens/s" in line
