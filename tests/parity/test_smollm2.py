@@ -87,3 +87,27 @@ def test_generate_cli_matches_transformers(smollm2_dir, smollm2_tokenizer, hf_mo
     )
     assert result.stdout == expected + "\n"
     assert "Paris" in result.stdout
+
+
+def test_beam_search_matches_transformers(smollm2_dir, smollm2_tokenizer, hf_models):
+    ours, _ = load_hf_model(smollm2_dir)
+    stops = stop_token_ids(smollm2_tokenizer, smollm2_dir)
+    for prompt in PROMPTS[:2]:
+        ids = _chat_ids(smollm2_tokenizer, prompt)
+        expected = hf_models[torch.float32].generate(
+            torch.tensor([ids]), num_beams=3, do_sample=False, max_new_tokens=12, eos_token_id=stops,
+            pad_token_id=smollm2_tokenizer.pad_token_id,
+        )[0, len(ids) :].tolist()
+        expected = expected[: next((i for i, t in enumerate(expected) if t in stops), len(expected))]
+        params = SamplingParams(max_new_tokens=12, num_beams=3, stop_token_ids=stops)
+        assert generate(ours, [ids], params)[0] == expected
+
+
+def test_generate_cli_stream_and_stop_string(smollm2_dir):
+    base = [sys.executable, "-m", "meshtron", "generate", "--model", str(smollm2_dir), "--chat", "--prompt",
+            "What is the capital of France?", "--max-new-tokens", "24", "--dtype", "float32"]
+    plain = subprocess.run(base, capture_output=True, text=True, check=True).stdout
+    streamed = subprocess.run([*base, "--stream"], capture_output=True, text=True, check=True).stdout
+    stopped = subprocess.run([*base, "--stream", "--stop", " is"], capture_output=True, text=True, check=True).stdout
+    assert streamed == plain == "The capital of France is Paris.\n"
+    assert stopped == "The capital of France\n"

@@ -1,8 +1,9 @@
-"""Sampling: seeds, top-k 1 = greedy, and empirical frequencies match the softmax."""
+"""Generation: seeded sampling, top-k 1 = greedy, frequencies match the softmax, stop tokens and
+strings, per-row limits, and beam search equal to transformers'."""
 
 import torch
 
-from meshtron.infer.generation import SamplingParams, generate, next_tokens, process_logits
+from meshtron.infer.generation import SamplingParams, generate, generate_text, next_tokens, process_logits
 from meshtron.models.registry import build_model, get_flavor
 
 
@@ -56,3 +57,64 @@ def test_repetition_penalty_lowers_seen_tokens():
     seen = torch.tensor([[True, True, False]])
     scores = process_logits(logits, SamplingParams(repetition_penalty=2.0), seen)
     assert scores.tolist() == [[1.0, -2.0, 1.0]]
+
+
+class LetterTokenizer:
+    """Every token decodes to one letter, so stop strings map to token positions."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def test_generate_text_cuts_at_a_stop_string_and_stops_that_row():
+    m = _model()
+    prompts = [[5, 6, 7], [9, 10]]
+    full = generate(m, prompts, SamplingParams(max_new_tokens=12))
+    text = LetterTokenizer().decode(full[0])
+    stop = text[4:6]
+    cut = text.find(stop)
+    params = SamplingParams(max_new_tokens=12, stop_strings=(stop,))
+    first, second = generate_text(m, LetterTokenizer(), prompts, params)
+    assert first.text == text[:cut] and first.finish_reason == "stop"
+    assert first.token_ids == full[0][: cut + len(stop)]  # up to the token that completed the stop string
+    # The other row of the batch is unaffected.
+    assert second.token_ids == full[1] and second.finish_reason == "length"
+
+
+def test_generate_text_per_row_limits_and_streamed_text():
+    m = _model()
+    prompts = [[5, 6, 7], [9, 10], [3]]
+    full = generate(m, prompts, SamplingParams(max_new_tokens=9))
+    streamed = ["", "", ""]
+
+    def on_text(row, chunk):
+        streamed[row] += chunk
+
+    out = generate_text(m, LetterTokenizer(), prompts, SamplingParams(max_new_tokens=9), max_new_tokens=[2, 9, 5],
+                        on_text=on_text)
+    assert [c.token_ids for c in out] == [full[0][:2], full[1], full[2][:5]]
+    assert [c.finish_reason for c in out] == ["length"] * 3
+    assert streamed == [c.text for c in out]
+
+
+def test_beam_search_matches_transformers_on_a_tiny_random_llama(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from meshtron.checkpoint.hf import load_hf_model
+
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                         initializer_range=0.3)
+    torch.manual_seed(1)
+    hf = LlamaForCausalLM(config).eval()
+    hf.save_pretrained(str(tmp_path))
+    ours, _ = load_hf_model(tmp_path)
+    stops = [3, 17]
+    for prompt, num_beams, length_penalty in (([5, 6, 7, 8], 3, 1.0), ([11, 2], 4, 0.5), ([40], 2, 1.0)):
+        expected = hf.generate(torch.tensor([prompt]), num_beams=num_beams, do_sample=False, max_new_tokens=10,
+                               eos_token_id=stops, pad_token_id=0, length_penalty=length_penalty)[0, len(prompt):]
+        expected = expected.tolist()
+        expected = expected[: next((i for i, t in enumerate(expected) if t in stops), len(expected))]
+        params = SamplingParams(max_new_tokens=10, num_beams=num_beams, stop_token_ids=stops,
+                                length_penalty=length_penalty)
+        assert generate(ours, [prompt], params)[0] == expected

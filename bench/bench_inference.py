@@ -1,0 +1,119 @@
+"""Inference benchmark (not a test): meshtron's KV-cache generation vs transformers' `generate`.
+
+Same model, dtype, device, prompt tokens and lengths for both, greedy, stop tokens off so
+that every run produces exactly --new-tokens tokens. For each batch size it reports
+time to first token (a generate call with one new token: prefill + first token) and decode
+tokens/s (the extra tokens of a full call over the extra time: B x (N - 1) / (T_N - T_1)).
+Each measurement is the median of --repeats runs after one warm-up run.
+
+    python bench/bench_inference.py                              # SmolLM2, CPU: batch 1 and 8
+    python bench/bench_inference.py --device cuda --batch-sizes 1 16 --hf-static-compile
+
+On GPU, --hf-static-compile gives transformers its static cache and torch.compile (the fast
+configuration); --compile compiles meshtron's decode step the same way.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="HF model directory (default: the example SmolLM2)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 (auto: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 8 on CPU, 1 16 on GPU")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--hf-static-compile", action="store_true", help="transformers with static cache + torch.compile")
+    p.add_argument("--compile", action="store_true", help="torch.compile meshtron's model")
+    p.add_argument("--json", default=None, help="also write the results here")
+    return p.parse_args()
+
+
+def prompts_for(tokenizer, batch_size: int, length: int) -> torch.Tensor:
+    text = ("The history of science is the study of how people came to understand the natural world, "
+            "from ancient astronomy and medicine to modern physics, chemistry and biology. ")
+    ids = tokenizer(text * (length // 8 + 1))["input_ids"]
+    # Rows start at different offsets so that the batch is not one prompt repeated.
+    return torch.tensor([ids[i : i + length] for i in range(batch_size)])
+
+
+def timed(fn, repeats: int, sync) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    args = parse_args()
+    from transformers import AutoModelForCausalLM
+
+    from meshtron.infer.generation import SamplingParams, generate
+    from meshtron.infer.loading import default_device, load_for_generation, resolve_dtype
+
+    device = default_device() if args.device == "auto" else torch.device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if args.model is None:
+        from meshtron.assets import prepare_smollm2
+
+        args.model = str(prepare_smollm2())
+    batch_sizes = args.batch_sizes or ([1, 16] if device.type == "cuda" else [1, 8])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    ours = load_for_generation(args.model, dtype=str(dtype).removeprefix("torch."), device=device)
+    if args.compile:
+        ours.model.compile()
+    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    hf_extra = {}
+    if args.hf_static_compile:
+        hf_extra = {"cache_implementation": "static"}
+        hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+
+    def run_ours(tokens, n):
+        generate(ours.model, tokens.tolist(), SamplingParams(max_new_tokens=n))
+
+    @torch.no_grad()
+    def run_hf(tokens, n):
+        out = hf.generate(tokens.to(device), attention_mask=torch.ones_like(tokens, device=device), do_sample=False,
+                          max_new_tokens=n, min_new_tokens=n, pad_token_id=0, **hf_extra)
+        assert out.shape[1] == tokens.shape[1] + n
+
+    rows = []
+    for batch_size in batch_sizes:
+        tokens = prompts_for(ours.tokenizer, batch_size, args.prompt_tokens)
+        for name, fn in (("transformers", run_hf), ("meshtron", run_ours)):
+            first = timed(lambda: fn(tokens, 1), args.repeats, sync)
+            full = timed(lambda: fn(tokens, args.new_tokens), args.repeats, sync)
+            decode = batch_size * (args.new_tokens - 1) / (full - first)
+            rows.append({"impl": name, "batch": batch_size, "ttft_ms": first * 1000, "decode_tok_s": decode})
+            print(f"{name:>12}  batch {batch_size:>3}  TTFT {first * 1000:8.1f} ms  decode {decode:9.1f} tok/s",
+                  flush=True)
+    for batch_size in batch_sizes:
+        hf_row, our_row = (r for r in rows if r["batch"] == batch_size)
+        print(f"batch {batch_size}: meshtron / transformers decode = "
+              f"{our_row['decode_tok_s'] / hf_row['decode_tok_s']:.2f}x, TTFT = "
+              f"{hf_row['ttft_ms'] / our_row['ttft_ms']:.2f}x faster")
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"machine: {machine}; torch {torch.__version__}; dtype {dtype}; prompt {args.prompt_tokens}, "
+          f"new {args.new_tokens}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "dtype": str(dtype), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
