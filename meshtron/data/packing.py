@@ -15,12 +15,12 @@ import numpy as np
 WINDOW = 16384
 
 
-def pack_lengths(lengths, capacity: int, window: int = WINDOW) -> list[list[int]]:
-    """Group sample indices into packs whose lengths sum to at most `capacity`."""
+def pack_lengths(lengths, capacity: int, window: int = WINDOW):
+    """Group sample indices into packs whose lengths sum to at most `capacity`; yields the packs
+    window by window, so only one window's packs are ever held."""
     lengths = np.asarray(lengths)
     if len(lengths) and lengths.max() > capacity:
         raise ValueError(f"a sample of {int(lengths.max())} tokens does not fit a pack of {capacity}")
-    packs: list[list[int]] = []
     for begin in range(0, len(lengths), window):
         ids = np.arange(begin, min(begin + window, len(lengths)))
         order = ids[np.argsort(-lengths[ids], kind="stable")]
@@ -37,8 +37,8 @@ def pack_lengths(lengths, capacity: int, window: int = WINDOW) -> list[list[int]
                 space, number = free.pop(slot)
                 window_packs[number].append(int(i))
                 bisect.insort(free, (space - size, number))
-        packs += [sorted(p) for p in window_packs]
-    return packs
+        for pack in window_packs:
+            yield sorted(pack)
 
 
 def pad_ratio(num_tokens: int, num_sequences: int, seq_length: int) -> float:

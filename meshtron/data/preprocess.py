@@ -242,13 +242,14 @@ def _write_sft_extras(prefix: str, cfg: PreprocessConfig) -> tuple[int, float | 
     lengths = ids.sequence_lengths.copy()
     seq_length = cfg.options.seq_length
     if cfg.pack:
-        packs = pack_lengths(lengths, seq_length)
+        num_rows = 0
         packed_prefix = f"{prefix}.packed"
         with ExitStack() as stack:
             out_ids = stack.enter_context(indexed.IndexedWriter(f"{packed_prefix}_ids", ids.dtype))
             out_labels = stack.enter_context(indexed.IndexedWriter(f"{packed_prefix}_labels", labels.dtype))
             out_mask = stack.enter_context(indexed.IndexedWriter(f"{packed_prefix}_mask", np.int8))
-            for pack in packs:
+            for pack in pack_lengths(lengths, seq_length):
+                num_rows += 1
                 out_ids.add_document([ids[i] for i in pack])
                 out_labels.add_document([labels[i] for i in pack])
                 out_mask.add_document([np.full(lengths[i], n, dtype=np.int8) for n, i in enumerate(pack, 1)])
@@ -257,7 +258,6 @@ def _write_sft_extras(prefix: str, cfg: PreprocessConfig) -> tuple[int, float | 
         indexed.rename(f"{packed_prefix}_ids", ids_prefix)
         indexed.rename(f"{packed_prefix}_labels", labels_prefix)
         indexed.rename(f"{packed_prefix}_mask", f"{prefix}_packed_attention_mask_document")
-        num_rows = len(packs)
     else:
         with indexed.IndexedWriter(f"{prefix}_packed_attention_mask_document", np.int8) as out_mask:
             for length in lengths:
