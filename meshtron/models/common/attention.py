@@ -89,12 +89,6 @@ class SDPA(nn.Module):
     """The attention core, a module of its own so that selective recompute can wrap it."""
 
     def forward(self, q_BHSD, k_BGKD, v_BGKD, mask) -> torch.Tensor:
-        if mask is not None and q_BHSD.shape[1] != k_BGKD.shape[1]:
-            # SDPA has no fused kernel for enable_gqa with a mask and falls back to a path that is
-            # ~60x slower at decode on CPU; repeating the key/value heads keeps the fused kernel
-            # (transformers makes the same choice).
-            repeats = q_BHSD.shape[1] // k_BGKD.shape[1]
-            k_BGKD, v_BGKD = k_BGKD.repeat_interleave(repeats, 1), v_BGKD.repeat_interleave(repeats, 1)
         enable_gqa = q_BHSD.shape[1] != k_BGKD.shape[1]
         return F.scaled_dot_product_attention(
             q_BHSD, k_BGKD, v_BGKD, attn_mask=mask, is_causal=mask is None, enable_gqa=enable_gqa
