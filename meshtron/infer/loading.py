@@ -60,6 +60,9 @@ def load_for_generation(
         except ImportError:
             raise UserError(f"{root} is not a Hugging Face model directory (no config.json)") from None
         model, _, tokenizer_dir = load_for_inference(root, device=device, dtype=torch_dtype)
+        if tokenizer_dir is None:
+            raise UserError(f"checkpoint {root} carries no tokenizer; generation needs one (train with a "
+                            "tokenizer in the manifest, or convert the checkpoint and add tokenizer files)")
         tokenizer_dir = Path(tokenizer_dir)
         if tp_mesh is not None:
             from meshtron.infer.tp import parallelize_for_inference
