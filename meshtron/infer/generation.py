@@ -138,7 +138,7 @@ def generate(
     active = torch.ones(B, dtype=torch.bool, device=device)
     next_pos = positions[:, -1:] + 1
 
-    logits = model(tokens, position_ids=positions, cache=cache)[:, -1]
+    logits = model(tokens, position_ids=positions, cache=cache, num_last=1)[:, -1]
     for i in range(params.max_new_tokens):
         step = next_tokens(process_logits(logits, params, seen), params, generator)
         step = torch.where(active, step, torch.full_like(step, pad_id))
@@ -180,7 +180,7 @@ def beam_search(model: nn.Module, prompt: Sequence[int], params: SamplingParams)
         return []
     device = _device(model)
     cache = model.new_cache(1, len(prompt) + max_new, device=device)
-    logits = model(torch.tensor([list(prompt)], device=device), cache=cache)[:, -1]
+    logits = model(torch.tensor([list(prompt)], device=device), cache=cache, num_last=1)[:, -1]
     cache.reorder(torch.zeros(num_beams, dtype=torch.long, device=device))
     logits = logits.expand(num_beams, -1)
     stop_ids = torch.tensor(sorted(set(params.stop_token_ids)) or [-1], device=device)

@@ -95,12 +95,15 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        num_last: int | None = None,
     ) -> torch.Tensor:
         """tokens: (B, S) ids (or (B, S, E) hidden states on a stage without the embedding).
 
         position_ids: (B, S); defaults to positions restarting at each document (packed input)
         or continuing the cache. document_ids: (B, S) ints; attention never crosses a change of
-        id. Returns logits (B, S, V), or hidden states on a stage without the head.
+        id. Returns logits (B, S, V), or hidden states on a stage without the head. With
+        `num_last`, only the last `num_last` positions go through the final norm and head:
+        generation needs one position's logits, and the head is the largest matmul of a prefill.
         """
         h = self.embed(tokens) if self.embed is not None else tokens
         B, S = h.shape[:2]
@@ -116,6 +119,8 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, masks, cache)
         if cache is not None:
             cache.advance(S)
+        if num_last is not None:
+            h = h[:, -num_last:]
         if self.norm is not None:
             h = self.norm(h)
         return self.lm_head(h) if self.lm_head is not None else h
