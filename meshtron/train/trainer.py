@@ -210,8 +210,7 @@ class Trainer:
     def train(self) -> None:
         cfg = self.config
         if self.resume_from is not None:
-            log.info("resuming from %s", self.resume_from)
-            self.checkpointer.load(self.resume_from)
+            self._resume()
         self.data_iter = iter(self.data_loader)
         tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
         flops = flops_per_token(self.model_args, cfg.train.seq_length)
@@ -271,6 +270,24 @@ class Trainer:
         return (self._dp_sum(loss_sum) / self._dp_sum(units).clamp(min=1)).item()
 
     # ---- helpers of the loop ---------------------------------------------------------------
+
+    def _resume(self) -> None:
+        from meshtron.checkpoint.manager import read_manifest
+
+        saved_optimizer = read_manifest(self.resume_from).get("config", {}).get("optim", {}).get("name")
+        if saved_optimizer not in (None, self.config.optim.name):
+            raise UserError(
+                f"{self.resume_from} was trained with optim.name = {saved_optimizer}, this run uses "
+                f"{self.config.optim.name}; resume with the same optimizer, or start a new run from its weights "
+                f"(model.name_or_path = \"{self.resume_from}\", checkpoint.resume = \"none\")"
+            )
+        log.info("resuming from %s", self.resume_from)
+        self.checkpointer.load(self.resume_from)
+        # The optimizer state carries the lr of the saved run's schedule; re-derive it from this
+        # run's config, so that a resumed run may extend train.steps or change optim.lr.
+        self.lr_scheduler.base_lrs = [self.config.optim.lr] * len(self.optimizer.param_groups)
+        for group, factor in zip(self.optimizer.param_groups, self.lr_scheduler.lr_lambdas):
+            group["lr"] = self.config.optim.lr * factor(self.lr_scheduler.last_epoch)
 
     def _dp_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.dims.dp_size > 1:

@@ -78,14 +78,32 @@ def test_bfloat16_mixed_and_pure_precision_track_float32(tiny, tmp_path):
         "fp32": meshtron_train(tiny, tmp_path / "fp32"),
         "bf16": meshtron_train(tiny, tmp_path / "bf16", "--model.dtype", "bfloat16"),
         "pure": meshtron_train(tiny, tmp_path / "pure", "--model.dtype", "bfloat16", "--model.master_dtype", "bfloat16"),
+        "fp16": meshtron_train(tiny, tmp_path / "fp16", "--model.dtype", "float16"),  # with dynamic loss scaling
     }
     for name, result in results.items():
         assert result.returncode == 0, result.stderr[-2000:]
     base = [r["loss"] for r in records(tmp_path / "fp32")]
-    for name in ("bf16", "pure"):
+    for name in ("bf16", "pure", "fp16"):
         got = [r["loss"] for r in records(tmp_path / name)]
-        assert got != base  # it really computed in bfloat16
+        assert got != base, name  # it really computed in 16 bits
         assert got == pytest.approx(base, abs=0.05), name
+
+
+def test_async_checkpoints_and_a_resumed_run_with_more_steps(tiny, tmp_path):
+    common = ["--optim.name", "sgd", "--optim.lr", "0.1", "--checkpoint.async", "true"]
+    first = meshtron_train(tiny, tmp_path / "run", *common, "--train.steps", "5", "--checkpoint.interval", "2",
+                           "--checkpoint.save_final", "true")
+    assert first.returncode == 0, first.stderr[-2000:]
+    steps = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert steps == ["step-4", "step-5"]  # keep = 2; each committed after its background write
+    assert all((tmp_path / "run" / "checkpoints" / s / "COMMITTED").is_file() for s in steps)
+    # Resuming with train.steps raised follows the new schedule, as a fresh 7-step run would.
+    resumed = meshtron_train(tiny, tmp_path / "run", *common, "--train.steps", "7")
+    fresh = meshtron_train(tiny, tmp_path / "fresh", *common, "--train.steps", "7")
+    assert resumed.returncode == 0 and fresh.returncode == 0, resumed.stderr[-2000:] + fresh.stderr[-2000:]
+    assert [r["lr"] for r in records(tmp_path / "run")][5:] == [r["lr"] for r in records(tmp_path / "fresh")][5:]
+    other = meshtron_train(tiny, tmp_path / "run", "--train.steps", "9")  # adamw now
+    assert other.returncode == 2 and "was trained with optim.name = sgd" in other.stderr
 
 
 @pytest.mark.smollm2
