@@ -4,7 +4,8 @@ Same model, dtype, device, prompt tokens and lengths for both, greedy, stop toke
 that every run produces exactly --new-tokens tokens. For each batch size it reports
 time to first token (a generate call with one new token: prefill + first token) and decode
 tokens/s (the extra tokens of a full call over the extra time: B x (N - 1) / (T_N - T_1)).
-Each measurement is the median of --repeats runs after one warm-up run.
+Each measurement is the median of --repeats runs after one warm-up run; the two
+implementations alternate run by run, so that load from other processes falls on both alike.
 
     python bench/bench_inference.py                              # SmolLM2, CPU: batch 1 and 8
     python bench/bench_inference.py --device cuda --batch-sizes 1 16 --hf-static-compile
@@ -45,16 +46,20 @@ def prompts_for(tokenizer, batch_size: int, length: int) -> torch.Tensor:
     return torch.tensor([ids[i : i + length] for i in range(batch_size)])
 
 
-def timed(fn, repeats: int, sync) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
+def timed_pair(fns: dict, repeats: int, sync) -> dict[str, float]:
+    """Median seconds of each function; the functions alternate run by run, so that load from
+    other processes on a shared machine falls on both alike."""
+    for fn in fns.values():
         fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main():
@@ -94,12 +99,14 @@ def main():
     rows = []
     for batch_size in batch_sizes:
         tokens = prompts_for(ours.tokenizer, batch_size, args.prompt_tokens)
-        for name, fn in (("transformers", run_hf), ("meshtron", run_ours)):
-            first = timed(lambda: fn(tokens, 1), args.repeats, sync)
-            full = timed(lambda: fn(tokens, args.new_tokens), args.repeats, sync)
-            decode = batch_size * (args.new_tokens - 1) / (full - first)
-            rows.append({"impl": name, "batch": batch_size, "ttft_ms": first * 1000, "decode_tok_s": decode})
-            print(f"{name:>12}  batch {batch_size:>3}  TTFT {first * 1000:8.1f} ms  decode {decode:9.1f} tok/s",
+        impls = {"transformers": run_hf, "meshtron": run_ours}
+        first = timed_pair({name: (lambda fn=fn: fn(tokens, 1)) for name, fn in impls.items()}, args.repeats, sync)
+        full = timed_pair({name: (lambda fn=fn: fn(tokens, args.new_tokens)) for name, fn in impls.items()},
+                          args.repeats, sync)
+        for name in impls:
+            decode = batch_size * (args.new_tokens - 1) / (full[name] - first[name])
+            rows.append({"impl": name, "batch": batch_size, "ttft_ms": first[name] * 1000, "decode_tok_s": decode})
+            print(f"{name:>12}  batch {batch_size:>3}  TTFT {first[name] * 1000:8.1f} ms  decode {decode:9.1f} tok/s",
                   flush=True)
     for batch_size in batch_sizes:
         hf_row, our_row = (r for r in rows if r["batch"] == batch_size)

@@ -2,6 +2,7 @@
 the same tokens as one process, for greedy decoding of a batch and for seeded sampling."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -12,9 +13,17 @@ ARGS = ["--prompt", "Hello world", "--prompt", "Hi", "--chat", "--max-new-tokens
 
 def _run(cmd):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    # A session of its own, so that a hung run is killed with its worker processes.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out: {' '.join(cmd)}\n{err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    return out
 
 
 @pytest.mark.parametrize("sampling", [[], ["--temperature", "0.9", "--top-k", "50", "--seed", "3"]],
