@@ -242,29 +242,28 @@ def generate_text(
     decoders = [IncrementalDecoder(tokenizer, params.stop_token_ids, params.stop_strings) for _ in prompts]
     counts = [0] * len(prompts)
 
+    def push(row: int, token: int) -> bool:
+        """Feed one token to a row's decoder; True when that row is finished."""
+        counts[row] += 1
+        chunk = decoders[row].push(token)
+        if chunk and on_text is not None:
+            on_text(row, chunk)
+        return decoders[row].stopped or counts[row] >= limits[row]
+
     def on_tokens(step_B, active_B):
-        finished = [False] * len(prompts)
-        for row, (token, is_active) in enumerate(zip(step_B.tolist(), active_B.tolist())):
-            if not is_active:
-                continue
-            counts[row] += 1
-            chunk = decoders[row].push(token)
-            if chunk and on_text is not None:
-                on_text(row, chunk)
-            finished[row] = decoders[row].stopped or counts[row] >= limits[row]
-        return finished
+        return [is_active and push(row, token) for row, (token, is_active) in
+                enumerate(zip(step_B.tolist(), active_B.tolist()))]
 
     if params.num_beams > 1:
-        ids = [row_ids[:limit] for row_ids, limit in zip(generate(model, prompts, params, pad_id=pad_id), limits)]
-        for row, row_ids in enumerate(ids):
+        generated = generate(model, prompts, params, pad_id=pad_id)
+        for row, row_ids in enumerate(generated):
             for token in row_ids:
-                chunk = decoders[row].push(token)
-                if chunk and on_text is not None:
-                    on_text(row, chunk)
+                if push(row, token):
+                    break
     else:
         generated = generate(model, prompts, params, pad_id=pad_id, on_tokens=on_tokens)
-        # Rows finished by a stop string or their own limit were padded after they stopped.
-        ids = [row_ids[:count] for row_ids, count in zip(generated, counts)]
+    # Rows finished by a stop string or their own limit were padded after they stopped.
+    ids = [row_ids[:count] for row_ids, count in zip(generated, counts)]
     completions = []
     for row, decoder in enumerate(decoders):
         chunk = decoder.finish()

@@ -118,3 +118,15 @@ def test_beam_search_matches_transformers_on_a_tiny_random_llama(tmp_path):
         params = SamplingParams(max_new_tokens=10, num_beams=num_beams, stop_token_ids=stops,
                                 length_penalty=length_penalty)
         assert generate(ours, [prompt], params)[0] == expected
+
+
+def test_beam_search_output_is_cut_at_a_stop_string():
+    m = _model()
+    beams = SamplingParams(max_new_tokens=10, num_beams=3)
+    (full,) = generate(m, [[5, 6, 7]], beams)
+    text = LetterTokenizer().decode(full)
+    stop = text[3:5]
+    cut = text.find(stop)
+    (out,) = generate_text(m, LetterTokenizer(), [[5, 6, 7]], SamplingParams(max_new_tokens=10, num_beams=3,
+                                                                             stop_strings=(stop,)))
+    assert out.text == text[:cut] and out.token_ids == full[: cut + len(stop)] and out.finish_reason == "stop"
