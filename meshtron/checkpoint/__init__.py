@@ -13,17 +13,38 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from meshtron.checkpoint.manager import CheckpointManager, read_manifest, resolve_checkpoint
+from meshtron.errors import UserError
 from meshtron.models.common.args import ModelArgs
 from meshtron.models.registry import build_model
+
+def _load_lora_base(model: nn.Module, manifest: dict, checkpoint_dir: Path) -> None:
+    base = manifest.get("base_model") or {}
+    path = Path(base.get("path", ""))
+    if not path.is_dir():
+        raise UserError(f"{checkpoint_dir} holds LoRA adapters for the base model {str(path)!r}, which is not "
+                        "there any more; restore it or point the manifest's base_model.path at a copy")
+    if base.get("kind") == "hf":
+        from meshtron.checkpoint.hf import load_hf_weights
+        from meshtron.models.registry import get_family
+
+        load_hf_weights(model, path, get_family(model.args.family))
+    else:
+        base_state = {k: v for k, v in model.state_dict().items() if ".lora_A." not in k and ".lora_B." not in k}
+        dcp.load({"model": base_state}, checkpoint_id=str(resolve_checkpoint(path)), no_dist=True)
+
 
 __all__ = ["CheckpointManager", "load_for_inference", "load_model_weights", "read_manifest", "resolve_checkpoint"]
 
 
-def load_model_weights(model: nn.Module, checkpoint_dir: Path) -> None:
-    """Load only the model weights of a checkpoint into a materialized (possibly parallelized) model."""
+def load_model_weights(model: nn.Module, checkpoint_dir: Path, base_only: bool = False) -> None:
+    """Load only the model weights of a checkpoint into a materialized (possibly parallelized) model;
+    `base_only` leaves the model's LoRA adapters alone."""
     from meshtron.checkpoint.manager import ModelState
 
-    dcp.load({"model": ModelState(model)}, checkpoint_id=str(checkpoint_dir))
+    if read_manifest(checkpoint_dir).get("lora"):
+        raise UserError(f"{checkpoint_dir} is a LoRA checkpoint (adapters only); start from its base model, or "
+                        "merge it first: meshtron convert --input RUN --output DIR --to hf --merge-lora")
+    dcp.load({"model": ModelState(model, part="base" if base_only else "all")}, checkpoint_id=str(checkpoint_dir))
 
 
 def load_for_inference(
@@ -34,12 +55,23 @@ def load_for_inference(
     manifest = read_manifest(checkpoint_dir)
     args = ModelArgs.from_dict(manifest["model_args"])
     model = build_model(args, device="meta")
+    lora = manifest.get("lora")
+    if lora:
+        from meshtron.config.job import LoRAConfig
+        from meshtron.lora.layers import apply_lora
+
+        # Inference runs on a float base even for QLoRA runs (their adapters were trained on it, dequantized).
+        apply_lora(model, LoRAConfig(**{**lora, "quantize_base": ""}))
     model.to_empty(device=device)
     model.to(dtype)
     model.init_buffers()
+    state = model.state_dict()
+    if lora:
+        _load_lora_base(model, manifest, checkpoint_dir)
+        state = {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
     # DCP reads each tensor into the one given here, casting from the stored dtype.
     # no_dist: this process reads the whole model itself, even inside a distributed job.
-    dcp.load({"model": model.state_dict()}, checkpoint_id=str(checkpoint_dir), no_dist=True)
+    dcp.load({"model": state}, checkpoint_id=str(checkpoint_dir), no_dist=True)
     model.eval()
     tokenizer = manifest.get("tokenizer")
     return model, args, (checkpoint_dir / tokenizer) if tokenizer else None

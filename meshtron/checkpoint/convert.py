@@ -19,12 +19,25 @@ import torch.distributed.checkpoint as dcp
 from meshtron.checkpoint.hf import SIDE_FILES, hf_token_config, load_hf_model, read_hf_config, save_hf_model
 from meshtron.checkpoint.manager import COMMIT_MARKER, FORMAT, MANIFEST, TOKENIZER_DIR, read_chat_template
 from meshtron.checkpoint import load_for_inference, read_manifest, resolve_checkpoint
+from meshtron.errors import UserError
 
 
-def checkpoint_to_hf(checkpoint: str | Path, output_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+def checkpoint_to_hf(checkpoint: str | Path, output_dir: str | Path, dtype: torch.dtype | None = None,
+                     merge_lora: bool = False) -> Path:
     model, args, tokenizer_dir = load_for_inference(checkpoint, device="cpu", dtype=torch.float32)
     manifest = read_manifest(resolve_checkpoint(checkpoint))
-    state_dict = {k: v for k, v in model.state_dict().items()}
+    if manifest.get("lora"):
+        from meshtron.config.job import LoRAConfig
+        from meshtron.lora.export import merged_state_dict, save_peft_adapter
+
+        if not merge_lora:
+            config = LoRAConfig(**manifest["lora"])
+            return save_peft_adapter(model, args, config, output_dir, base_model=manifest["base_model"]["path"])
+        state_dict = merged_state_dict(model)
+    else:
+        if merge_lora:
+            raise UserError(f"{checkpoint} is not a LoRA checkpoint; drop --merge-lora")
+        state_dict = dict(model.state_dict())
     return save_hf_model(state_dict, args, output_dir, source_dir=tokenizer_dir, dtype=dtype,
                          hf_config_extra=manifest.get("hf_config_extra") or None)
 

@@ -122,7 +122,8 @@ def load_hf_weights(model: nn.Module, path: str | os.PathLike, spec: FamilySpec)
         _copy_into(param, tensor)
         loaded.add(name)
     tied = {"lm_head.weight"} if getattr(model, "args", None) is not None and model.args.tie_embeddings else set()
-    missing = sorted(set(params) - loaded - tied)
+    # LoRA adapters are not part of a base checkpoint.
+    missing = sorted(n for n in set(params) - loaded - tied if ".lora_A." not in n and ".lora_B." not in n)
     if missing:
         shown = ", ".join(spec.to_hf_key(m) for m in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -40,16 +41,26 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 class ModelState(Stateful):
-    """The model's parameters as a (possibly sharded) state dict; names without wrapper prefixes."""
+    """The model's parameters as a (possibly sharded) state dict; names without wrapper prefixes.
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    `part`: "all"; "adapters" (only the trainable LoRA tensors: a LoRA run's checkpoints stay
+    small and name their base model in the manifest); "base" (all but LoRA adapters, to load a
+    base checkpoint into a model that has adapters).
+    """
+
+    def __init__(self, model: nn.Module, part: str = "all"):
+        assert part in ("all", "adapters", "base")
+        self.model, self.part = model, part
+        self.options = StateDictOptions(ignore_frozen_params=part == "adapters", strict=part == "all")
 
     def state_dict(self) -> dict:
-        return get_model_state_dict(self.model)
+        state = get_model_state_dict(self.model, options=self.options)
+        if self.part == "base":
+            state = {k: v for k, v in state.items() if ".lora_A." not in k and ".lora_B." not in k}
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        set_model_state_dict(self.model, state_dict)
+        set_model_state_dict(self.model, state_dict, options=self.options)
 
 
 class OptimizerState(Stateful):

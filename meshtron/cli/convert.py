@@ -1,4 +1,9 @@
-"""`meshtron convert --input PATH --output PATH [--to hf|native] [--dtype D]`."""
+"""`meshtron convert --input PATH --output PATH [--to hf|native] [--merge-lora] [--dtype D]`.
+
+For a LoRA run, `--to hf` writes a PEFT adapter directory (adapter_config.json +
+adapter_model.safetensors) for the base model its manifest names; `--merge-lora` writes the
+base with the adapters merged (in float32, then cast) as an ordinary HF model directory.
+"""
 
 from pathlib import Path
 
@@ -15,6 +20,8 @@ def add_arguments(parser) -> None:
                         help="target format (default: native for an HF input, hf for a checkpoint)")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="dtype of the written weights (default: as stored; native defaults to float32)")
+    parser.add_argument("--merge-lora", action="store_true",
+                        help="for a LoRA run: write base + adapters merged as an HF model instead of a PEFT adapter")
 
 
 def run(args) -> int:
@@ -35,6 +42,6 @@ def run(args) -> int:
     else:
         if is_hf:
             raise UserError(f"{src} is already a Hugging Face directory; use --to native to make a checkpoint of it")
-        out = checkpoint_to_hf(src, args.output, dtype=dtype)
+        out = checkpoint_to_hf(src, args.output, dtype=dtype, merge_lora=args.merge_lora)
     print(out)
     return 0

@@ -194,6 +194,29 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoRAConfig:
+    rank: int = 0
+    """LoRA rank; 0 trains the full model (no adapters)."""
+
+    alpha: float = 16.0
+    """LoRA scaling numerator: the adapter's output is multiplied by alpha / rank."""
+
+    dropout: float = 0.0
+    """Dropout on the adapter's input."""
+
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Linear layers that get adapters: names among q_proj, k_proj, v_proj, o_proj, gate_proj,
+    up_proj, down_proj, or "all-linear" (all of them; the output head never)."""
+
+    bias: str = "none"
+    """Which biases train beside the adapters: none, all, or lora_only (those of adapted layers)."""
+
+    quantize_base: str = ""
+    """"nf4" stores the frozen base weights in NF4 (QLoRA, needs torchao); empty keeps them in
+    model.master_dtype."""
+
+
+@dataclass
 class LogConfig:
     interval: int = 1
     """Log metrics every this many steps."""
@@ -216,3 +239,4 @@ class JobConfig:
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)

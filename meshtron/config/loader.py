@@ -182,6 +182,13 @@ def validate(cfg: JobConfig) -> None:
             f"model.args changes a flavor's shape, but model.name_or_path = {cfg.model.name_or_path!r} is not a "
             "flavor (family:name); remove model.args"
         )
+    if cfg.lora.rank:
+        from meshtron.lora.layers import validate_lora
+
+        validate_lora(cfg.lora)
+        if cfg.lora.quantize_base and cfg.parallel.tp != 1:
+            raise UserError("QLoRA (lora.quantize_base = 'nf4') does not run with tensor parallel yet; set "
+                            "parallel.tp = 1 (FSDP/HSDP work) or use a float base")
     if cfg.checkpoint.resume not in ("auto", "none") and not Path(cfg.checkpoint.resume).exists():
         raise UserError(f"checkpoint.resume = {cfg.checkpoint.resume!r}: no such checkpoint; use auto, none or a path")
 

@@ -7,50 +7,34 @@ address the base layer keep working. The adapter adds `lora_B(lora_A(dropout(x))
 B starts at zero, so a fresh adapter leaves the model's outputs unchanged.
 """
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from meshtron.config.job import LoRAConfig
 from meshtron.errors import UserError
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@dataclass
-class LoRAConfig:
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    # Module names (q_proj, v_proj, ...) or "all-linear" (every projection but the output head).
-    targets: list[str] = field(default_factory=lambda: ["all-linear"])
-    # "none" | "all" | "lora_only": which biases train (as PEFT's `bias`).
-    bias: str = "none"
-    # "" for a float base; "nf4" stores the frozen base weights in NF4 (QLoRA).
-    quantize_base: str = ""
+def target_names(config: LoRAConfig) -> tuple[str, ...]:
+    names = ALL_LINEAR if "all-linear" in config.targets else tuple(config.targets)
+    unknown = [n for n in names if n not in ALL_LINEAR]
+    if unknown:
+        raise UserError(f"lora.targets: unknown module(s) {unknown}; choose from {list(ALL_LINEAR)} or all-linear")
+    return names
 
-    def target_names(self) -> tuple[str, ...]:
-        names = ALL_LINEAR if "all-linear" in self.targets else tuple(self.targets)
-        unknown = [n for n in names if n not in ALL_LINEAR]
-        if unknown:
-            raise UserError(f"lora.targets: unknown module(s) {unknown}; choose from {list(ALL_LINEAR)} or all-linear")
-        return names
 
-    def validate(self) -> None:
-        if self.rank <= 0:
-            raise UserError(f"lora.rank must be positive, got {self.rank}")
-        if not 0 <= self.dropout < 1:
-            raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-        if self.bias not in ("none", "all", "lora_only"):
-            raise UserError(f"lora.bias must be none, all or lora_only, got {self.bias!r}")
-        if self.quantize_base not in ("", "nf4"):
-            raise UserError(f"lora.quantize_base must be '' or 'nf4', got {self.quantize_base!r}")
-        self.target_names()
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
+def validate_lora(config: LoRAConfig) -> None:
+    if config.rank <= 0:
+        raise UserError(f"lora.rank must be positive to train adapters, got {config.rank}")
+    if not 0 <= config.dropout < 1:
+        raise UserError(f"lora.dropout must be in [0, 1), got {config.dropout}")
+    if config.bias not in ("none", "all", "lora_only"):
+        raise UserError(f"lora.bias must be none, all or lora_only, got {config.bias!r}")
+    if config.quantize_base not in ("", "nf4"):
+        raise UserError(f"lora.quantize_base must be '' or 'nf4', got {config.quantize_base!r}")
+    target_names(config)
 
 
 class LoRALinear(nn.Linear):
@@ -87,8 +71,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     Returns the names of the adapted modules. Works on a model on the meta device (adapters are
     created there too and initialized by `init_lora`) or on a materialized one.
     """
-    config.validate()
-    targets = config.target_names()
+    validate_lora(config)
+    targets = target_names(config)
     adapted = []
     for name, module in model.named_modules():
         if type(module) is nn.Linear and name.rsplit(".", 1)[-1] in targets:
@@ -96,16 +80,26 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
             adapted.append(name)
     if not adapted:
         raise UserError(f"lora.targets {list(config.targets)} matched no linear layer of the model")
+    mark_trainable(model, config)
+    # A model on the meta device has no weights to quantize yet: its builder quantizes after loading.
+    if config.quantize_base == "nf4" and not next(model.parameters()).is_meta:
+        quantize_base_nf4(model)
+    return adapted
+
+
+def mark_trainable(model: nn.Module, config: LoRAConfig) -> None:
+    """Adapters (and the biases `config.bias` names) train; everything else is frozen.
+
+    Call again after parallelizing: torch's SequenceParallel style re-creates norm parameters
+    without their requires_grad flag."""
+    adapted = {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     for pname, p in model.named_parameters():
         trainable = ".lora_A." in pname or ".lora_B." in pname
         if pname.endswith(".bias") and config.bias == "all":
             trainable = True
         if pname.endswith(".bias") and config.bias == "lora_only":
-            trainable = trainable or pname.rsplit(".", 2)[0] in adapted
+            trainable = trainable or pname.rsplit(".", 1)[0] in adapted
         p.requires_grad_(trainable)
-    if config.quantize_base == "nf4":
-        quantize_base_nf4(model)
-    return adapted
 
 
 def _convert(linear: nn.Linear, config: LoRAConfig) -> None:
@@ -114,7 +108,7 @@ def _convert(linear: nn.Linear, config: LoRAConfig) -> None:
     linear.lora_A = nn.Linear(linear.in_features, config.rank, bias=False, device=device, dtype=dtype)
     linear.lora_B = nn.Linear(config.rank, linear.out_features, bias=False, device=device, dtype=dtype)
     linear.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-    linear.scaling = config.scaling
+    linear.scaling = config.alpha / config.rank
     linear.lora_enabled = True
     if device.type != "meta":
         init_lora(linear)
@@ -141,8 +135,11 @@ def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
 
 
 @torch.no_grad()
-def quantize_base_nf4(model: nn.Module, block_size: int = 64, scaler_block_size: int = 256) -> None:
-    """Store every adapted base weight as a torchao NF4Tensor (frozen); adapters stay in float."""
+def quantize_base_nf4(model: nn.Module, block_size: int = 64, scaler_block_size: int = 256,
+                      num_shards: int = 1) -> None:
+    """Store every adapted base weight as a torchao NF4Tensor (frozen); adapters stay in float.
+
+    `num_shards`: the FSDP degree the weights will be split over (each shard needs whole blocks)."""
     try:
         from torchao.quantization import NF4Tensor
     except ImportError:
@@ -155,9 +152,15 @@ def quantize_base_nf4(model: nn.Module, block_size: int = 64, scaler_block_size:
                     f"NF4 needs weights whose size is a multiple of {block_size}; a {tuple(weight.shape)} "
                     "weight is not (use a float base for this model)"
                 )
-            # The double-quantization block must divide the number of scales; shrink it for odd shapes.
+            # The double-quantization block must divide the number of scales, and FSDP must be able to
+            # split the blocks evenly; shrink the block for odd shapes.
             num_scales = weight.numel() // block_size
-            scaler_block = next(b for b in (scaler_block_size, 128, 64, 32, 16, 8, 4, 2, 1) if num_scales % b == 0)
+            fits = [b for b in (scaler_block_size, 128, 64, 32, 16, 8, 4, 2, 1)
+                    if num_scales % b == 0 and (num_scales // b) % num_shards == 0]
+            if not fits or weight.shape[0] % num_shards:
+                raise UserError(f"a {tuple(weight.shape)} weight cannot be split in NF4 over {num_shards} FSDP shards; "
+                                "change parallel.dp_shard or use a float base")
+            scaler_block = fits[0]
             nf4 = NF4Tensor.from_tensor(weight.detach(), block_size, scaler_block)
             module.weight = nn.Parameter(nf4, requires_grad=False)
 

@@ -24,6 +24,8 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from meshtron.lora.parallel import parallelize_with_adapters
+
 # Attention takes (x, cos, sin, masks, cache); only x is distributed.
 _ATTN_EXTRA_INPUTS = (None, None, None, None)
 
@@ -77,7 +79,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
     parallelize_module(model, tp_mesh, model_plan(sequence_parallel))
     layer_plan = block_plan(sequence_parallel)
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, layer_plan)
+        # Same as parallelize_module, and places LoRA adapters (if any) to match their base layers.
+        parallelize_with_adapters(block, tp_mesh, layer_plan)
     # parallelize_module gave lm_head a new (sharded) weight; tie it back to the embedding's, which
     # has the same Shard(0) layout.
     model.tie_weights()

@@ -19,6 +19,7 @@ from torch.distributed.tensor.experimental import implicit_replication
 
 from meshtron.config import JobConfig
 from meshtron.errors import UserError
+from meshtron.lora.layers import apply_lora, count_parameters, init_lora, mark_trainable, quantize_base_nf4
 from meshtron.models.common.args import ModelArgs
 from meshtron.models.registry import build_model, get_flavor
 from meshtron.parallel import Meshes, ParallelDims, parallelize
@@ -141,20 +142,50 @@ def build_parallel_model(config: JobConfig, source: ModelSource, dims: ParallelD
     compute, master = precision(config)
     model = build_model(args, device="meta")
     model.to(master)
-    parallelize(
-        model, dims, meshes,
-        sequence_parallel=config.parallel.sequence_parallel,
-        recompute_mode=config.recompute.mode,
-        recompute_layers=config.recompute.num_layers,
-        param_dtype=compute,
-        reduce_dtype=master,
-    )
+    lora = config.lora if config.lora.rank > 0 else None
+    if lora is not None and source.kind == "flavor":
+        raise UserError("LoRA fine-tunes a pretrained model: set model.name_or_path to a Hugging Face directory or a "
+                        "meshtron checkpoint (or lora.rank = 0 for full training)")
+    if lora is not None:
+        apply_lora(model, lora)  # adapters on the meta device; the base is frozen
+        trainable, total = count_parameters(model)
+        log.info("LoRA rank %d on %s: %s trainable parameters of %s (%.2f%%)", lora.rank, ",".join(lora.targets),
+                 f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    # QLoRA quantizes the loaded base weights, so it parallelizes (FSDP) a materialized model.
+    quantized = lora is not None and bool(lora.quantize_base)
+
+    def _parallelize():
+        parallelize(
+            model, dims, meshes,
+            sequence_parallel=config.parallel.sequence_parallel,
+            recompute_mode=config.recompute.mode,
+            recompute_layers=config.recompute.num_layers,
+            param_dtype=compute,
+            reduce_dtype=master,
+        )
+        if lora is not None:
+            mark_trainable(model, lora)
+
+    if not quantized:
+        _parallelize()
     model.to_empty(device=device)
     # Every rank draws the full tensors from one seeded CPU generator and keeps its shard
     # (implicit_replication treats the drawn tensor as replicated), so the initial weights are
     # the same at every parallel layout.
     with implicit_replication():
         model.init_weights(seed=config.train.seed)
+        if lora is not None:
+            init_lora(model, seed=config.train.seed)
+    _load_weights(model, source, load_weights, lora)
+    if quantized:
+        quantize_base_nf4(model, num_shards=dims.dp_shard)
+        _parallelize()
+    model.train()
+    return model
+
+
+def _load_weights(model: nn.Module, source: ModelSource, load_weights: bool, lora) -> None:
+    args = source.args
     if load_weights and source.kind == "hf":
         from meshtron.checkpoint.hf import load_hf_weights
         from meshtron.models.registry import get_family
@@ -163,6 +194,5 @@ def build_parallel_model(config: JobConfig, source: ModelSource, dims: ParallelD
     elif load_weights and source.kind == "checkpoint":
         from meshtron.checkpoint import load_model_weights
 
-        load_model_weights(model, source.path)
-    model.train()
-    return model
+        # A base checkpoint holds no adapters: load the base weights only.
+        load_model_weights(model, source.path, base_only=lora is not None)

@@ -137,7 +137,7 @@ class Trainer:
         from meshtron.checkpoint.manager import CheckpointManager, ModelState, OptimizerState
 
         states = {
-            "model": ModelState(self.model),
+            "model": ModelState(self.model, part="adapters" if self.config.lora.rank else "all"),
             "optimizer": OptimizerState(self.model, self.optimizer),
             "lr_scheduler": self.lr_scheduler,
             "dataloader": self.data_loader,
@@ -154,6 +154,10 @@ class Trainer:
             "hf_config_extra": self.source.hf_config_extra,
             "config": to_dict(self.config),
         }
+        if self.config.lora.rank:
+            # Adapter-only checkpoints: the manifest names the base they apply to.
+            manifest["lora"] = to_dict(self.config)["lora"]
+            manifest["base_model"] = {"kind": self.source.kind, "path": str(Path(self.source.path).resolve())}
         return CheckpointManager(self.run_dir, states, keep=self.config.checkpoint.keep,
                                  async_save=self.config.checkpoint.async_, manifest=manifest,
                                  tokenizer_dir=self.source.tokenizer_dir)
