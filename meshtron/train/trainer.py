@@ -69,12 +69,7 @@ class Trainer:
         self.source = resolve_model_source(config)
         self.model_args = self.source.args
         self.resume_from = self._find_resume_checkpoint()
-        self.model = build_parallel_model(config, self.source, self.dims, self.meshes, self.device,
-                                          load_weights=self.resume_from is None)
         self.recipe = build_recipe(config)
-        self.optimizer = build_optimizer(self.model, config.optim, self.device.type)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, config.lr, config.optim.lr, config.train.steps)
-        self.grad_scaler = self._build_grad_scaler()
         self.data_loader = build_data_loader(
             config, data_kind=self.recipe.data_kind, default_handler=self.recipe.default_handler,
             vocab_size=self.model_args.vocab_size, tokenizer_dir=self.source.tokenizer_dir,
@@ -86,6 +81,12 @@ class Trainer:
                 config, config.data.eval_paths, [], data_kind=self.recipe.data_kind,
                 default_handler=self.recipe.default_handler, tokenizer_dir=self.source.tokenizer_dir,
                 config_dir=config_dir)
+        # After the data, so that a bad data path fails before a large model is loaded.
+        self.model = build_parallel_model(config, self.source, self.dims, self.meshes, self.device,
+                                          load_weights=self.resume_from is None)
+        self.optimizer = build_optimizer(self.model, config.optim, self.device.type)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, config.lr, config.optim.lr, config.train.steps)
+        self.grad_scaler = self._build_grad_scaler()
         self.state = TrainState()
         self.checkpointer = self._build_checkpointer()
         self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main, tensorboard=config.log.tensorboard,
