@@ -187,3 +187,16 @@ plot = false
     assert list((out / "data").glob("instructions-alpaca-*_packed_labels_document.bin"))
     manifest = json.loads((out / "checkpoints" / "step-3" / "manifest.json").read_text())
     assert manifest["recipe"] == "sft"
+
+
+@pytest.mark.smollm2
+def test_quickstart_config_runs_as_shipped(tmp_path, smollm2_dir):
+    """The main job, shortened to 3 steps: raw corpus from data/, tokenizer prepared on first use."""
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "quickstart"
+    result = meshtron_train(repo / "configs" / "quickstart.toml", out, "--train.steps", "3",
+                            "--train.sample_max_new_tokens", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in records(out)] == [1, 2, 3]
+    assert (out / "checkpoints" / "step-3" / "COMMITTED").is_file()
+    assert (out / "loss.png").is_file() and (out / "sample.txt").read_text().startswith("On Monday, Ada went to the")
