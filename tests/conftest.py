@@ -106,3 +106,15 @@ def tiny_llama_dir(smollm2_dir, tmp_path_factory):
         if (smollm2_dir / name).is_file():
             shutil.copy2(smollm2_dir / name, out / name)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_native_dir(tiny_llama_dir, tmp_path_factory):
+    """`tiny_llama_dir` as a meshtron checkpoint (`meshtron convert --to native`)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("tiny-native") / "ckpt"
+    subprocess.run([sys.executable, "-m", "meshtron", "convert", "--input", str(tiny_llama_dir), "--output", str(out),
+                    "--to", "native"], check=True, capture_output=True, timeout=300)
+    return out

@@ -161,10 +161,11 @@ def _include_usage(body: _Sampling) -> bool:
 
 def _params(body: _Sampling, max_tokens: int | None, prompt_len: int, loaded: LoadedModel,
             limits: ServerLimits) -> SamplingParams:
+    prompt_field = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
     room = limits.max_model_len - prompt_len
     if room <= 0:
         raise ClientError(400, f"the prompt has {prompt_len} tokens, but this model's context is "
-                               f"{limits.max_model_len} tokens; shorten the prompt", "messages")
+                               f"{limits.max_model_len} tokens; shorten the prompt", prompt_field)
     if max_tokens is None:
         max_tokens = min(limits.max_tokens, room)
     elif max_tokens > limits.max_tokens:

@@ -35,3 +35,14 @@ def test_tp2_generates_the_same_tokens_as_one_process(tiny_llama_dir, sampling):
                 *generate])
     assert len(single.splitlines()) == 2 and single.strip()
     assert tp2 == single
+
+
+def test_tp2_from_a_meshtron_checkpoint(tiny_llama_dir, tiny_native_dir):
+    """A checkpoint is loaded whole on each rank, then sharded."""
+    def generate(model):
+        return ["-m", "meshtron", "generate", "--model", str(model), *ARGS]
+
+    expected = _run([sys.executable, *generate(tiny_llama_dir)])
+    tp2 = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                *generate(tiny_native_dir)])
+    assert tp2 == expected
