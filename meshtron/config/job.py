@@ -88,6 +88,10 @@ class TrainConfig:
     """Use deterministic algorithms only, so that two runs of one config give bit-identical
     losses (slower on GPU)."""
 
+    compile: bool = False
+    """Compile each transformer block with torch.compile (regional compilation: one compile
+    serves every block). Faster steps on GPU after a compile of tens of seconds."""
+
     eval_interval: int = 0
     """Measure the held-out loss (data.eval_paths) every this many steps; 0 means only before and
     after training."""

@@ -1,13 +1,15 @@
 """Parallelism applied to a single-device model from outside, in one order.
 
 `parallelize` is that order, written once: tensor (+ sequence) parallel, then activation
-recompute, then FSDP2 last (it must see the final modules and the TP-sharded parameters).
+recompute, then torch.compile of each block, then FSDP2 last (it must see the final modules and
+the TP-sharded parameters).
 Pipeline, context and expert parallel slot in before TP when they land (see ARCHITECTURE.md).
 The model is on the meta device throughout; it is materialized afterwards.
 """
 
 import torch
 from torch import nn
+
 from meshtron.parallel.dims import AXES, Meshes, ParallelDims
 from meshtron.parallel.fsdp import apply_fsdp
 from meshtron.parallel.recompute import apply_recompute
@@ -26,10 +28,16 @@ def parallelize(
     recompute_layers: int,
     param_dtype: torch.dtype,
     reduce_dtype: torch.dtype,
+    compile_blocks: bool = False,
 ) -> nn.Module:
     if dims.tp_enabled:
         apply_tp(model, meshes.tp, sequence_parallel)
     apply_recompute(model, recompute_mode, recompute_layers)
+    if compile_blocks:
+        # In place (nn.Module.compile), so parameter names stay free of an `_orig_mod.` prefix;
+        # per block, so that FSDP's per-block hooks stay outside the compiled regions.
+        for block in model.layers.values():
+            block.compile()
     if dims.fsdp_enabled:
         apply_fsdp(model, meshes.fsdp, param_dtype, reduce_dtype)
     return model

@@ -162,6 +162,7 @@ def build_parallel_model(config: JobConfig, source: ModelSource, dims: ParallelD
             recompute_layers=config.recompute.num_layers,
             param_dtype=compute,
             reduce_dtype=master,
+            compile_blocks=config.train.compile,
         )
         if lora is not None:
             mark_trainable(model, lora)

@@ -200,3 +200,12 @@ def test_quickstart_config_runs_as_shipped(tmp_path, smollm2_dir):
     assert [r["step"] for r in records(out)] == [1, 2, 3]
     assert (out / "checkpoints" / "step-3" / "COMMITTED").is_file()
     assert (out / "loss.png").is_file() and (out / "sample.txt").read_text().startswith("On Monday, Ada went to the")
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_ones(tiny, tmp_path):
+    eager = meshtron_train(tiny, tmp_path / "eager")
+    compiled = meshtron_train(tiny, tmp_path / "compiled", "--train.compile", "true")  # ~40 s of inductor on CPU
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-2000:]
+    assert [r["loss"] for r in records(tmp_path / "compiled")] == pytest.approx(
+        [r["loss"] for r in records(tmp_path / "eager")], rel=1e-4)
