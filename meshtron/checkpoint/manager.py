@@ -57,6 +57,10 @@ class ModelState(Stateful):
         state = get_model_state_dict(self.model, options=self.options)
         if self.part == "base":
             state = {k: v for k, v in state.items() if ".lora_A." not in k and ".lora_B." not in k}
+        elif self.part == "adapters":
+            # ignore_frozen_params keeps the second name of a tied frozen weight (lm_head of tied embeddings).
+            trainable = {n for n, p in self.model.named_parameters(remove_duplicate=False) if p.requires_grad}
+            state = {k: v for k, v in state.items() if k in trainable}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:

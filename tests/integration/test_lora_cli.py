@@ -1,0 +1,82 @@
+"""LoRA from the CLI on the example model: a short LoRA SFT run, its adapter-only checkpoint used
+by generate and eval directly, and exported as a PEFT adapter that PEFT applies to the
+transformers base with meshtron's logits."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.smollm2
+
+
+def meshtron(*args, cwd=None, timeout=1200):
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    return subprocess.run([sys.executable, "-m", "meshtron", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def lora_run(smollm2_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora") / "run"
+    result = meshtron("train", str(REPO / "configs" / "smollm2" / "sft_lora.toml"), "--train.output_dir", str(out),
+                      "--train.steps", "3", "--train.eval_interval", "0", "--data.eval_paths", "[]",
+                      "--train.seq_length", "128", "--model.name_or_path", str(smollm2_dir), cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_lora_run_prints_trainable_count_and_saves_adapters_only(lora_run):
+    out, result = lora_run
+    # SmolLM2: 30 layers x rank 16 x (q 576+576, k 576+192, v 576+192, o 576+576, gate/up 2x(576+1536), down 1536+576)
+    per_layer = 16 * ((576 + 576) * 2 + (576 + 192) * 2 + (576 + 1536) * 3)
+    assert f"LoRA rank 16 on all-linear: {30 * per_layer:,} trainable parameters" in result.stderr
+    step = out / "checkpoints" / "step-3"
+    size = sum(f.stat().st_size for f in step.rglob("*.distcp"))
+    assert size < 100 * 2**20  # adapters + their optimizer state, not the 540 MB base
+    manifest = json.loads((step / "manifest.json").read_text())
+    assert manifest["lora"]["rank"] == 16 and Path(manifest["base_model"]["path"]).is_dir()
+
+
+def test_generate_accepts_a_lora_checkpoint(lora_run):
+    out, _ = lora_run
+    result = meshtron("generate", "--model", str(out), "--chat", "--prompt", "What is the capital of France?",
+                      "--max-new-tokens", "12", "--dtype", "float32")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip()
+
+
+def test_peft_export_matches_meshtron(lora_run, smollm2_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from meshtron.checkpoint import load_for_inference
+
+    out, _ = lora_run
+    assert meshtron("convert", "--input", str(out), "--output", str(tmp_path / "adapter")).returncode == 0
+    assert meshtron("convert", "--input", str(out), "--output", str(tmp_path / "merged"), "--merge-lora").returncode == 0
+    ours, _, _ = load_for_inference(out)
+    tokens = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ours(tokens)
+        base = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32)
+        peft_logits = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()(tokens).logits
+        merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+        assert (peft_logits - expected).abs().max().item() <= 1e-4
+        assert (merged(tokens).logits - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.slow
+def test_lora_sft_lowers_held_out_loss(smollm2_dir, tmp_path):
+    result = meshtron("train", str(REPO / "configs" / "smollm2" / "sft_lora.toml"), "--train.output_dir",
+                      str(tmp_path / "run"), "--train.steps", "200", "--train.eval_interval", "0",
+                      "--model.name_or_path", str(smollm2_dir), cwd=REPO, timeout=5400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
+    assert evals[200] < 0.8 * evals[0], evals
