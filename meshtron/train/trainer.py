@@ -9,6 +9,7 @@ one big batch on one device, whatever the accumulation and data-parallel split.
 """
 
 import contextlib
+import dataclasses
 import logging
 import signal
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
@@ -84,6 +86,7 @@ class Trainer:
         # After the data, so that a bad data path fails before a large model is loaded.
         self.model = build_parallel_model(config, self.source, self.dims, self.meshes, self.device,
                                           load_weights=self.resume_from is None)
+        self.recipe.setup(self)
         self.optimizer = build_optimizer(self.model, config.optim, self.device.type)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, config.lr, config.optim.lr, config.train.steps)
         self.grad_scaler = self._build_grad_scaler()
@@ -210,16 +213,27 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
         loss = self._dp_sum(loss_sum) / max(units.item(), 1.0)
-        return {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "loss_tokens": int(units.item())}
+        metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "loss_tokens": int(units.item())}
+        metrics.update(self._recipe_metrics(units))
+        return metrics
+
+    def _recipe_metrics(self, units: torch.Tensor, prefix: str = "") -> dict[str, float]:
+        """The recipe's summed metrics, summed over data-parallel ranks and divided by the global units."""
+        return {f"{prefix}{k}": (self._dp_sum(v) / units.clamp(min=1)).item()
+                for k, v in self.recipe.take_metrics().items()}
+
+    def build_frozen_copy(self) -> nn.Module:
+        """A frozen copy of the starting model at the same layout, without adapters (the DPO reference)."""
+        config = dataclasses.replace(self.config, lora=dataclasses.replace(self.config.lora, rank=0))
+        model = build_parallel_model(config, self.source, self.dims, self.meshes, self.device, load_weights=True)
+        model.requires_grad_(False)
+        return model.eval()
 
     def train(self) -> None:
         cfg = self.config
         if self.resume_from is not None:
             self._resume()
         self.data_iter = iter(self.data_loader)
-        tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
-        flops = flops_per_token(self.model_args, cfg.train.seq_length)
-        peak = peak_flops(self.device)
         saved_step = self.state.step if self.resume_from is not None else None
         if self.eval_dataset is not None and self.state.step == 0:
             self.metrics.log_eval(0, self.evaluate())
@@ -228,30 +242,20 @@ class Trainer:
                 start = time.perf_counter()
                 metrics = self.train_step()
                 self.state.step += 1
-                self.state.tokens_seen += tokens_per_step
-                elapsed = time.perf_counter() - start
-                tokens_per_s = tokens_per_step / elapsed
-                metrics.update(
-                    tokens_per_s=tokens_per_s,
-                    mfu=tokens_per_s * flops / (peak * self.dims.world_size) if peak else None,
-                    mem_gb=peak_memory_gb(self.device),
-                    step_time_s=elapsed,
-                    tokens_seen=self.state.tokens_seen,
-                )
+                self.state.tokens_seen += cfg.train.global_batch_size * cfg.train.seq_length
                 step = self.state.step
-                if step % cfg.log.interval == 0 or step == cfg.train.steps:
-                    self.metrics.log(step, metrics)
+                self._log_step(step, metrics, time.perf_counter() - start)
                 if self.eval_dataset is not None and (
                         step == cfg.train.steps or (cfg.train.eval_interval and step % cfg.train.eval_interval == 0)):
                     self.metrics.log_eval(step, self.evaluate())
-                if self._stop_requested():
+                stop = self._stop_requested()
+                if stop:
                     log.warning("stopping at step %d on signal %s; saving a checkpoint", step, self._stop_signal)
+                if stop or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
                     self.checkpointer.save(step)
                     saved_step = step
+                if stop:
                     break
-                if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
-                    self.checkpointer.save(step)
-                    saved_step = step
         if self.state.step >= cfg.train.steps and cfg.checkpoint.save_final and saved_step != self.state.step:
             self.checkpointer.save(self.state.step)
         self.checkpointer.wait()
@@ -260,9 +264,28 @@ class Trainer:
             self._finish_run()
         dist.barrier()
 
+    def _log_step(self, step: int, metrics: dict, elapsed: float) -> None:
+        """Add throughput, MFU and memory to a step's metrics and log them (every log.interval steps)."""
+        cfg = self.config
+        if step % cfg.log.interval and step != cfg.train.steps:
+            return
+        tokens_per_s = cfg.train.global_batch_size * cfg.train.seq_length / elapsed
+        peak = peak_flops(self.device)
+        flops = flops_per_token(self.model_args, cfg.train.seq_length)
+        metrics.update(
+            tokens_per_s=tokens_per_s,
+            mfu=tokens_per_s * flops / (peak * self.dims.world_size) if peak else None,
+            mem_gb=peak_memory_gb(self.device),
+            step_time_s=elapsed,
+            tokens_seen=self.state.tokens_seen,
+        )
+        self.metrics.log(step, metrics)
+
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """The loss over one pass of the held-out data, normalized like the training loss."""
+    def evaluate(self) -> dict[str, float]:
+        """The loss (and recipe metrics, e.g. reward accuracy) over one pass of the held-out data,
+        normalized like the training loss."""
+        self.recipe.take_metrics()  # drop anything a training step left
         loss_sum = torch.zeros((), device=self.device)
         units = torch.zeros((), device=self.device)
         batches = one_pass(self.eval_dataset, self.config.train.micro_batch_size, self.meshes.dp.get_local_rank(),
@@ -272,7 +295,9 @@ class Trainer:
             with self.train_context():
                 loss_sum += _local(self.recipe.loss_sum(self.model, batch)).float()
             units += self.recipe.num_loss_units(batch)
-        return (self._dp_sum(loss_sum) / self._dp_sum(units).clamp(min=1)).item()
+        units = self._dp_sum(units)
+        return {"eval_loss": (self._dp_sum(loss_sum) / units.clamp(min=1)).item(),
+                **self._recipe_metrics(units, prefix="eval_")}
 
     # ---- helpers of the loop ---------------------------------------------------------------
 
