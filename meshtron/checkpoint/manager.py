@@ -158,6 +158,9 @@ class CheckpointManager:
         self.manifest = manifest
         self.tokenizer_dir = tokenizer_dir
         self._pending: tuple[Future, Path, int] | None = None
+        # A background save runs its collectives while training runs its own: give it a gloo group
+        # of its own so that the two never interleave on one communicator.
+        self._async_group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
 
     def latest(self) -> Path | None:
         found = list_checkpoints(self.checkpoints_dir)
@@ -195,7 +198,8 @@ class CheckpointManager:
         if _rank() == 0:
             self._write_manifest(path, step)
         if self.async_save:
-            self._pending = (dcp.async_save(self.states, checkpoint_id=str(path)), path, step)
+            future = dcp.async_save(self.states, checkpoint_id=str(path), process_group=self._async_group)
+            self._pending = (future, path, step)
         else:
             dcp.save(self.states, checkpoint_id=str(path))
             self._commit(path)

@@ -22,9 +22,10 @@ def losses(records):
 
 @pytest.fixture(scope="module")
 def fsdp_run(run_train, tiny_config, tmp_path_factory):
-    """8 steps at dp_shard=2, saving at step 4 and 8: the uninterrupted run."""
+    """8 steps at dp_shard=2, saving at step 4 and 8 (in the background): the uninterrupted run."""
     out = tmp_path_factory.mktemp("fsdp")
-    _, records = run_train(tiny_config, out, nproc=2, overrides=[*EIGHT_STEPS, "--parallel.dp_shard", "2"])
+    _, records = run_train(tiny_config, out, nproc=2, overrides=[*EIGHT_STEPS, "--parallel.dp_shard", "2",
+                                                                  "--checkpoint.async", "true"])
     assert [r["step"] for r in records] == list(range(1, 9))
     assert (out / "checkpoints" / "step-4" / "COMMITTED").is_file()
     return out, records
