@@ -51,6 +51,10 @@ class DataConfig:
     """Held-out data (prefixes or raw files, like `paths`): its loss is measured before training, every
     train.eval_interval steps and at the end, and logged as eval_loss."""
 
+    num_workers: int = 0
+    """Micro-batches prepared ahead by a background worker thread while the model computes
+    (0: prepared in the training loop)."""
+
     mock: bool = False
     """Train on deterministic random tokens instead of files (benchmarks, smoke tests)."""
 
@@ -62,8 +66,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     recipe: str = "pretrain"
-    """How a batch becomes a loss: pretrain (next-token loss on packed documents) or sft
-    (next-token loss on response tokens only)."""
+    """How a batch becomes a loss: pretrain (next-token loss on packed documents), sft
+    (next-token loss on response tokens only), dpo or simpo (pairwise preferences, see [align]),
+    or prm (process reward model on step-labelled data)."""
 
     steps: int = 10
     """Number of optimizer steps of the run (resuming continues up to this count)."""
@@ -221,6 +226,34 @@ class LoRAConfig:
 
 
 @dataclass
+class AlignConfig:
+    beta: float = 0.1
+    """DPO: strength of the KL tie to the reference; SimPO: scale of the length-normalized reward."""
+
+    loss_type: str = "sigmoid"
+    """DPO loss: sigmoid (the DPO paper), hinge (SLiC) or ipo (IPO, on length-averaged log-probs)."""
+
+    label_smoothing: float = 0.0
+    """Assumed fraction of flipped preference labels (conservative DPO / SimPO); 0 disables."""
+
+    reference: str = "auto"
+    """DPO reference model: copy (a frozen copy of the starting model), lora (the model with its
+    adapters off; LoRA runs only, no extra memory) or auto (lora for LoRA runs, else copy)."""
+
+    sft_weight: float = 0.0
+    """Weight of an added language-model loss (mean token NLL) on the chosen response."""
+
+    simpo_gamma: float = 0.5
+    """SimPO target reward margin gamma."""
+
+    prm_good_token: str = "+"
+    """PRM: the token whose logit (against prm_bad_token) scores a step as good."""
+
+    prm_bad_token: str = "-"
+    """PRM: the token whose logit scores a step as bad."""
+
+
+@dataclass
 class LogConfig:
     interval: int = 1
     """Log metrics every this many steps."""
@@ -244,3 +277,4 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)

@@ -17,7 +17,7 @@ from pathlib import Path
 from meshtron.config.job import JobConfig
 from meshtron.errors import UserError
 
-RECIPES = ("pretrain", "sft")
+RECIPES = ("pretrain", "sft", "dpo", "simpo", "prm")
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "linear", "wsd")
@@ -161,7 +161,7 @@ def validate(cfg: JobConfig) -> None:
         section, name = key.split(".")
         _check_positive(getattr(getattr(cfg, section), name), key)
     for key in ("lr.warmup_steps", "lr.min_lr", "optim.weight_decay", "optim.grad_clip", "checkpoint.interval",
-                "checkpoint.keep", "recompute.num_layers", "train.eval_interval", "train.sample_max_new_tokens"):
+                "checkpoint.keep", "recompute.num_layers", "train.eval_interval", "data.num_workers", "train.sample_max_new_tokens"):
         section, name = key.split(".")
         _check_positive(getattr(getattr(cfg, section), name), key, allow_zero=True)
     if len(cfg.optim.betas) != 2:
@@ -189,6 +189,11 @@ def validate(cfg: JobConfig) -> None:
         if cfg.lora.quantize_base and cfg.parallel.tp != 1:
             raise UserError("QLoRA (lora.quantize_base = 'nf4') does not run with tensor parallel yet; set "
                             "parallel.tp = 1 (FSDP/HSDP work) or use a float base")
+    _check_choice(cfg.align.loss_type, ("sigmoid", "hinge", "ipo"), "align.loss_type")
+    _check_choice(cfg.align.reference, ("auto", "copy", "lora"), "align.reference")
+    _check_positive(cfg.align.beta, "align.beta")
+    if not 0 <= cfg.align.label_smoothing < 0.5:
+        raise UserError(f"align.label_smoothing must be in [0, 0.5), got {cfg.align.label_smoothing}")
     if cfg.checkpoint.resume not in ("auto", "none") and not Path(cfg.checkpoint.resume).exists():
         raise UserError(f"checkpoint.resume = {cfg.checkpoint.resume!r}: no such checkpoint; use auto, none or a path")
 

@@ -6,10 +6,13 @@ of samples consumed by all ranks, so a resumed run (at any dp size) continues wi
 unseen sample.
 """
 
+import copy
 import hashlib
 import logging
+import queue
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -71,17 +74,50 @@ class MockDataLoader(Stateful):
         self.consumed_samples = int(state_dict["consumed_samples"])
 
 
+class PrefetchLoader(Stateful):
+    """Prepares the next `depth` micro-batches of `loader` in a background thread.
+
+    The checkpointed position is that of the last batch the trainer took, not of the batches
+    prepared ahead, so resuming never skips a sample.
+    """
+
+    def __init__(self, loader: Stateful, depth: int):
+        self.loader, self.depth = loader, depth
+        self._state = loader.state_dict()
+
+    def __iter__(self):
+        ready: queue.Queue = queue.Queue(maxsize=self.depth)
+
+        def produce():
+            for batch in self.loader:
+                ready.put((batch, copy.deepcopy(self.loader.state_dict())))
+
+        threading.Thread(target=produce, daemon=True, name="meshtron-data").start()
+        while True:
+            batch, self._state = ready.get()
+            yield batch
+
+    def state_dict(self) -> dict:
+        return self._state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.loader.load_state_dict(state_dict)
+        self._state = self.loader.state_dict()
+
+
 def build_data_loader(config: JobConfig, *, data_kind: str, default_handler: str, vocab_size: int,
                       tokenizer_dir: Path | None, dp_rank: int, dp_size: int, config_dir: Path | None) -> Stateful:
     train = config.train
     if config.data.mock:
-        return MockDataLoader(vocab_size, train.seq_length, train.micro_batch_size, dp_rank, dp_size, train.seed)
-    from meshtron.data.loader import DataLoader
+        loader = MockDataLoader(vocab_size, train.seq_length, train.micro_batch_size, dp_rank, dp_size, train.seed)
+    else:
+        from meshtron.data.loader import DataLoader
 
-    dataset = build_training_dataset(config, config.data.paths, config.data.weights, data_kind=data_kind,
-                                     default_handler=default_handler, tokenizer_dir=tokenizer_dir,
-                                     config_dir=config_dir)
-    return DataLoader(dataset, train.micro_batch_size, dp_rank, dp_size, train.seed)
+        dataset = build_training_dataset(config, config.data.paths, config.data.weights, data_kind=data_kind,
+                                         default_handler=default_handler, tokenizer_dir=tokenizer_dir,
+                                         config_dir=config_dir)
+        loader = DataLoader(dataset, train.micro_batch_size, dp_rank, dp_size, train.seed)
+    return PrefetchLoader(loader, config.data.num_workers) if config.data.num_workers else loader
 
 
 def build_training_dataset(config: JobConfig, paths: list[str], weights: list[float], *, data_kind: str,

@@ -37,3 +37,17 @@ def test_samples_are_packed_documents_with_shifted_labels():
     assert 0 < keep.sum() < 32  # the prompt-like head and the boundary take no loss
     # labels[t] is the token after position t.
     assert torch.equal(labels[:-1][keep[:-1]], ids[1:][keep[:-1]])
+
+
+def test_prefetching_checkpoints_the_position_of_the_last_batch_taken():
+    from meshtron.train.data import PrefetchLoader
+
+    straight = take(MockDataLoader(100, 16, 2, 0, 1, seed=2), 5)
+    prefetching = PrefetchLoader(MockDataLoader(100, 16, 2, 0, 1, seed=2), depth=3)
+    got = take(prefetching, 2)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(got, straight))
+    state = prefetching.state_dict()
+    assert state == {"consumed_samples": 4}  # not the batches prepared ahead
+    resumed = PrefetchLoader(MockDataLoader(100, 16, 2, 0, 1, seed=2), depth=3)
+    resumed.load_state_dict(state)
+    assert torch.equal(take(resumed, 1)[0]["input_ids"], straight[2]["input_ids"])
