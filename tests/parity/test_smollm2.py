@@ -89,6 +89,7 @@ def test_generate_cli_matches_transformers(smollm2_dir, smollm2_tokenizer, hf_mo
     assert "Paris" in result.stdout
 
 
+@pytest.mark.slow  # transformers' beam search on the real model takes about a minute on 2 cores
 def test_beam_search_matches_transformers(smollm2_dir, smollm2_tokenizer, hf_models):
     ours, _ = load_hf_model(smollm2_dir)
     stops = stop_token_ids(smollm2_tokenizer, smollm2_dir)
