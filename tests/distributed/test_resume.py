@@ -86,3 +86,23 @@ def test_auto_resume_skips_a_checkpoint_without_commit_marker(run_train, tiny_co
     result, records = run_train(tiny_config, tmp_path, overrides=["--train.steps", "4"])
     assert "resuming from" in result.stderr and "step-2" in result.stderr
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # steps 3 and 4 were trained after resuming at 2
+
+
+def test_sigterm_to_torchrun_saves_every_rank(tiny_config, tmp_path):
+    """Preemption of a multi-process job: torchrun forwards SIGTERM, all ranks agree to stop and save."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "meshtron",
+           "train", str(tiny_config), "--train.output_dir", str(out), "--train.steps", "100000",
+           "--lr.schedule", "constant", "--parallel.dp_shard", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    (checkpoint,) = (out / "checkpoints").iterdir()
+    assert (checkpoint / "COMMITTED").is_file(), stderr[-3000:]
+    assert {p.name for p in checkpoint.glob("__*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
