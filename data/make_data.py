@@ -5,6 +5,7 @@
     instructions_heldout.jsonl   held-out instruction samples (same tasks, unseen operands)
     preferences.jsonl            alpaca-shaped chosen/rejected pairs (DPO, SimPO, reward models)
     prm.jsonl                    step-labelled arithmetic solutions (process reward models)
+    prm_heldout.jsonl            held-out step-labelled solutions
 
 Everything is generated from templates here: no third-party text. The tasks follow
 fixed rules, so a model that learns them lowers its held-out loss.
@@ -156,6 +157,7 @@ def main() -> None:
                       "rejected": wrong(sample, rng)})
     write(os.path.join(args.out_dir, "preferences.jsonl"), pairs)
     write(os.path.join(args.out_dir, "prm.jsonl"), (prm_sample(rng) for _ in range(300)))
+    write(os.path.join(args.out_dir, "prm_heldout.jsonl"), (prm_sample(rng) for _ in range(60)))
 
 
 if __name__ == "__main__":

@@ -75,15 +75,18 @@ class MetricsLogger:
             self.writer.flush()
         print(self._progress_line(step, metrics), file=sys.stderr, flush=True)
 
-    def log_eval(self, step: int, eval_loss: float) -> None:
+    def log_eval(self, step: int, values: dict[str, float]) -> None:
+        """Held-out metrics: eval_loss and any recipe metrics (eval_accuracy, eval_rewards/...)."""
         if not self.enabled:
             return
         with self.metrics_file.open("a") as f:
-            f.write(json.dumps({"step": step, "eval_loss": eval_loss}) + "\n")
+            f.write(json.dumps({"step": step, **values}) + "\n")
         if self.writer is not None:
-            self.writer.add_scalar("eval/loss", eval_loss, step)
+            for key, value in values.items():
+                self.writer.add_scalar(f"eval/{key.removeprefix('eval_')}", value, step)
             self.writer.flush()
-        print(f"step {step}/{self.total_steps} | eval_loss {eval_loss:.4f}", file=sys.stderr, flush=True)
+        shown = " | ".join(f"{k} {v:.4f}" for k, v in values.items())
+        print(f"step {step}/{self.total_steps} | {shown}", file=sys.stderr, flush=True)
 
     def _progress_line(self, step: int, m: dict) -> str:
         if self._start_step is None:

@@ -27,3 +27,11 @@ class Recipe:
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward `batch` and return the summed loss (a scalar)."""
         raise NotImplementedError
+
+    def setup(self, trainer) -> None:
+        """Build what the recipe needs beside the model (a reference model, label token ids)."""
+
+    def take_metrics(self) -> dict[str, torch.Tensor]:
+        """Recipe metrics summed over the micro-batches since the last call (the Trainer divides
+        them by the global number of loss units), then reset."""
+        return {}

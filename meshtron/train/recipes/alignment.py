@@ -1,0 +1,179 @@
+"""Alignment recipes on the one Trainer: dpo, simpo (pairwise data) and prm (step-labelled data).
+
+Chosen and rejected responses go through the model in one concatenated forward. Losses are
+summed per pair (per labelled step for prm) and the Trainer divides by the global count, so
+gradient accumulation and data parallel match one big batch. Per-step metrics (rewards of
+chosen and rejected, accuracy, margin, log-probs) are summed here and averaged by the Trainer.
+
+The DPO reference is a frozen copy of the starting model ("copy"), or, for a LoRA run, the same
+model with its adapters switched off ("lora", no extra memory). `align.reference = "auto"`
+picks "lora" for LoRA runs and "copy" otherwise.
+"""
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshtron.align.losses import dpo_loss, preference_metrics, prm_loss, simpo_loss
+from meshtron.errors import UserError
+from meshtron.train.recipes.base import Recipe
+
+IGNORE = -100
+
+
+def token_logps(model: nn.Module, input_ids, labels, document_ids, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of the labelled tokens per row, and their count.
+
+    cross_entropy(reduction="none") also runs on vocabulary-sharded logits under loss_parallel."""
+    logits = model(input_ids, position_ids=position_ids, document_ids=document_ids)
+    B, S = labels.shape
+    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none")
+    nll = nll.full_tensor() if hasattr(nll, "full_tensor") else nll
+    mask = labels != IGNORE
+    return -(nll.view(B, S) * mask).sum(-1), mask.sum(-1)
+
+
+def _pair_forward(model: nn.Module, batch: dict) -> tuple[torch.Tensor, ...]:
+    """(chosen logps, rejected logps, chosen lengths, rejected lengths) from one forward of both."""
+    def cat(key):
+        return torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], dim=0)
+
+    logps, lengths = token_logps(model, cat("input_ids"), cat("labels"), cat("document_ids"), cat("position_ids"))
+    n = batch["chosen_input_ids"].shape[0]
+    return logps[:n], logps[n:], lengths[:n], lengths[n:]
+
+
+class PairwiseRecipe(Recipe):
+    data_kind = "pairwise"
+    default_handler = "pairwise"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.metric_sums: dict[str, torch.Tensor] = {}
+
+    def num_loss_units(self, batch) -> torch.Tensor:
+        return ((batch["chosen_labels"] != IGNORE).any(-1)).sum()
+
+    def _record(self, metrics: dict[str, torch.Tensor]) -> None:
+        for key, value in metrics.items():
+            value = value.detach().float()
+            self.metric_sums[key] = self.metric_sums.get(key, torch.zeros_like(value)) + value
+
+    def take_metrics(self) -> dict[str, torch.Tensor]:
+        sums, self.metric_sums = self.metric_sums, {}
+        return sums
+
+
+class DPORecipe(PairwiseRecipe):
+    name = "dpo"
+
+    def setup(self, trainer) -> None:
+        cfg = self.config.align
+        mode = cfg.reference
+        if mode == "auto":
+            mode = "lora" if self.config.lora.rank else "copy"
+        if mode == "lora" and not self.config.lora.rank:
+            raise UserError("align.reference = 'lora' needs a LoRA run (lora.rank > 0); use 'copy'")
+        self.reference_mode = mode
+        self.reference = None
+        if mode == "copy":
+            self.reference = trainer.build_frozen_copy()
+
+    @contextlib.contextmanager
+    def _reference_model(self, model):
+        if self.reference is not None:
+            yield self.reference
+            return
+        from meshtron.lora import set_lora_enabled
+
+        set_lora_enabled(model, False)
+        try:
+            yield model
+        finally:
+            set_lora_enabled(model, True)
+
+    def loss_sum(self, model, batch) -> torch.Tensor:
+        cfg = self.config.align
+        chosen, rejected, len_c, len_r = _pair_forward(model, batch)
+        with torch.no_grad(), self._reference_model(model) as reference:
+            ref_chosen, ref_rejected, _, _ = _pair_forward(reference, batch)
+        if cfg.loss_type == "ipo":  # IPO is defined on length-averaged log-probs
+            args = (chosen / len_c, rejected / len_r, ref_chosen / len_c, ref_rejected / len_r)
+        else:
+            args = (chosen, rejected, ref_chosen, ref_rejected)
+        losses, r_chosen, r_rejected = dpo_loss(*args, beta=cfg.beta, loss_type=cfg.loss_type,
+                                                label_smoothing=cfg.label_smoothing)
+        if cfg.sft_weight:
+            losses = losses + cfg.sft_weight * (-chosen / len_c.clamp(min=1))
+        self._record({**preference_metrics(r_chosen, r_rejected), "logps/chosen": chosen.sum(),
+                      "logps/rejected": rejected.sum()})
+        return losses.sum()
+
+
+class SimPORecipe(PairwiseRecipe):
+    name = "simpo"
+
+    def loss_sum(self, model, batch) -> torch.Tensor:
+        cfg = self.config.align
+        chosen, rejected, len_c, len_r = _pair_forward(model, batch)
+        losses, r_chosen, r_rejected = simpo_loss(chosen, rejected, len_c.clamp(min=1), len_r.clamp(min=1),
+                                                  beta=cfg.beta, gamma=cfg.simpo_gamma,
+                                                  label_smoothing=cfg.label_smoothing)
+        if cfg.sft_weight:
+            losses = losses + cfg.sft_weight * (-chosen / len_c.clamp(min=1))
+        self._record({**preference_metrics(r_chosen, r_rejected), "logps/chosen": chosen.sum(),
+                      "logps/rejected": rejected.sum()})
+        return losses.sum()
+
+
+class PRMRecipe(Recipe):
+    """Process reward model: at each labelled step position, a two-way classification between the
+    tokens `align.prm_good_token` and `align.prm_bad_token` of the language-model head (as
+    MindSpeed-LLM's PRM), so the model keeps the causal-LM layout and exports as one."""
+
+    name = "prm"
+    data_kind = "sft"
+    default_handler = "prm"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.metric_sums: dict[str, torch.Tensor] = {}
+        self.token_ids: tuple[int, int] | None = None
+
+    def setup(self, trainer) -> None:
+        from transformers import AutoTokenizer
+
+        if trainer.source.tokenizer_dir is None:
+            raise UserError("the prm recipe needs a tokenizer to find its label tokens; set model.tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(str(trainer.source.tokenizer_dir))
+        ids = []
+        for text in (self.config.align.prm_good_token, self.config.align.prm_bad_token):
+            encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(encoded) != 1:
+                raise UserError(f"align PRM label token {text!r} must be one token of the tokenizer; it is {encoded}")
+            ids.append(encoded[0])
+        self.token_ids = (ids[0], ids[1])
+
+    def num_loss_units(self, batch) -> torch.Tensor:
+        return (batch["labels"] >= 0).sum()
+
+    def step_logits(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(good-minus-bad logit, label) at every labelled step position."""
+        logits = model(batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"])
+        logits = logits.full_tensor() if hasattr(logits, "full_tensor") else logits
+        mask = batch["labels"] >= 0
+        pair = logits[mask][:, list(self.token_ids)].float()
+        return pair[:, 0] - pair[:, 1], batch["labels"][mask]
+
+    def loss_sum(self, model, batch) -> torch.Tensor:
+        score, labels = self.step_logits(model, batch)
+        losses = prm_loss(score, labels)
+        correct = ((score > 0).long() == labels).float().sum()
+        self.metric_sums["accuracy"] = self.metric_sums.get("accuracy", torch.zeros_like(correct)) + correct
+        return losses.sum()
+
+    def take_metrics(self) -> dict[str, torch.Tensor]:
+        sums, self.metric_sums = self.metric_sums, {}
+        return sums
