@@ -104,11 +104,9 @@ def test_beam_search_matches_transformers(smollm2_dir, smollm2_tokenizer, hf_mod
         assert generate(ours, [ids], params)[0] == expected
 
 
-def test_generate_cli_stream_and_stop_string(smollm2_dir):
-    base = [sys.executable, "-m", "meshtron", "generate", "--model", str(smollm2_dir), "--chat", "--prompt",
-            "What is the capital of France?", "--max-new-tokens", "24", "--dtype", "float32"]
-    plain = subprocess.run(base, capture_output=True, text=True, check=True).stdout
-    streamed = subprocess.run([*base, "--stream"], capture_output=True, text=True, check=True).stdout
-    stopped = subprocess.run([*base, "--stream", "--stop", " is"], capture_output=True, text=True, check=True).stdout
-    assert streamed == plain == "The capital of France is Paris.\n"
-    assert stopped == "The capital of France\n"
+def test_generate_cli_streams_and_stops_at_a_stop_string(smollm2_dir):
+    # Unstopped, the reply is "The capital of France is Paris." (test_generate_cli_matches_transformers).
+    cmd = [sys.executable, "-m", "meshtron", "generate", "--model", str(smollm2_dir), "--chat", "--prompt",
+           "What is the capital of France?", "--max-new-tokens", "24", "--dtype", "float32", "--stream",
+           "--stop", " Paris"]
+    assert subprocess.run(cmd, capture_output=True, text=True, check=True).stdout == "The capital of France is\n"
