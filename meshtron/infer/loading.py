@@ -123,10 +123,12 @@ def encode_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None)
 
 def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a conversation through the chat template, ending with the assistant's turn."""
+    from jinja2 import TemplateError
+
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("chat needs a tokenizer with a chat template; this one has none")
-    return list(
-        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
-            "input_ids"
-        ]
-    )
+    try:
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    except TemplateError as e:  # e.g. a template that allows no system message
+        raise UserError(f"the model's chat template rejected the conversation: {e}") from None
+    return list(encoded["input_ids"])
