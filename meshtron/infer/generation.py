@@ -230,12 +230,14 @@ def generate_text(
     pad_id: int = 0,
     max_new_tokens: Sequence[int] | None = None,
     on_text: Callable[[int, str], None] | None = None,
+    cancelled: Callable[[int], bool] | None = None,
 ) -> list[Completion]:
     """Generate and detokenize, honouring stop strings; `on_text(row, chunk)` streams text.
 
     `max_new_tokens` gives each row its own limit (at most `params.max_new_tokens`), so that
     requests with different limits can share a batch. Streamed chunks never split a character
-    and hold back text that may be the start of a stop string.
+    and hold back text that may be the start of a stop string. A row for which `cancelled(row)`
+    turns True (its client went away) stops at the next step.
     """
     limits = list(max_new_tokens) if max_new_tokens is not None else [params.max_new_tokens] * len(prompts)
     assert len(limits) == len(prompts) and max(limits, default=0) <= params.max_new_tokens
@@ -248,7 +250,7 @@ def generate_text(
         chunk = decoders[row].push(token)
         if chunk and on_text is not None:
             on_text(row, chunk)
-        return decoders[row].stopped or counts[row] >= limits[row]
+        return decoders[row].stopped or counts[row] >= limits[row] or (cancelled is not None and cancelled(row))
 
     def on_tokens(step_B, active_B):
         return [is_active and push(row, token) for row, (token, is_active) in

@@ -5,7 +5,8 @@ it, up to `max_batch_size - 1` other waiting requests that sample the same way (
 temperature, top-k, top-p, penalty, stop strings), and generates them as one left-padded
 batch; each row keeps its own token limit. A request with a seed runs alone, because its
 tokens must not depend on what else shares the batch. Greedy rows give the same tokens
-batched as alone.
+batched as alone. A cancelled request (its client went away) is dropped while it waits and
+stops at the next step once running.
 """
 
 import logging
@@ -26,6 +27,7 @@ class Request:
     params: SamplingParams
     on_text: Callable[[str], None] | None = None  # called on the worker thread
     result: Future = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)  # set when the client is gone
 
     def batch_key(self) -> tuple:
         p = self.params
@@ -60,7 +62,17 @@ class Scheduler:
             key = self._waiting[0].batch_key()
             batch = [r for r in self._waiting if r.batch_key() == key][: self.max_batch_size]
             self._waiting = [r for r in self._waiting if all(r is not b for b in batch)]
-            self._run(batch)
+            batch = [r for r in batch if self._start(r)]
+            if batch:
+                self._run(batch)
+
+    @staticmethod
+    def _start(request: Request) -> bool:
+        """Mark a request running (its future can no longer be cancelled); False for one whose
+        client went away while it waited."""
+        if request.cancelled.is_set():
+            request.result.cancel()
+        return request.result.set_running_or_notify_cancel()
 
     def _run(self, batch: list[Request]) -> None:
         limits = [r.params.max_new_tokens for r in batch]
@@ -74,6 +86,7 @@ class Scheduler:
             completions: list[Completion] = generate_text(
                 self.model, self.tokenizer, [r.prompt_ids for r in batch], params,
                 pad_id=self.pad_id, max_new_tokens=limits, on_text=on_text,
+                cancelled=lambda row: batch[row].cancelled.is_set(),
             )
         except Exception as e:  # the server must keep serving; the requests get the error
             log.exception("generation failed for a batch of %d", len(batch))

@@ -118,7 +118,7 @@ def build_app(loaded: LoadedModel, model_name: str, limits: ServerLimits, max_ba
         meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", model_name, len(prompt_ids))
         if body.stream:
             return _sse(_stream_chat(scheduler, request, meta, _include_usage(body)))
-        completion = await asyncio.wrap_future(scheduler.submit(request))
+        completion = await _complete(scheduler, request)
         message = {"role": "assistant", "content": completion.text}
         choice = {"index": 0, "message": message, "finish_reason": completion.finish_reason, "logprobs": None}
         return meta.body([choice], completion)
@@ -137,7 +137,7 @@ def build_app(loaded: LoadedModel, model_name: str, limits: ServerLimits, max_ba
         meta = _Meta(f"cmpl-{uuid.uuid4().hex}", "text_completion", model_name, len(prompt_ids))
         if body.stream:
             return _sse(_stream_completion(scheduler, request, meta, _include_usage(body)))
-        completion = await asyncio.wrap_future(scheduler.submit(request))
+        completion = await _complete(scheduler, request)
         choice = {"index": 0, "text": completion.text, "finish_reason": completion.finish_reason, "logprobs": None}
         return meta.body([choice], completion)
 
@@ -204,6 +204,14 @@ class _Meta:
         return {**self.head(), "choices": choices, "usage": self.usage(completion)}
 
 
+async def _complete(scheduler: Scheduler, request: Request) -> Completion:
+    try:
+        return await asyncio.wrap_future(scheduler.submit(request))
+    except asyncio.CancelledError:  # the client disconnected: stop generating for it
+        request.cancelled.set()
+        raise
+
+
 async def _chunks(scheduler: Scheduler, request: Request) -> AsyncIterator[str | Completion]:
     """Text chunks as the worker produces them, then the finished Completion."""
     loop = asyncio.get_running_loop()
@@ -211,9 +219,14 @@ async def _chunks(scheduler: Scheduler, request: Request) -> AsyncIterator[str |
     request.on_text = lambda chunk: loop.call_soon_threadsafe(chunks.put_nowait, chunk)
     future = scheduler.submit(request)
     future.add_done_callback(lambda _: loop.call_soon_threadsafe(chunks.put_nowait, None))
-    while (chunk := await chunks.get()) is not None:
-        yield chunk
-    yield future.result()
+    try:
+        while (chunk := await chunks.get()) is not None:
+            yield chunk
+        yield future.result()
+    finally:
+        # Reached early when the client disconnects and the response stops reading this stream.
+        if not future.done():
+            request.cancelled.set()
 
 
 async def _stream_chat(scheduler, request, meta: _Meta, include_usage: bool) -> AsyncIterator[dict]:
