@@ -6,6 +6,7 @@
     preferences.jsonl            alpaca-shaped chosen/rejected pairs (DPO, SimPO, reward models)
     prm.jsonl                    step-labelled arithmetic solutions (process reward models)
     prm_heldout.jsonl            held-out step-labelled solutions
+    preferences_heldout.jsonl    held-out preference pairs (from the held-out instructions)
 
 Everything is generated from templates here: no third-party text. The tasks follow
 fixed rules, so a model that learns them lowers its held-out loss.
@@ -158,6 +159,9 @@ def main() -> None:
     write(os.path.join(args.out_dir, "preferences.jsonl"), pairs)
     write(os.path.join(args.out_dir, "prm.jsonl"), (prm_sample(rng) for _ in range(300)))
     write(os.path.join(args.out_dir, "prm_heldout.jsonl"), (prm_sample(rng) for _ in range(60)))
+    write(os.path.join(args.out_dir, "preferences_heldout.jsonl"),
+          [{"instruction": s["instruction"], "input": s["input"], "chosen": s["output"], "rejected": wrong(s, rng)}
+           for s in heldout])
 
 
 if __name__ == "__main__":

@@ -56,7 +56,17 @@ def read_hf_config(path: str | os.PathLike) -> tuple[FamilySpec, object, ModelAr
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(str(path))
-    return spec, cfg, spec.args_from_hf(cfg)
+    args = spec.args_from_hf(cfg)
+    if any(a.endswith("ForSequenceClassification") for a in raw.get("architectures") or []):
+        args.num_labels = cfg.num_labels  # a reward model: the `score` head
+    return spec, cfg, args
+
+
+SCORE_HEAD = "score.weight"  # transformers' *ForSequenceClassification head
+
+
+def _to_hf(spec: FamilySpec, args: ModelArgs, name: str) -> str:
+    return SCORE_HEAD if args.num_labels and name == "lm_head.weight" else spec.to_hf_key(name)
 
 
 def hf_dtype(cfg) -> torch.dtype | None:
@@ -83,8 +93,10 @@ def weight_files(path: Path) -> dict[str, Path]:
     raise UserError(f"{path} has no {SINGLE_FILE} or {INDEX_FILE}")
 
 
-def iter_hf_tensors(path: Path, spec: FamilySpec) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """Yield (our name, HF name, tensor) one at a time, file by file."""
+def iter_hf_tensors(path: Path, spec: FamilySpec, score_head: bool = False) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """Yield (our name, HF name, tensor) one at a time, file by file.
+
+    With `score_head` (a reward model), a `score` head is ours and a language-model head is skipped."""
     from safetensors import safe_open
 
     by_file: dict[Path, list[str]] = {}
@@ -95,7 +107,12 @@ def iter_hf_tensors(path: Path, spec: FamilySpec) -> Iterator[tuple[str, str, to
             raise UserError(f"{file} is listed in {INDEX_FILE} but missing")
         with safe_open(str(file), framework="pt") as f:
             for hf_key in keys:
-                if hf_key.endswith(_IGNORED_SUFFIXES):
+                if hf_key.endswith(_IGNORED_SUFFIXES) or (score_head and hf_key == "lm_head.weight"):
+                    continue
+                if hf_key == SCORE_HEAD:
+                    if not score_head:
+                        continue  # a reward model's head is of no use to a language model
+                    yield "lm_head.weight", hf_key, f.get_tensor(hf_key)
                     continue
                 try:
                     ours = spec.from_hf_key(hf_key)
@@ -110,7 +127,9 @@ def load_hf_weights(model: nn.Module, path: str | os.PathLike, spec: FamilySpec)
     path = Path(path)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded = set()
-    for name, hf_key, tensor in iter_hf_tensors(path, spec):
+    args = getattr(model, "args", None)
+    score_head = bool(args is not None and args.num_labels)
+    for name, hf_key, tensor in iter_hf_tensors(path, spec, score_head):
         if name not in params:
             continue  # e.g. a tensor for layers this pipeline stage does not hold
         param = params[name]
@@ -121,7 +140,10 @@ def load_hf_weights(model: nn.Module, path: str | os.PathLike, spec: FamilySpec)
             )
         _copy_into(param, tensor)
         loaded.add(name)
-    tied = {"lm_head.weight"} if getattr(model, "args", None) is not None and model.args.tie_embeddings else set()
+    # A tied head is the embedding; a new score head (a reward model from a language model) starts fresh.
+    tied = {"lm_head.weight"} if args is not None and (args.tie_embeddings or args.num_labels) else set()
+    if score_head and SCORE_HEAD in weight_files(path):
+        tied = set()
     # LoRA adapters are not part of a base checkpoint.
     missing = sorted(n for n in set(params) - loaded - tied if ".lora_A." not in n and ".lora_B." not in n)
     if missing:
@@ -179,14 +201,18 @@ def save_hf_model(
     try:
         tensors = {}
         for name, t in state_dict.items():
-            if name == "lm_head.weight" and args.tie_embeddings:
+            if name == "lm_head.weight" and args.tie_embeddings and not args.num_labels:
                 continue
             t = t.detach().to("cpu")
-            tensors[spec.to_hf_key(name)] = (t.to(dtype) if dtype is not None else t).contiguous()
+            tensors[_to_hf(spec, args, name)] = (t.to(dtype) if dtype is not None else t).contiguous()
         out_dtype = dtype or next(iter(tensors.values())).dtype
         _write_shards(tensors, tmp, max_shard_bytes, save_file)
         cfg = spec.hf_config_from_args(args)
-        cfg.architectures = [type(cfg).__name__.replace("Config", "ForCausalLM")]
+        head = "ForSequenceClassification" if args.num_labels else "ForCausalLM"
+        cfg.architectures = [type(cfg).__name__.replace("Config", head)]
+        if args.num_labels:
+            cfg.num_labels = args.num_labels
+            cfg.tie_word_embeddings = False
         for key, value in (hf_config_extra or {}).items():
             setattr(cfg, key, value)
         cfg.dtype = out_dtype

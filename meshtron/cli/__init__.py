@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "chat": "chat with a model in the terminal",
     "serve": "serve a model over an OpenAI-compatible HTTP API",
     "eval": "evaluate a model on benchmarks (MMLU, C-Eval, BoolQ, BBH, AGIEval, HumanEval)",
+    "score": "score responses in a JSONL file with a trained reward model",
 }
 
 

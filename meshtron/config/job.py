@@ -246,6 +246,9 @@ class AlignConfig:
     simpo_gamma: float = 0.5
     """SimPO target reward margin gamma."""
 
+    rm_margin: float = 0.0
+    """Reward model: margin in the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin)."""
+
     prm_good_token: str = "+"
     """PRM: the token whose logit (against prm_bad_token) scores a step as good."""
 

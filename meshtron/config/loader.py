@@ -17,7 +17,7 @@ from pathlib import Path
 from meshtron.config.job import JobConfig
 from meshtron.errors import UserError
 
-RECIPES = ("pretrain", "sft", "dpo", "simpo", "prm")
+RECIPES = ("pretrain", "sft", "dpo", "simpo", "rm", "prm")
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "linear", "wsd")
@@ -189,6 +189,9 @@ def validate(cfg: JobConfig) -> None:
         if cfg.lora.quantize_base and cfg.parallel.tp != 1:
             raise UserError("QLoRA (lora.quantize_base = 'nf4') does not run with tensor parallel yet; set "
                             "parallel.tp = 1 (FSDP/HSDP work) or use a float base")
+    if cfg.train.recipe == "rm" and cfg.parallel.tp > 1:
+        raise UserError("the rm recipe's one-output score head is not tensor-parallel yet; use parallel.tp = 1 "
+                        "(dp_shard/dp_replicate work)")
     _check_choice(cfg.align.loss_type, ("sigmoid", "hinge", "ipo"), "align.loss_type")
     _check_choice(cfg.align.reference, ("auto", "copy", "lora"), "align.reference")
     _check_positive(cfg.align.beta, "align.beta")

@@ -10,13 +10,23 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
 
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype) -> None:
     """Wrap blocks, then the root. param_dtype is the compute dtype; reduce_dtype that of gradient reduction."""
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    shards = dp_mesh.size(-1)
+
+    def placement(param: nn.Parameter):
+        # A matrix with fewer rows than shards (a reward model's one-output score head) is split by
+        # columns instead, so that every rank holds a piece and seeded initialization can scatter it.
+        if param.ndim == 2 and param.shape[0] < shards and param.shape[1] % shards == 0:
+            return Shard(1)
+        return None
+
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again right away by backward: keep them gathered.
         fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=i < len(blocks) - 1)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, shard_placement_fn=placement)

@@ -72,6 +72,7 @@ class Trainer:
         self.model_args = self.source.args
         self.resume_from = self._find_resume_checkpoint()
         self.recipe = build_recipe(config)
+        self.model_args = self.source.args = self.recipe.model_args(self.source.args)
         self.data_loader = build_data_loader(
             config, data_kind=self.recipe.data_kind, default_handler=self.recipe.default_handler,
             vocab_size=self.model_args.vocab_size, tokenizer_dir=self.source.tokenizer_dir,

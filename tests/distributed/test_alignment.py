@@ -86,3 +86,44 @@ def test_simpo_and_prm_run(run_train, smollm2_dir, tmp_path):
     evals = [r for r in records if "eval_loss" in r]
     assert evals and all(0.0 <= r["eval_accuracy"] <= 1.0 for r in evals)
     assert all("accuracy" in r for r in records if "loss" in r)
+
+
+def test_reward_model_trains_exports_and_scores(run_train, smollm2_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    extra = f'[align]\nrm_margin = 0.0\n'
+    config = write_config(tmp_path, smollm2_dir, "rm", "preferences.jsonl", extra).read_text()
+    config = config.replace("[train]", f'eval_paths = ["{REPO / "data" / "preferences_heldout.jsonl"}"]\n[train]')
+    config = config.replace("save_final = false", "save_final = true")
+    (tmp_path / "rm.toml").write_text(config)
+    _, single = run_train(tmp_path / "rm.toml", tmp_path / "run")
+    _, sharded = run_train(tmp_path / "rm.toml", tmp_path / "run2", nproc=2, overrides=["--parallel.dp_shard", "2"])
+    train = [r for r in single if "loss" in r]
+    assert [r["loss"] for r in [r for r in sharded if "loss" in r]] == pytest.approx([r["loss"] for r in train],
+                                                                                     rel=RTOL)
+    assert all("rewards/accuracy" in r for r in train)
+    assert any("eval_rewards/accuracy" in r for r in single)
+
+    hf_dir = tmp_path / "rm_hf"
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "meshtron", "convert", "--input", str(tmp_path / "run"), "--output",
+                    str(hf_dir)], check=True, capture_output=True, env=env)
+    hf = AutoModelForSequenceClassification.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    assert type(hf).__name__ == "LlamaForSequenceClassification" and hf.config.num_labels == 1
+    responses = tmp_path / "responses.jsonl"
+    responses.write_text(json.dumps({"prompt": "What is 2 + 2?", "response": "4"}) + "\n"
+                         + json.dumps({"instruction": "Name a color.", "output": "Blue"}) + "\n")
+    result = subprocess.run([sys.executable, "-m", "meshtron", "score", "--model", str(tmp_path / "run"), "--input",
+                             str(responses)], check=True, capture_output=True, text=True, env=env)
+    scored = [json.loads(line) for line in result.stdout.splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"},
+                                         {"role": "assistant", "content": "4"}], return_dict=True)["input_ids"]
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits[0, 0].item()
+    assert len(scored) == 2 and scored[0]["reward"] == pytest.approx(expected, abs=1e-4)

@@ -32,6 +32,9 @@ class ModelArgs:
     sliding_layers: tuple[int, ...] = field(default_factory=tuple)
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # 0: a language-model head over the vocabulary. > 0: a score head with this many outputs
+    # (reward models; Hugging Face's *ForSequenceClassification `score` layer), never tied.
+    num_labels: int = 0
 
     def __post_init__(self):
         self.sliding_layers = tuple(self.sliding_layers)
@@ -59,11 +62,11 @@ class ModelArgs:
         mlp = 3 * self.dim * self.ffn_dim + (2 * self.ffn_dim + self.dim if self.mlp_bias else 0)
         per_layer = attn + mlp + 2 * self.dim
         total = self.num_layers * per_layer + self.dim
-        embeddings = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+        head = self.num_labels * self.dim if self.num_labels else (0 if self.tie_embeddings else self.vocab_size * self.dim)
         if include_embedding:
-            total += embeddings
-        elif not self.tie_embeddings:
-            total += self.vocab_size * self.dim  # the output head still costs compute
+            total += self.vocab_size * self.dim + head
+        else:
+            total += head  # the output head still costs compute
         return total
 
     def to_dict(self) -> dict:

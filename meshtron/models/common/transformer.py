@@ -53,11 +53,11 @@ class Transformer(nn.Module):
         self.rope = RotaryEmbedding(args)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args, i) for i in range(args.num_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.lm_head = nn.Linear(args.dim, args.num_labels or args.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        if self.args.tie_embeddings and self.embed is not None and self.lm_head is not None:
+        if self.args.tie_embeddings and not self.args.num_labels and self.embed is not None and self.lm_head is not None:
             self.lm_head.weight = self.embed.weight
 
     @torch.no_grad()

@@ -2,13 +2,13 @@
 they read); the loop itself is the one Trainer. `build_recipe(name, config)` picks one."""
 
 from meshtron.config import JobConfig
-from meshtron.train.recipes.alignment import DPORecipe, PRMRecipe, SimPORecipe
+from meshtron.train.recipes.alignment import DPORecipe, PRMRecipe, RewardModelRecipe, SimPORecipe
 from meshtron.train.recipes.base import Recipe
 from meshtron.train.recipes.pretrain import PretrainRecipe
 from meshtron.train.recipes.sft import SFTRecipe
 
 RECIPES: dict[str, type[Recipe]] = {"pretrain": PretrainRecipe, "sft": SFTRecipe, "dpo": DPORecipe,
-                                    "simpo": SimPORecipe, "prm": PRMRecipe}
+                                    "simpo": SimPORecipe, "rm": RewardModelRecipe, "prm": PRMRecipe}
 
 
 def build_recipe(config: JobConfig) -> Recipe:

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshtron.align.losses import dpo_loss, preference_metrics, prm_loss, simpo_loss
+import dataclasses
+
+from meshtron.align.losses import bradley_terry_loss, dpo_loss, preference_metrics, prm_loss, simpo_loss
 from meshtron.errors import UserError
 from meshtron.train.recipes.base import Recipe
 
@@ -125,6 +127,40 @@ class SimPORecipe(PairwiseRecipe):
             losses = losses + cfg.sft_weight * (-chosen / len_c.clamp(min=1))
         self._record({**preference_metrics(r_chosen, r_rejected), "logps/chosen": chosen.sum(),
                       "logps/rejected": rejected.sum()})
+        return losses.sum()
+
+
+def last_token_index(document_ids: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token: a pairwise row holds one sample, padding has its own id."""
+    return (document_ids == document_ids[:, :1]).sum(-1) - 1
+
+
+def sequence_rewards(model: nn.Module, input_ids, document_ids, position_ids) -> torch.Tensor:
+    """The score head's value at each row's last real token (the reward model's output)."""
+    values = model(input_ids, position_ids=position_ids, document_ids=document_ids)
+    values = values.full_tensor() if hasattr(values, "full_tensor") else values
+    last = last_token_index(document_ids)
+    return values[torch.arange(values.shape[0], device=values.device), last, 0].float()
+
+
+class RewardModelRecipe(PairwiseRecipe):
+    """Outcome reward model: a scalar `score` head read at the last token, Bradley-Terry loss on
+    chosen vs rejected (with an optional margin). Exports as *ForSequenceClassification."""
+
+    name = "rm"
+
+    def model_args(self, args):
+        return dataclasses.replace(args, num_labels=1)
+
+    def loss_sum(self, model, batch) -> torch.Tensor:
+        def cat(key):
+            return torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], dim=0)
+
+        rewards = sequence_rewards(model, cat("input_ids"), cat("document_ids"), cat("position_ids"))
+        n = batch["chosen_input_ids"].shape[0]
+        chosen, rejected = rewards[:n], rewards[n:]
+        losses = bradley_terry_loss(chosen, rejected, self.config.align.rm_margin)
+        self._record(preference_metrics(chosen.detach(), rejected.detach()))
         return losses.sum()
 
 

@@ -28,6 +28,10 @@ class Recipe:
         """Forward `batch` and return the summed loss (a scalar)."""
         raise NotImplementedError
 
+    def model_args(self, args):
+        """The model this recipe trains, given the source's args (e.g. a score head for rm)."""
+        return args
+
     def setup(self, trainer) -> None:
         """Build what the recipe needs beside the model (a reference model, label token ids)."""
 
