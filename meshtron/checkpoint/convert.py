@@ -8,14 +8,13 @@ Both write to a temporary directory and rename it into place when complete.
 """
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 
+from meshtron.checkpoint.atomic import atomic_directory
 from meshtron.checkpoint.hf import SIDE_FILES, hf_token_config, load_hf_model, read_hf_config, save_hf_model
 from meshtron.checkpoint.manager import COMMIT_MARKER, FORMAT, MANIFEST, TOKENIZER_DIR, read_chat_template
 from meshtron.checkpoint import load_for_inference, read_manifest, resolve_checkpoint
@@ -46,9 +45,7 @@ def hf_to_checkpoint(hf_dir: str | Path, output_dir: str | Path, dtype: torch.dt
     hf_dir, output_dir = Path(hf_dir), Path(output_dir)
     _, hf_cfg, _ = read_hf_config(hf_dir)
     model, args = load_hf_model(hf_dir, device="cpu", dtype=dtype)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
+    with atomic_directory(output_dir) as tmp:
         dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp), no_dist=True)
         (tmp / TOKENIZER_DIR).mkdir()
         for name in SIDE_FILES:
@@ -62,10 +59,4 @@ def hf_to_checkpoint(hf_dir: str | Path, output_dir: str | Path, dtype: torch.dt
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         (tmp / COMMIT_MARKER).write_text("ok\n")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output_dir

@@ -9,13 +9,13 @@ only its own shard.
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from meshtron.checkpoint.atomic import atomic_directory
 from meshtron.errors import UserError
 from meshtron.models.common.args import ModelArgs
 from meshtron.models.registry import build_model, family_for_model_type
@@ -196,9 +196,7 @@ def save_hf_model(
 
     spec = get_family(args.family)
     output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
+    with atomic_directory(output_dir) as tmp:
         tensors = {}
         for name, t in state_dict.items():
             if name == "lm_head.weight" and args.tie_embeddings and not args.num_labels:
@@ -222,12 +220,6 @@ def save_hf_model(
                 src = Path(source_dir) / name
                 if src.is_file():
                     shutil.copy2(src, tmp / name)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output_dir
 
 

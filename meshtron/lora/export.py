@@ -7,13 +7,12 @@ The PEFT layout is what `peft.PeftModel.from_pretrained(base, dir)` reads (and v
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from meshtron.checkpoint.atomic import atomic_directory
 from meshtron.lora.layers import LoRAConfig, LoRALinear, dequantize
 from meshtron.models.common.args import ModelArgs
 from meshtron.models.registry import get_family
@@ -55,17 +54,9 @@ def save_peft_adapter(model: nn.Module, args: ModelArgs, config: LoRAConfig, out
         "init_lora_weights": True,
     }
     output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
+    with atomic_directory(output_dir) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output_dir
 
 
