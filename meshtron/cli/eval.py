@@ -24,6 +24,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="HumanEval sampling temperature")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="cap on generated tokens per item")
     parser.add_argument("--seq-length", type=int, default=1024, help="perplexity window length")
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor-parallel degree under torchrun; the remaining processes split the data")
     parser.add_argument("--output", default="eval_results/report.json", help="report JSON (a .png chart beside it)")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
 
@@ -41,7 +43,7 @@ def run(args) -> int:
         raise UserError("--num-samples > 1 needs --temperature > 0 (greedy samples are identical)")
     settings = EvalSettings(shots=args.shots, limit=args.limit, mode=args.scoring, chat_template=args.chat_template,
                             batch_size=args.batch_size, num_samples=args.num_samples, temperature=args.temperature,
-                            max_new_tokens=args.max_new_tokens)
+                            max_new_tokens=args.max_new_tokens, tp=args.tp)
     report = evaluate(args.model, names, args.data_dir, settings, dtype=args.dtype, seq_length=args.seq_length)
     if report is None:  # not rank 0
         return 0

@@ -34,6 +34,7 @@ class EvalSettings:
     temperature: float = 0.0  # for HumanEval sampling when num_samples > 1
     max_new_tokens: int | None = None  # caps every task's generation budget
     seed: int = 1234
+    tp: int = 1  # tensor-parallel degree under torchrun (the rest of the processes are data-parallel)
 
 
 @dataclass
@@ -56,28 +57,48 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def init_distributed() -> tuple[int, int]:
-    """(rank, world size); joins the torchrun process group when launched under torchrun."""
+@dataclass
+class Layout:
+    """Where this process sits: its data-parallel rank among dp_size, and a TP mesh if any."""
+
+    dp_rank: int = 0
+    dp_size: int = 1
+    tp_mesh: object = None
+    device: torch.device | None = None
+    dp_group: object = None  # None: the default group
+
+
+def init_distributed(tp: int = 1) -> Layout:
+    """Join the torchrun process group (if any) and split it into data-parallel x tensor-parallel."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if tp < 1 or world % tp:
+        raise UserError(f"--tp {tp} does not divide the {world} launched processes; launch a multiple of {tp}")
     if world == 1:
-        return 0, 1
+        return Layout()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size()
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if tp == 1:
+        return Layout(dist.get_rank(), world, None, device, None)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+    return Layout(mesh["dp"].get_local_rank(), world // tp, mesh["tp"], device, mesh["dp"].get_group())
 
 
-def _gather(local: list, rank: int, world: int, total: int) -> list:
-    if world == 1:
+def _gather(local: list, layout: Layout, total: int) -> list:
+    if layout.dp_size == 1:
         return local
-    parts: list = [None] * world
-    dist.all_gather_object(parts, local)
+    parts: list = [None] * layout.dp_size
+    dist.all_gather_object(parts, local, group=layout.dp_group)
     merged = [None] * total
     for r, part in enumerate(parts):
         for j, value in enumerate(part):
-            merged[r + j * world] = value
+            merged[r + j * layout.dp_size] = value
     return merged
 
 
@@ -108,14 +129,15 @@ def prepare_task(task: Task, data_dir: Path | None, settings: EvalSettings) -> P
     return PreparedTask(task, mode, shots, items)
 
 
-def run_task(lm: EvalLM, prepared: PreparedTask, settings: EvalSettings, rank=0, world=1) -> TaskResult:
+def run_task(lm: EvalLM, prepared: PreparedTask, settings: EvalSettings, layout: Layout | None = None) -> TaskResult:
+    layout = layout or Layout()
     task, items = prepared.task, prepared.items
     repeats = settings.num_samples if prepared.mode == "execution" else 1
     work = [(i, r) for i in range(len(items)) for r in range(repeats)]
-    mine = work[rank::world]
+    mine = work[layout.dp_rank :: layout.dp_size]
     start = time.monotonic()
     local = _score(lm, task, [items[i] for i, _ in mine], settings)
-    scores = _gather(local, rank, world, len(work))
+    scores = _gather(local, layout, len(work))
     log.info("%s: %d items scored in %.1fs", task.name, len(work), time.monotonic() - start)
     per_item = [scores[i * repeats : (i + 1) * repeats] for i in range(len(items))]
     return _aggregate(task, items, per_item, prepared.shots, prepared.mode, settings)
@@ -184,19 +206,21 @@ def evaluate(model_path: str, task_names: list[str], data_dir: str | None, setti
         raise UserError(f"data directory {data_dir} does not exist")
     root = Path(data_dir) if data_dir else None
     prepared = [None if task is None else prepare_task(task, root, settings) for task in tasks]
-    rank, world = init_distributed()
-    lm = EvalLM(load_for_generation(model_path, dtype=dtype), settings.batch_size, settings.chat_template)
+    layout = init_distributed(settings.tp)
+    loaded = load_for_generation(model_path, dtype=dtype, device=layout.device, tp_mesh=layout.tp_mesh)
+    lm = EvalLM(loaded, settings.batch_size, settings.chat_template)
     results = [
-        perplexity(lm, data_dir, seq_length, settings.limit, rank, world) if p is None
-        else run_task(lm, p, settings, rank, world)
+        perplexity(lm, data_dir, seq_length, settings.limit, layout) if p is None
+        else run_task(lm, p, settings, layout)
         for p in prepared
     ]
-    if rank != 0:
+    if dist.is_initialized() and dist.get_rank() != 0:
         return None
     return {
         "model": str(model_path),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "world_size": world,
+        "world_size": layout.dp_size * (layout.tp_mesh.size() if layout.tp_mesh is not None else 1),
+        "tp": settings.tp,
         "chat_template": settings.chat_template,
         "limit": settings.limit,
         "results": {r.task: r.__dict__ for r in results},

@@ -28,15 +28,17 @@ def resolve_prefix(path: str) -> str:
 
 
 @torch.no_grad()
-def perplexity(lm: EvalLM, path: str, seq_length: int, limit: int | None, rank: int = 0, world: int = 1):
+def perplexity(lm: EvalLM, path: str, seq_length: int, limit: int | None, layout=None):
     from meshtron.data.indexed import IndexedDataset
-    from meshtron.eval.harness import TaskResult
+    from meshtron.eval.harness import Layout, TaskResult
+
+    layout = layout or Layout()
 
     ds = IndexedDataset(resolve_prefix(path))
     num_docs = ds.num_documents if limit is None else min(limit, ds.num_documents)
     nll = torch.zeros((), dtype=torch.float64)
     count = torch.zeros((), dtype=torch.float64)
-    for doc in range(rank, num_docs, world):
+    for doc in range(layout.dp_rank, num_docs, layout.dp_size):
         tokens = torch.from_numpy(ds.document(doc).astype("int64"))
         for start in range(0, max(len(tokens) - 1, 0), seq_length):
             window = tokens[start : start + seq_length + 1].to(lm.device)
@@ -45,9 +47,9 @@ def perplexity(lm: EvalLM, path: str, seq_length: int, limit: int | None, rank: 
             logits = lm.model(window[None, :-1]).float()
             nll += F.cross_entropy(logits[0], window[1:], reduction="sum").double().cpu()
             count += len(window) - 1
-    if world > 1:
-        stats = torch.stack([nll, count])
-        dist.all_reduce(stats)
+    if layout.dp_size > 1:
+        stats = torch.stack([nll, count]).to(lm.device)
+        dist.all_reduce(stats, group=layout.dp_group)
         nll, count = stats[0], stats[1]
     if count == 0:
         raise UserError(f"perplexity: {path} holds no tokens to predict")

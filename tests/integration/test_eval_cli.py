@@ -35,15 +35,16 @@ def test_smollm2_humaneval_report_end_to_end(smollm2_dir, tmp_path):
 
 
 @pytest.mark.smollm2
-def test_two_ranks_give_the_same_scores_as_one(smollm2_dir, eval_data_dir, tmp_path):
+@pytest.mark.parametrize("nproc, tp", [(2, 1), (3, 3)], ids=["dp2", "tp3"])
+def test_parallel_evaluation_gives_the_same_scores_as_one_process(smollm2_dir, eval_data_dir, tmp_path, nproc, tp):
     scores = []
-    for nproc in (1, 2):
-        out = tmp_path / f"r{nproc}.json"
+    for n, extra in ((1, []), (nproc, ["--tp", str(tp)])):
+        out = tmp_path / f"r{n}.json"
         result = run_eval("--model", str(smollm2_dir), "--tasks", "mmlu,boolq,bbh", "--data-dir", str(eval_data_dir),
-                          "--shots", "1", "--max-new-tokens", "8", "--output", str(out), nproc=nproc)
-        assert result.returncode == 0, result.stderr
+                          "--shots", "1", "--max-new-tokens", "8", "--output", str(out), *extra, nproc=n)
+        assert result.returncode == 0, result.stderr[-3000:]
         report = json.loads(out.read_text())
-        assert report["world_size"] == nproc
+        assert report["world_size"] == n
         scores.append({k: (v["score"], v["n"], v["subtasks"]) for k, v in report["results"].items()})
     assert scores[0] == scores[1]
 
