@@ -55,11 +55,15 @@ def load_for_generation(
         model = _load_hf(root, device, torch_dtype, tp_mesh)
         tokenizer_dir = root
     else:
+        from meshtron.checkpoint import load_for_inference
+
         try:
-            from meshtron.checkpoint import load_for_inference
-        except ImportError:
-            raise UserError(f"{root} is not a Hugging Face model directory (no config.json)") from None
-        model, _, tokenizer_dir = load_for_inference(root, device=device, dtype=torch_dtype)
+            model, _, tokenizer_dir = load_for_inference(root, device=device, dtype=torch_dtype)
+        except UserError as e:
+            if "holds no complete meshtron checkpoint" not in str(e):
+                raise
+            raise UserError(f"{root} is neither a Hugging Face model directory (no config.json) nor a meshtron "
+                            "checkpoint (no checkpoints/step-N); give an HF model directory or a run directory") from None
         if tokenizer_dir is None:
             raise UserError(f"checkpoint {root} carries no tokenizer; generation needs one (train with a "
                             "tokenizer in the manifest, or convert the checkpoint and add tokenizer files)")
