@@ -80,3 +80,14 @@ def test_lora_sft_lowers_held_out_loss(smollm2_dir, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
     assert evals[200] < 0.8 * evals[0], evals
+
+
+@pytest.mark.slow
+def test_qlora_sft_lowers_held_out_loss(smollm2_dir, tmp_path):
+    result = meshtron("train", str(REPO / "configs" / "smollm2" / "sft_qlora.toml"), "--train.output_dir",
+                      str(tmp_path / "run"), "--train.steps", "60", "--train.eval_interval", "0",
+                      "--model.name_or_path", str(smollm2_dir), cwd=REPO, timeout=5400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
+    assert evals[60] < 0.9 * evals[0], evals
