@@ -62,3 +62,9 @@ def test_qlora_runs_under_fsdp(run_train, tiny_config, hf_dir, tmp_path):
     _, two = run_train(tiny_config, tmp_path / "two", nproc=2, overrides=[*qlora, "--parallel.dp_shard", "2"])
     # bfloat16 compute: the two layouts agree to bf16 rounding.
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=2e-3)
+
+
+def test_lora_with_full_recompute_matches(run_train, tiny_config, hf_dir, single, tmp_path):
+    _, records = run_train(tiny_config, tmp_path, overrides=["--model.name_or_path", str(hf_dir), *LORA,
+                                                             "--recompute.mode", "full"])
+    assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in single[2]], rel=RTOL)
