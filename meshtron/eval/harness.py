@@ -75,13 +75,9 @@ def init_distributed(tp: int = 1) -> Layout:
         raise UserError(f"--tp {tp} does not divide the {world} launched processes; launch a multiple of {tp}")
     if world == 1:
         return Layout()
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    from meshtron.infer.tp import join_process_group
+
+    device = join_process_group()
     if tp == 1:
         return Layout(dist.get_rank(), world, None, device, None)
     from torch.distributed.device_mesh import init_device_mesh

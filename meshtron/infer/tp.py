@@ -29,6 +29,14 @@ def init_tp_mesh() -> tuple[DeviceMesh | None, torch.device | None]:
     rank's device (gloo on CPU, NCCL on GPUs). (None, None) for a single process."""
     if world_size() == 1:
         return None, None
+    device = join_process_group()
+    mesh = init_device_mesh(device.type, (world_size(),), mesh_dim_names=("tp",))
+    return mesh, device
+
+
+def join_process_group() -> torch.device:
+    """This process's device (its local GPU, else the CPU) and the torchrun process group on it
+    (NCCL on GPUs, gloo on CPU)."""
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -36,8 +44,7 @@ def init_tp_mesh() -> tuple[DeviceMesh | None, torch.device | None]:
         device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    mesh = init_device_mesh(device.type, (world_size(),), mesh_dim_names=("tp",))
-    return mesh, device
+    return device
 
 
 def close_tp(tp_mesh: DeviceMesh | None) -> None:

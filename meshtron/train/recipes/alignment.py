@@ -67,6 +67,14 @@ class PairwiseRecipe(Recipe):
         sums, self.metric_sums = self.metric_sums, {}
         return sums
 
+    def _finish(self, losses, chosen, rejected, len_c, r_chosen, r_rejected) -> torch.Tensor:
+        """Add the optional SFT term on chosen, record the preference metrics, sum over pairs."""
+        if self.config.align.sft_weight:
+            losses = losses + self.config.align.sft_weight * (-chosen / len_c.clamp(min=1))
+        self._record({**preference_metrics(r_chosen, r_rejected), "logps/chosen": chosen.sum(),
+                      "logps/rejected": rejected.sum()})
+        return losses.sum()
+
 
 class DPORecipe(PairwiseRecipe):
     name = "dpo"
@@ -107,11 +115,7 @@ class DPORecipe(PairwiseRecipe):
             args = (chosen, rejected, ref_chosen, ref_rejected)
         losses, r_chosen, r_rejected = dpo_loss(*args, beta=cfg.beta, loss_type=cfg.loss_type,
                                                 label_smoothing=cfg.label_smoothing)
-        if cfg.sft_weight:
-            losses = losses + cfg.sft_weight * (-chosen / len_c.clamp(min=1))
-        self._record({**preference_metrics(r_chosen, r_rejected), "logps/chosen": chosen.sum(),
-                      "logps/rejected": rejected.sum()})
-        return losses.sum()
+        return self._finish(losses, chosen, rejected, len_c, r_chosen, r_rejected)
 
 
 class SimPORecipe(PairwiseRecipe):
@@ -123,11 +127,7 @@ class SimPORecipe(PairwiseRecipe):
         losses, r_chosen, r_rejected = simpo_loss(chosen, rejected, len_c.clamp(min=1), len_r.clamp(min=1),
                                                   beta=cfg.beta, gamma=cfg.simpo_gamma,
                                                   label_smoothing=cfg.label_smoothing)
-        if cfg.sft_weight:
-            losses = losses + cfg.sft_weight * (-chosen / len_c.clamp(min=1))
-        self._record({**preference_metrics(r_chosen, r_rejected), "logps/chosen": chosen.sum(),
-                      "logps/rejected": rejected.sum()})
-        return losses.sum()
+        return self._finish(losses, chosen, rejected, len_c, r_chosen, r_rejected)
 
 
 def last_token_index(document_ids: torch.Tensor) -> torch.Tensor:
