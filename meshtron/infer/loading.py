@@ -56,14 +56,12 @@ def load_for_generation(
         tokenizer_dir = root
     else:
         from meshtron.checkpoint import load_for_inference
+        from meshtron.checkpoint.manager import MANIFEST
 
-        try:
-            model, _, tokenizer_dir = load_for_inference(root, device=device, dtype=torch_dtype)
-        except UserError as e:
-            if "holds no complete meshtron checkpoint" not in str(e):
-                raise
+        if not ((root / MANIFEST).is_file() or (root / "checkpoints").is_dir() or any(root.glob("step-*"))):
             raise UserError(f"{root} is neither a Hugging Face model directory (no config.json) nor a meshtron "
-                            "checkpoint (no checkpoints/step-N); give an HF model directory or a run directory") from None
+                            "checkpoint (no checkpoints/step-N); give an HF model directory or a run directory")
+        model, _, tokenizer_dir = load_for_inference(root, device=device, dtype=torch_dtype)
         if tokenizer_dir is None:
             raise UserError(f"checkpoint {root} carries no tokenizer; generation needs one (train with a "
                             "tokenizer in the manifest, or convert the checkpoint and add tokenizer files)")

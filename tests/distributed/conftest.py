@@ -61,3 +61,17 @@ def read_records(output_dir: Path) -> list[dict]:
 def run_train():
     """`run_train(config, output_dir, nproc=1, overrides=(), check=True)` -> (process, metrics records)."""
     return _run_train
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory):
+    """A tiny random Llama saved as an HF directory (safetensors): a pretrained-model source."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    path = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(str(path))
+    return path

@@ -96,7 +96,7 @@ def test_reward_model_trains_exports_and_scores(run_train, smollm2_dir, tmp_path
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    extra = f'[align]\nrm_margin = 0.0\n'
+    extra = '[align]\nrm_margin = 0.0\n'
     config = write_config(tmp_path, smollm2_dir, "rm", "preferences.jsonl", extra).read_text()
     config = config.replace("[train]", f'eval_paths = ["{REPO / "data" / "preferences_heldout.jsonl"}"]\n[train]')
     config = config.replace("save_final = false", "save_final = true")

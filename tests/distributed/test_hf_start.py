@@ -2,19 +2,6 @@
 shards, so the first losses at every layout equal the single-process ones."""
 
 import pytest
-import torch
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    path = tmp_path_factory.mktemp("hf") / "tiny-llama"
-    LlamaForCausalLM(config).save_pretrained(str(path))  # safetensors
-    return path
 
 
 @pytest.mark.parametrize("nproc, layout", [(2, ["--parallel.dp_shard", "2"]),

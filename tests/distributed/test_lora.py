@@ -4,22 +4,9 @@ sharded like their base layers), adapter-only checkpoints, and QLoRA under FSDP.
 import json
 
 import pytest
-import torch
 
 RTOL = 2e-5
 LORA = ["--lora.rank", "4", "--lora.alpha", "8", "--train.steps", "4"]
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    path = tmp_path_factory.mktemp("hf") / "tiny-llama"
-    LlamaForCausalLM(config).save_pretrained(str(path))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ evaluated, with few-shot examples from `dev`."""
 from pathlib import Path
 
 from meshtron.eval.tasks.base import LETTERS, ChoiceItem, GenItem, Task, read_csv, require_files, task_dir
-from meshtron.eval.tasks.mmlu import _gold
+from meshtron.eval.tasks.mmlu import _gold, score_first_letter
 
 
 def _question(row: list[str], with_answer: bool) -> str:
@@ -43,5 +43,4 @@ class CEval(Task):
         return items
 
     def score_generation(self, item, text):
-        letter = next((c for c in text if c in LETTERS[:4]), None)
-        return float(letter == item.target)
+        return score_first_letter(item, text)

@@ -47,8 +47,13 @@ class MMLU(Task):
         return items
 
     def score_generation(self, item, text):
-        letter = next((c for c in text if c in LETTERS[:4]), None)
-        return float(letter == item.target)
+        return score_first_letter(item, text)
+
+
+def score_first_letter(item, text: str) -> float:
+    """Generative multiple choice: the first A-D letter of the answer must be the gold one."""
+    letter = next((c for c in text if c in LETTERS[:4]), None)
+    return float(letter == item.target)
 
 
 def _gold(answer: str, path, lineno) -> int:
