@@ -130,6 +130,8 @@ def load_hf_weights(model: nn.Module, path: str | os.PathLike, spec: FamilySpec)
     args = getattr(model, "args", None)
     score_head = bool(args is not None and args.num_labels)
     for name, hf_key, tensor in iter_hf_tensors(path, spec, score_head):
+        if name == "embed.weight" and name not in params and "lm_head.weight" in params and args.tie_embeddings:
+            name = "lm_head.weight"  # the last pipeline stage's copy of a tied embedding
         if name not in params:
             continue  # e.g. a tensor for layers this pipeline stage does not hold
         param = params[name]

@@ -46,6 +46,8 @@ class ModelState(Stateful):
     `part`: "all"; "adapters" (only the trainable LoRA tensors: a LoRA run's checkpoints stay
     small and name their base model in the manifest); "base" (all but LoRA adapters, to load a
     base checkpoint into a model that has adapters).
+    `model` may be a rank's pipeline stages (StageParts): their names are the whole model's
+    (layers keep their global index), so their state dicts are merged as they are.
     """
 
     def __init__(self, model: nn.Module, part: str = "all"):
@@ -53,31 +55,68 @@ class ModelState(Stateful):
         self.model, self.part = model, part
         self.options = StateDictOptions(ignore_frozen_params=part == "adapters", strict=part == "all")
 
-    def state_dict(self) -> dict:
-        state = get_model_state_dict(self.model, options=self.options)
+    def _parts(self) -> list[nn.Module]:
+        from meshtron.parallel.pipeline import StageParts
+
+        return list(self.model) if isinstance(self.model, StageParts) else [self.model]
+
+    def _part_state_dict(self, model: nn.Module) -> dict:
+        state = get_model_state_dict(model, options=self.options)
         if self.part == "base":
             state = {k: v for k, v in state.items() if ".lora_A." not in k and ".lora_B." not in k}
         elif self.part == "adapters":
             # ignore_frozen_params keeps the second name of a tied frozen weight (lm_head of tied embeddings).
-            trainable = {n for n, p in self.model.named_parameters(remove_duplicate=False) if p.requires_grad}
+            trainable = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
             state = {k: v for k, v in state.items() if k in trainable}
         return state
 
+    def state_dict(self) -> dict:
+        return {k: v for part in self._parts() for k, v in self._part_state_dict(part).items()}
+
     def load_state_dict(self, state_dict: dict) -> None:
-        set_model_state_dict(self.model, state_dict, options=self.options)
+        for part in self._parts():
+            names = self._part_state_dict(part).keys()
+            set_model_state_dict(part, {k: state_dict[k] for k in names}, options=self.options)
 
 
 class OptimizerState(Stateful):
-    """Optimizer state keyed by parameter name (not position), so it reshards and survives reordering."""
+    """Optimizer state keyed by parameter name (not position), so it reshards and survives reordering.
+
+    Flattened (`state.<param>.<name>`, `param_groups.<param>.<hyper>`), so that the keys of a
+    pipeline stage's parameters are the same at any pipeline layout. Pipeline stages (StageParts)
+    are a ModuleList: its index prefix is removed from the names here and put back on load. A
+    stage's copy of a tied embedding (the head) is stored under the embedding's name, as a model
+    without pipeline stores the one tied parameter.
+    """
+
+    _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
+        self._stored_key: dict[str, str] | None = None  # torch's flattened key -> the key in the checkpoint
+
+    def _stored_name(self, key: str) -> str:
+        from meshtron.parallel.pipeline import StageParts, holds_split_head
+
+        if not isinstance(self.model, StageParts):
+            return key
+        kind, index, rest = key.split(".", 2)
+        name, leaf = rest.rsplit(".", 1)
+        if name == "lm_head.weight" and holds_split_head(self.model[int(index)]):
+            name = "embed.weight"
+        return f"{kind}.{name}.{leaf}"
 
     def state_dict(self) -> dict:
-        return get_optimizer_state_dict(self.model, self.optimizer)
+        state = get_optimizer_state_dict(self.model, self.optimizer, options=self._OPTIONS)
+        self._stored_key = {key: self._stored_name(key) for key in state}
+        # Where a rank holds both the embedding and its copy, both map to one key with equal values.
+        return {self._stored_key[key]: value for key, value in state.items()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+        if self._stored_key is None:
+            self.state_dict()
+        state = {key: state_dict[stored] for key, stored in self._stored_key.items()}
+        set_optimizer_state_dict(self.model, self.optimizer, state, options=self._OPTIONS)
 
 
 def is_complete(path: Path) -> bool:

@@ -164,7 +164,22 @@ class ParallelConfig:
     """With tp > 1, also split norms and residual activations along the sequence."""
 
     pp: int = 1
-    """Pipeline-parallel degree (not available in this version: must be 1)."""
+    """Pipeline-parallel degree: the layers are split into pp stages (torch.distributed.pipelining),
+    each on its own group of ranks; the global batch is cut into micro-batches that flow through
+    them (their number is global_batch_size / (micro_batch_size x data-parallel size))."""
+
+    pp_schedule: str = ""
+    """Pipeline schedule: gpipe, 1f1b, interleaved_1f1b (several virtual stages per rank) or zbv
+    (zero-bubble V: exactly two stages per rank). Empty: 1f1b, or interleaved_1f1b when vpp > 1."""
+
+    vpp: int = 1
+    """Virtual pipeline stages per rank (interleaving; Megatron's virtual pipeline size). zbv
+    always uses 2."""
+
+    pp_layers: list[int] = field(default_factory=list)
+    """Layers of each stage, in pipeline order, e.g. [3, 5] (MindSpeed-LLM's --num-layer-list);
+    pp x vpp numbers that sum to the model's layers. Empty: as even as possible, the earlier
+    stages taking the remainder (the last stage also runs the output head)."""
 
     cp: int = 1
     """Context-parallel degree (not available in this version: must be 1)."""
@@ -238,7 +253,9 @@ class AlignConfig:
 
     reference: str = "auto"
     """DPO reference model: copy (a frozen copy of the starting model), lora (the model with its
-    adapters off; LoRA runs only, no extra memory) or auto (lora for LoRA runs, else copy)."""
+    adapters off; LoRA runs only, no extra memory), precomputed (the starting model's log-probs of
+    every training and held-out pair, computed in one no-grad pass before the first step; no
+    reference model while training) or auto (lora for LoRA runs, else copy)."""
 
     sft_weight: float = 0.0
     """Weight of an added language-model loss (mean token NLL) on the chosen response."""

@@ -22,6 +22,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "linear", "wsd")
 RECOMPUTE_MODES = ("none", "selective", "full")
+PP_SCHEDULES = ("", "gpipe", "1f1b", "interleaved_1f1b", "zbv")
 
 
 def _field_name(key: str) -> str:
@@ -189,11 +190,17 @@ def validate(cfg: JobConfig) -> None:
         if cfg.lora.quantize_base and cfg.parallel.tp != 1:
             raise UserError("QLoRA (lora.quantize_base = 'nf4') does not run with tensor parallel yet; set "
                             "parallel.tp = 1 (FSDP/HSDP work) or use a float base")
+    _check_choice(cfg.parallel.pp_schedule, PP_SCHEDULES, "parallel.pp_schedule")
+    if cfg.parallel.pp > 1 and cfg.train.recipe not in ("pretrain", "sft"):
+        raise UserError(f"the {cfg.train.recipe} recipe does not run with pipeline parallel yet (pretrain and sft "
+                        "do); set parallel.pp = 1 and use dp_shard/tp")
+    if cfg.parallel.pp > 1 and cfg.lora.rank and cfg.lora.quantize_base:
+        raise UserError("QLoRA (lora.quantize_base) does not run with pipeline parallel yet; set parallel.pp = 1")
     if cfg.train.recipe == "rm" and cfg.parallel.tp > 1:
         raise UserError("the rm recipe's one-output score head is not tensor-parallel yet; use parallel.tp = 1 "
                         "(dp_shard/dp_replicate work)")
     _check_choice(cfg.align.loss_type, ("sigmoid", "hinge", "ipo"), "align.loss_type")
-    _check_choice(cfg.align.reference, ("auto", "copy", "lora"), "align.reference")
+    _check_choice(cfg.align.reference, ("auto", "copy", "lora", "precomputed"), "align.reference")
     _check_positive(cfg.align.beta, "align.beta")
     if not 0 <= cfg.align.label_smoothing < 0.5:
         raise UserError(f"align.label_smoothing must be in [0, 0.5), got {cfg.align.label_smoothing}")

@@ -117,9 +117,13 @@ def _convert(linear: nn.Linear, config: LoRAConfig) -> None:
 @torch.no_grad()
 def init_lora(model: nn.Module, seed: int | None = None) -> None:
     """A: Kaiming-uniform (as nn.Linear and PEFT), B: zeros."""
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    for module in [model] if isinstance(model, LoRALinear) else model.modules():
+    from meshtron.models.common.transformer import module_generator
+
+    named = [("", model)] if isinstance(model, LoRALinear) else model.named_modules()
+    for name, module in named:
         if isinstance(module, LoRALinear):
+            # Seeded by name, so a pipeline stage draws what the whole model draws for its layers.
+            gen = module_generator(seed, name)
             a = module.lora_A.weight
             bound = 1.0 / a.shape[1] ** 0.5
             values = torch.empty(a.shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen)

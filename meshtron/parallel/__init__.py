@@ -3,7 +3,9 @@
 `parallelize` is that order, written once: tensor (+ sequence) parallel, then activation
 recompute, then torch.compile of each block, then FSDP2 last (it must see the final modules and
 the TP-sharded parameters).
-Pipeline, context and expert parallel slot in before TP when they land (see ARCHITECTURE.md).
+Pipeline parallel comes first, outside this function: each pipeline stage is a pruned model
+(meshtron.parallel.pipeline) that then goes through this same order. Context and expert
+parallel slot in before TP when they land (see ARCHITECTURE.md).
 The model is on the meta device throughout; it is materialized afterwards.
 """
 
@@ -29,6 +31,7 @@ def parallelize(
     param_dtype: torch.dtype,
     reduce_dtype: torch.dtype,
     compile_blocks: bool = False,
+    reshard_after_forward: bool = True,
 ) -> nn.Module:
     if dims.tp_enabled:
         apply_tp(model, meshes.tp, sequence_parallel)
@@ -39,5 +42,5 @@ def parallelize(
         for block in model.layers.values():
             block.compile()
     if dims.fsdp_enabled:
-        apply_fsdp(model, meshes.fsdp, param_dtype, reduce_dtype)
+        apply_fsdp(model, meshes.fsdp, param_dtype, reduce_dtype, reshard_after_forward)
     return model

@@ -29,17 +29,17 @@ class ParallelDims:
     def resolve(cls, *, dp_replicate: int, dp_shard: int, tp: int, world_size: int, pp: int = 1, cp: int = 1,
                 ep: int = 1) -> "ParallelDims":
         """Fill in dp_shard = -1 from the world size and check that the degrees multiply to it."""
-        for name, value in (("pp", pp), ("cp", cp), ("ep", ep)):
+        for name, value in (("cp", cp), ("ep", ep)):
             if value != 1:
                 raise UserError(f"parallel.{name} = {value}: {name} parallelism is not available in this version; set it to 1")
-        for name, value in (("dp_replicate", dp_replicate), ("tp", tp)):
+        for name, value in (("dp_replicate", dp_replicate), ("tp", tp), ("pp", pp)):
             if value < 1:
                 raise UserError(f"parallel.{name} must be >= 1, got {value}")
         others = dp_replicate * tp * pp * cp
         if dp_shard == -1:
             if world_size % others:
                 raise UserError(
-                    f"world size {world_size} is not divisible by dp_replicate x tp = {others}; "
+                    f"world size {world_size} is not divisible by dp_replicate x tp x pp = {others}; "
                     f"launch a multiple of {others} processes or change the degrees"
                 )
             dp_shard = world_size // others
@@ -47,7 +47,7 @@ class ParallelDims:
             raise UserError(f"parallel.dp_shard must be >= 1 or -1 (the rest of the world), got {dp_shard}")
         if others * dp_shard != world_size:
             raise UserError(
-                f"parallel degrees dp_replicate={dp_replicate} x dp_shard={dp_shard} x tp={tp} = "
+                f"parallel degrees pp={pp} x dp_replicate={dp_replicate} x dp_shard={dp_shard} x tp={tp} = "
                 f"{others * dp_shard} do not match the world size {world_size}; change them so that their "
                 "product is the number of processes (or set dp_shard = -1)"
             )
@@ -66,6 +66,10 @@ class ParallelDims:
     @property
     def tp_enabled(self) -> bool:
         return self.tp > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
 
     def check_model(self, num_heads: int, num_kv_heads: int, ffn_dim: int, vocab_size: int, seq_length: int,
                     sequence_parallel: bool) -> None:
@@ -89,7 +93,7 @@ class ParallelDims:
         # cp is 1 in this version, so dp_shard is what HSDP shards over; with cp this becomes
         # (dp_replicate, dp_shard_cp).
         fsdp = world["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else dp_shard_cp
-        return Meshes(world=world, dp=dp, fsdp=fsdp, tp=world["tp"])
+        return Meshes(world=world, dp=dp, fsdp=fsdp, tp=world["tp"], pp=world["pp"])
 
 
 @dataclass(frozen=True)
@@ -104,3 +108,4 @@ class Meshes:
     dp: DeviceMesh  # dp_replicate x dp_shard, flattened: ranks that see different data
     fsdp: DeviceMesh  # what fully_shard shards over: 1-D (FSDP) or 2-D (HSDP, replicate x shard)
     tp: DeviceMesh
+    pp: DeviceMesh

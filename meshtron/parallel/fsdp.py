@@ -13,8 +13,14 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
 
 
-def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype) -> None:
-    """Wrap blocks, then the root. param_dtype is the compute dtype; reduce_dtype that of gradient reduction."""
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
+               reshard_after_forward: bool = True) -> None:
+    """Wrap blocks, then the root. param_dtype is the compute dtype; reduce_dtype that of gradient reduction.
+
+    `reshard_after_forward=False` keeps the gathered parameters between forward and backward: a
+    pipeline stage runs several micro-batches' forwards before their backwards and would
+    otherwise gather its parameters again for each.
+    """
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     shards = dp_mesh.size(-1)
 
@@ -28,5 +34,6 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, 
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again right away by backward: keep them gathered.
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=i < len(blocks) - 1)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy,
+                    reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, shard_placement_fn=placement)

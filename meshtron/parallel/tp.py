@@ -76,7 +76,9 @@ def block_plan(sequence_parallel: bool) -> dict[str, ParallelStyle]:
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
     """Shard `model` (on the meta device) over `tp_mesh` in place."""
-    parallelize_module(model, tp_mesh, model_plan(sequence_parallel))
+    # A pipeline stage lacks the embedding (all but the first) or the norm and head (all but the last).
+    plan = {name: style for name, style in model_plan(sequence_parallel).items() if getattr(model, name) is not None}
+    parallelize_module(model, tp_mesh, plan)
     layer_plan = block_plan(sequence_parallel)
     for block in model.layers.values():
         # Same as parallelize_module, and places LoRA adapters (if any) to match their base layers.

@@ -131,9 +131,19 @@ def precision(config: JobConfig) -> tuple[torch.dtype, torch.dtype]:
     return compute, master
 
 
+@dataclass(frozen=True)
+class StageSpec:
+    """What one pipeline stage holds: its layers (global indices) and whether it is the first or last."""
+
+    layers: tuple[int, ...]
+    first: bool
+    last: bool
+
+
 def build_parallel_model(config: JobConfig, source: ModelSource, dims: ParallelDims, meshes: Meshes,
-                         device: torch.device, load_weights: bool) -> nn.Module:
-    """Meta build -> parallelize -> materialize -> initialize (seeded, layout-independent) -> load weights."""
+                         device: torch.device, load_weights: bool, stage: StageSpec | None = None) -> nn.Module:
+    """Meta build -> (keep one pipeline stage) -> parallelize -> materialize -> initialize (seeded,
+    layout-independent) -> load weights."""
     args = source.args
     dims.check_model(args.num_heads, args.num_kv_heads, args.ffn_dim, args.vocab_size, config.train.seq_length,
                      config.parallel.sequence_parallel)
@@ -141,6 +151,10 @@ def build_parallel_model(config: JobConfig, source: ModelSource, dims: ParallelD
         log.warning("train.seq_length %d exceeds the model's max_seq_len %d", config.train.seq_length, args.max_seq_len)
     compute, master = precision(config)
     model = build_model(args, device="meta")
+    if stage is not None:
+        from meshtron.parallel.pipeline import prune_to_stage
+
+        prune_to_stage(model, stage.layers, first=stage.first, last=stage.last)
     model.to(master)
     lora = config.lora if config.lora.rank > 0 else None
     if lora is not None and source.kind == "flavor":
@@ -163,7 +177,12 @@ def build_parallel_model(config: JobConfig, source: ModelSource, dims: ParallelD
             param_dtype=compute,
             reduce_dtype=master,
             compile_blocks=config.train.compile,
+            reshard_after_forward=stage is None,
         )
+        if stage is not None and dims.tp_enabled:
+            from meshtron.parallel.pipeline import add_boundary_hooks
+
+            add_boundary_hooks(model, meshes.tp, config.parallel.sequence_parallel, first=stage.first, last=stage.last)
         if lora is not None:
             mark_trainable(model, lora)
 

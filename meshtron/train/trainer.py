@@ -52,6 +52,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def _shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a (possibly distributed) tensor, as a view to update in place."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 class Trainer:
     def __init__(self, config: JobConfig, config_dir: Path | None = None):
         self.config = config
@@ -73,6 +78,7 @@ class Trainer:
         self.resume_from = self._find_resume_checkpoint()
         self.recipe = build_recipe(config)
         self.model_args = self.source.args = self.recipe.model_args(self.source.args)
+        self.pipeline = self._pipeline_layout()
         self.data_loader = build_data_loader(
             config, data_kind=self.recipe.data_kind, default_handler=self.recipe.default_handler,
             vocab_size=self.model_args.vocab_size, tokenizer_dir=self.source.tokenizer_dir,
@@ -85,8 +91,7 @@ class Trainer:
                 default_handler=self.recipe.default_handler, tokenizer_dir=self.source.tokenizer_dir,
                 config_dir=config_dir)
         # After the data, so that a bad data path fails before a large model is loaded.
-        self.model = build_parallel_model(config, self.source, self.dims, self.meshes, self.device,
-                                          load_weights=self.resume_from is None)
+        self.model = self._build_model()
         self.recipe.setup(self)
         self.optimizer = build_optimizer(self.model, config.optim, self.device.type)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, config.lr, config.optim.lr, config.train.steps)
@@ -113,6 +118,75 @@ class Trainer:
                 f"data-parallel size ({t.micro_batch_size} x {self.dims.dp_size} = {per_step})"
             )
         return t.global_batch_size // per_step
+
+    def _pipeline_layout(self):
+        """The checked pipeline layout (None without pipeline parallel)."""
+        if not self.dims.pp_enabled:
+            return None
+        from meshtron.parallel.pipeline import PipelineLayout
+
+        if not self.recipe.supports_pipeline:
+            raise UserError(f"the {self.recipe.name} recipe does not run with pipeline parallel yet; set parallel.pp = 1")
+        args = self.model_args
+        p = self.config.parallel
+        layout = PipelineLayout.resolve(pp=p.pp, vpp=p.vpp, schedule=p.pp_schedule, pp_layers=p.pp_layers,
+                                        num_layers=args.num_layers, n_microbatches=self.grad_accum_steps)
+        if dist.get_rank() == 0:
+            log.info(layout.describe())
+        return layout
+
+    def _build_model(self) -> nn.Module:
+        """The parallelized model; under pipeline parallel, this rank's stages (StageParts) and their schedule."""
+        load_weights = self.resume_from is None
+        if self.pipeline is None:
+            return build_parallel_model(self.config, self.source, self.dims, self.meshes, self.device, load_weights)
+        from meshtron.parallel.pipeline import StageParts, build_schedule
+        from meshtron.train.build import StageSpec
+
+        last = self.pipeline.num_stages - 1
+        stage_ids = self.pipeline.stages_of_rank(self.meshes.pp.get_local_rank())
+        parts = [build_parallel_model(self.config, self.source, self.dims, self.meshes, self.device, load_weights,
+                                      stage=StageSpec(self.pipeline.stage_layers[i], first=i == 0, last=i == last))
+                 for i in stage_ids]
+        self.has_first_stage, self.has_last_stage = 0 in stage_ids, last in stage_ids
+        self.tied_group = self._tied_embedding_group()
+        self.schedule, _ = build_schedule(self.pipeline, parts, stage_ids, self.meshes.pp.get_group(), self.device,
+                                          self._pipeline_loss)
+        return StageParts(parts)
+
+    def _tied_embedding_group(self):
+        """With tied embeddings split over stages: the group of the two ranks holding the first and the
+        last stage at each data/tensor-parallel coordinate (None where this rank holds neither, or both)."""
+        if not (self.model_args.tie_embeddings and not self.model_args.num_labels) or self.pipeline.schedule == "zbv":
+            return None  # zbv puts the first and the last stage on the same rank
+        ranks = self.meshes.world.mesh
+        mine = None
+        for first, last in zip(ranks[0].flatten().tolist(), ranks[-1].flatten().tolist()):
+            group = dist.new_group([first, last])  # every rank takes part in creating every group
+            if dist.get_rank() in (first, last):
+                mine = group
+        return mine
+
+    def _sync_tied_embedding(self) -> None:
+        """Sum the embedding's gradient and its head copy's (they are one parameter split over stages)."""
+        from meshtron.parallel.pipeline import holds_split_head
+
+        params = [part.embed.weight for part in self.model if part.embed is not None]
+        params += [part.lm_head.weight for part in self.model if holds_split_head(part)]
+        local = []
+        for param in params:
+            if param.grad is None:
+                continue
+            if isinstance(param.grad, DTensor) and param.grad.placements != param.placements:
+                # e.g. the vocabulary-parallel embedding's gradient comes back replicated: lay it out as
+                # the parameter, so that both copies reduce the same shard.
+                param.grad = param.grad.redistribute(param.device_mesh, param.placements)
+            local.append(_shard(param.grad))
+        if len(local) == 2:  # both on this rank
+            local[0].add_(local[1])
+            local[1].copy_(local[0])
+        elif local and self.tied_group is not None:
+            dist.all_reduce(local[0], group=self.tied_group)
 
     def _find_resume_checkpoint(self) -> Path | None:
         resume = self.config.checkpoint.resume
@@ -155,7 +229,8 @@ class Trainer:
             "recipe": self.config.train.recipe,
             "dtype": self.config.model.master_dtype,
             "world_size": self.dims.world_size,
-            "parallel": {"dp_replicate": self.dims.dp_replicate, "dp_shard": self.dims.dp_shard, "tp": self.dims.tp},
+            "parallel": {"dp_replicate": self.dims.dp_replicate, "dp_shard": self.dims.dp_shard, "tp": self.dims.tp,
+                         "pp": self.dims.pp},
             "hf_config_extra": self.source.hf_config_extra,
             "config": to_dict(self.config),
         }
@@ -197,14 +272,23 @@ class Trainer:
         units = self._dp_sum(units)
         scale = self.dims.dp_size / max(units.item(), 1.0)
         loss_sum = torch.zeros((), device=self.device)
-        for i, batch in enumerate(batches):
+        if self.pipeline is not None:
+            loss_sum = self.pipeline_step(batches, scale)
+            self._sync_tied_embedding()
+        for i, batch in enumerate(batches if self.pipeline is None else []):
             if self.dims.fsdp_enabled:
                 # Reduce gradients once per step, after the last micro-batch.
                 self.model.set_requires_gradient_sync(i == len(batches) - 1)
             loss_sum += self.forward_backward(batch, scale).float()
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
-        grad_norm = clip_grad_norm(list(self.model.parameters()), self.config.optim.grad_clip)
+        pp_group, copies = None, []
+        if self.pipeline is not None:
+            from meshtron.parallel.pipeline import holds_split_head
+
+            pp_group = self.meshes.pp.get_group()
+            copies = [part.lm_head.weight for part in self.model if holds_split_head(part)]
+        grad_norm = clip_grad_norm(list(self.model.parameters()), self.config.optim.grad_clip, pp_group, copies)
         lr = self.optimizer.param_groups[0]["lr"]
         if self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
@@ -217,6 +301,40 @@ class Trainer:
         metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "loss_tokens": int(units.item())}
         metrics.update(self._recipe_metrics(units))
         return metrics
+
+    def pipeline_step(self, batches: list[dict[str, torch.Tensor]], loss_scale: float, train: bool = True) -> torch.Tensor:
+        """The micro-batches of one step through the pipeline schedule (forward and backward, or forward
+        only with train=False); returns their summed, unscaled loss on every rank.
+
+        The schedule cuts the concatenated batch back into the same micro-batches; the first stage
+        gets the token ids, every stage the positions and document ids, the last stage the labels.
+        """
+        batch = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        args, kwargs, target = self.recipe.pipeline_inputs(batch)
+        args = args if self.has_first_stage else ()
+        target = target if self.has_last_stage else None
+        self._pp_scale = loss_scale
+        losses: list[torch.Tensor] = []  # per micro-batch, as the loss function returned them
+        with self.train_context():
+            if train:
+                self.schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
+            else:
+                self.schedule.eval(*args, target=target, losses=losses, **kwargs)
+        loss_sum = torch.zeros((), device=self.device)
+        if losses:
+            unscale = loss_scale * (self.grad_scaler.get_scale() if self.grad_scaler is not None and train else 1.0)
+            loss_sum = torch.stack([_local(l.detach()).float() for l in losses]).sum() / unscale
+        # Only the rank with the last stage computed the loss.
+        dist.all_reduce(loss_sum, group=self.meshes.pp.get_group())
+        return loss_sum
+
+    def _pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The schedule's loss function: a micro-batch's loss normalized for the whole step (as
+        forward_backward does), so the schedule must not rescale the gradients."""
+        loss = self.recipe.pipeline_loss(output, target) * self._pp_scale
+        if self.grad_scaler is not None and torch.is_grad_enabled():
+            loss = self.grad_scaler.scale(loss)
+        return loss
 
     def _recipe_metrics(self, units: torch.Tensor, prefix: str = "") -> dict[str, float]:
         """The recipe's summed metrics, summed over data-parallel ranks and divided by the global units."""
@@ -291,6 +409,8 @@ class Trainer:
         units = torch.zeros((), device=self.device)
         batches = one_pass(self.eval_dataset, self.config.train.micro_batch_size, self.meshes.dp.get_local_rank(),
                            self.dims.dp_size)
+        if self.pipeline is not None:
+            return self._evaluate_pipeline(list(batches))
         for batch in batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self.train_context():
@@ -299,6 +419,23 @@ class Trainer:
         units = self._dp_sum(units)
         return {"eval_loss": (self._dp_sum(loss_sum) / units.clamp(min=1)).item(),
                 **self._recipe_metrics(units, prefix="eval_")}
+
+    def _evaluate_pipeline(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Held-out loss through the pipeline: the schedule takes a fixed number of micro-batches, so
+        the last group is filled up with copies whose labels are all ignored (they add nothing)."""
+        n = self.pipeline.n_microbatches
+        while len(batches) % n:
+            filler = dict(batches[-1])
+            filler["labels"] = torch.full_like(filler["labels"], -100)
+            batches.append(filler)
+        loss_sum = torch.zeros((), device=self.device)
+        units = torch.zeros((), device=self.device)
+        for start in range(0, len(batches), n):
+            group = [{k: v.to(self.device) for k, v in b.items()} for b in batches[start:start + n]]
+            loss_sum += self.pipeline_step(group, 1.0, train=False)
+            units += sum(self.recipe.num_loss_units(b) for b in group)
+        units = self._dp_sum(units)
+        return {"eval_loss": (self._dp_sum(loss_sum) / units.clamp(min=1)).item()}
 
     # ---- helpers of the loop ---------------------------------------------------------------
 

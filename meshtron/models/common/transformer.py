@@ -12,6 +12,7 @@ embedding takes hidden states as input, one without the head returns hidden stat
 """
 
 import math
+import zlib
 
 import torch
 from torch import nn
@@ -66,13 +67,16 @@ class Transformer(nn.Module):
 
         Normal(0, init_std) for projections and embeddings; the projections that write into the
         residual stream (o_proj, down_proj) are scaled by 1/sqrt(2 * num_layers) as in Megatron-LM.
+        With a seed, every module's values depend only on the seed and the module's name.
         """
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device="cpu").manual_seed(seed)
         std = self.args.init_std
         out_std = std / math.sqrt(2 * self.args.num_layers)
         for name, module in self.named_modules():
+            # One generator per module, seeded by its name: a pipeline stage holding some of the
+            # layers draws for them exactly what the whole model draws.
+            # A tied head (its own parameter on a pipeline stage without the embedding) draws the embedding's values.
+            tied_head = name == "lm_head" and self.args.tie_embeddings and not self.args.num_labels
+            gen = module_generator(seed, "embed" if tied_head else name)
             if isinstance(module, nn.Linear):
                 s = out_std if name.endswith(("o_proj", "down_proj")) else std
                 _normal_(module.weight, s, gen)
@@ -137,6 +141,13 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int, device=None) -> KVCache:
         return KVCache(self.args.num_layers, batch_size, max_len, device=device)
+
+
+def module_generator(seed: int | None, name: str) -> torch.Generator | None:
+    """A CPU generator seeded by `seed` and a module name (None without a seed)."""
+    if seed is None:
+        return None
+    return torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
 def _normal_(t: torch.Tensor, std: float, gen: torch.Generator | None) -> None:

@@ -28,6 +28,17 @@ class Recipe:
         """Forward `batch` and return the summed loss (a scalar)."""
         raise NotImplementedError
 
+    supports_pipeline = False
+
+    def pipeline_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[tuple, dict, torch.Tensor]:
+        """Under pipeline parallel: (positional inputs of the first stage, keyword inputs of every
+        stage, the target the last stage's loss function gets)."""
+        raise NotImplementedError
+
+    def pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Under pipeline parallel: the summed loss of one micro-batch from the last stage's output."""
+        raise NotImplementedError
+
     def model_args(self, args):
         """The model this recipe trains, given the source's args (e.g. a score head for rm)."""
         return args

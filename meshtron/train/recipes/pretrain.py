@@ -20,8 +20,17 @@ class PretrainRecipe(Recipe):
         return num_loss_tokens(batch["labels"])
 
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = model(batch["input_ids"], position_ids=self.position_ids(batch), document_ids=batch["document_ids"])
-        return token_cross_entropy_sum(logits, batch["labels"])
+        args, kwargs, target = self.pipeline_inputs(batch)
+        return self.pipeline_loss(model(*args, **kwargs), target)
+
+    supports_pipeline = True
+
+    def pipeline_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[tuple, dict, torch.Tensor]:
+        return ((batch["input_ids"],), {"position_ids": self.position_ids(batch), "document_ids": batch["document_ids"]},
+                batch["labels"])
+
+    def pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return token_cross_entropy_sum(output, target)
 
     def position_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.config.data.reset_position_ids:

@@ -10,15 +10,18 @@ def test_dp_shard_takes_the_rest_of_the_world():
     dims = ParallelDims.resolve(dp_replicate=2, dp_shard=-1, tp=2, world_size=8)
     assert (dims.dp_shard, dims.dp_size, dims.fsdp_enabled, dims.tp_enabled) == (2, 4, True, True)
     single = ParallelDims.resolve(dp_replicate=1, dp_shard=-1, tp=1, world_size=1)
-    assert not single.fsdp_enabled and not single.tp_enabled
+    assert not single.fsdp_enabled and not single.tp_enabled and not single.pp_enabled
+    piped = ParallelDims.resolve(dp_replicate=1, dp_shard=-1, tp=2, world_size=8, pp=2)
+    assert (piped.dp_shard, piped.dp_size, piped.pp_enabled) == (2, 2, True)
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         (dict(dp_replicate=1, dp_shard=2, tp=2, world_size=2), "= 4 do not match the world size 2"),
-        (dict(dp_replicate=1, dp_shard=-1, tp=3, world_size=4), "world size 4 is not divisible by dp_replicate x tp = 3"),
-        (dict(dp_replicate=1, dp_shard=-1, tp=1, world_size=2, pp=2), "parallel.pp = 2: pp parallelism is not available"),
+        (dict(dp_replicate=1, dp_shard=-1, tp=3, world_size=4), "world size 4 is not divisible by dp_replicate x tp x pp = 3"),
+        (dict(dp_replicate=1, dp_shard=2, tp=1, world_size=2, pp=2), "pp=2 x dp_replicate=1 x dp_shard=2 x tp=1 = 4"),
+        (dict(dp_replicate=1, dp_shard=-1, tp=1, world_size=2, cp=2), "parallel.cp = 2: cp parallelism is not available"),
         (dict(dp_replicate=0, dp_shard=-1, tp=1, world_size=2), "parallel.dp_replicate must be >= 1"),
     ],
 )
