@@ -52,15 +52,23 @@ def test_pipeline_matches_single_process(run_train, reference, tiny_config, tmp_
     assert "pipeline:" in result.stderr
 
 
-def test_pipeline_with_fsdp_matches_single_process(run_train, tiny_config, tmp_path):
-    # pp2 x dp_shard 2: each data-parallel rank keeps 4 micro-batches of 1, so the global batch is 8;
-    # the reference is one process with those 8 sequences in one micro-batch.
-    _, ref = run_train(tiny_config, tmp_path / "ref", overrides=[
+@pytest.fixture(scope="module")
+def reference_of_8(run_train, tiny_config, tmp_path_factory):
+    """One process, 8 sequences in one micro-batch: the global batch of pp 2 x dp 2 with 4 micro-batches."""
+    _, records = run_train(tiny_config, tmp_path_factory.mktemp("ref8"), overrides=[
         *FOUR_LAYERS, "--train.micro_batch_size", "8", "--train.global_batch_size", "8"])
-    _, records = run_train(tiny_config, tmp_path / "pp", nproc=4, overrides=[
-        *PP2, "--parallel.dp_shard", "2", "--train.global_batch_size", "8"])
-    assert losses(records) == pytest.approx(losses(ref), rel=RTOL)
-    assert grad_norms(records) == pytest.approx(grad_norms(ref), rel=1e-4)
+    return records
+
+
+@pytest.mark.parametrize("data_parallel", [["--parallel.dp_shard", "2"],
+                                           ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "1"]],
+                         ids=["pp2xfsdp2", "pp2xddp2"])
+def test_pipeline_with_data_parallel_matches_single_process(run_train, reference_of_8, tiny_config, tmp_path,
+                                                             data_parallel):
+    _, records = run_train(tiny_config, tmp_path, nproc=4, overrides=[
+        *PP2, *data_parallel, "--train.global_batch_size", "8"])
+    assert losses(records) == pytest.approx(losses(reference_of_8), rel=RTOL)
+    assert grad_norms(records) == pytest.approx(grad_norms(reference_of_8), rel=1e-4)
 
 
 def test_the_reference_trains(reference):
