@@ -206,7 +206,9 @@ class Trainer:
         if compute != torch.float16:
             return None
         # fp16 has a narrow range: scale the loss up dynamically so small gradients do not underflow.
-        if self.dims.fsdp_enabled:
+        # The sharded scaler agrees over all ranks on whether a step overflowed: each rank sees only
+        # its shards (FSDP) or its stages (pipeline).
+        if self.dims.fsdp_enabled or self.dims.pp_enabled:
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
             return ShardedGradScaler(self.device.type)
@@ -310,6 +312,10 @@ class Trainer:
         gets the token ids, every stage the positions and document ids, the last stage the labels.
         """
         batch = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        if self.grad_scaler is not None:
+            # Only the last stage scales a loss, but every rank unscales its gradients: make sure each
+            # rank's scaler has its (lazily created) scale.
+            self.grad_scaler.scale(torch.zeros((), device=self.device))
         args, kwargs, target = self.recipe.pipeline_inputs(batch)
         args = args if self.has_first_stage else ()
         target = target if self.has_last_stage else None

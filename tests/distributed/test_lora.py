@@ -35,8 +35,9 @@ def test_lora_trains_adapters_only(single):
 
 
 @pytest.mark.parametrize("nproc, layout", [(2, ["--parallel.dp_shard", "2"]),
-                                           (2, ["--parallel.tp", "2", "--parallel.dp_shard", "1"])],
-                         ids=["fsdp2", "tp2-sp"])
+                                           (2, ["--parallel.tp", "2", "--parallel.dp_shard", "1"]),
+                                           (2, ["--parallel.pp", "2"])],
+                         ids=["fsdp2", "tp2-sp", "pp2"])
 def test_lora_layouts_match_single_process(run_train, tiny_config, hf_dir, single, tmp_path, nproc, layout):
     _, sharded = run_train(tiny_config, tmp_path, nproc=nproc,
                            overrides=["--model.name_or_path", str(hf_dir), *LORA, *layout])

@@ -195,3 +195,13 @@ save_final = false
     evals = [r["eval_loss"] for r in single if "eval_loss" in r]
     assert len(evals) == 2
     assert [r["eval_loss"] for r in piped if "eval_loss" in r] == pytest.approx(evals, rel=RTOL)
+
+
+def test_float16_loss_scaling_through_the_pipeline(run_train, tiny_config, tmp_path):
+    """Only the last stage scales a loss, yet every rank unscales and skips overflowed steps in agreement."""
+    fp16 = [*FOUR_LAYERS, "--model.dtype", "float16"]
+    _, one = run_train(tiny_config, tmp_path / "one", overrides=fp16)
+    _, piped = run_train(tiny_config, tmp_path / "pp", nproc=2, overrides=[*PP2, *fp16])
+    # float16 compute: the layouts agree to its rounding.
+    assert losses(piped) == pytest.approx(losses(one), rel=1e-3)
+    assert grad_norms(piped) == pytest.approx(grad_norms(one), rel=1e-2)
