@@ -10,6 +10,7 @@ one big batch on one device, whatever the accumulation and data-parallel split.
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 import signal
 import time
@@ -50,6 +51,10 @@ class TrainState(Stateful):
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _accepts(fn, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
 
 
 def _shard(t: torch.Tensor) -> torch.Tensor:
@@ -323,7 +328,9 @@ class Trainer:
         losses: list[torch.Tensor] = []  # per micro-batch, as the loss function returned them
         with self.train_context():
             if train:
-                self.schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
+                # Not keeping the last stage's logits saves their memory (the option is newer than torch 2.11).
+                extra = {"return_outputs": False} if _accepts(self.schedule.step, "return_outputs") else {}
+                self.schedule.step(*args, target=target, losses=losses, **extra, **kwargs)
             else:
                 self.schedule.eval(*args, target=target, losses=losses, **kwargs)
         loss_sum = torch.zeros((), device=self.device)
