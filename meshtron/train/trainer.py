@@ -28,7 +28,7 @@ from meshtron.errors import UserError
 from meshtron.parallel import ParallelDims
 from meshtron.train.build import build_parallel_model, init_distributed, precision, resolve_model_source
 from meshtron.train.data import build_data_loader, build_training_dataset, one_pass
-from meshtron.train.losses import loss_context
+from meshtron.train.losses import IGNORE_INDEX, loss_context
 from meshtron.train.lr import build_lr_scheduler
 from meshtron.train.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gb, plot_loss
 from meshtron.train.optim import build_optimizer, clip_grad_norm
@@ -278,15 +278,16 @@ class Trainer:
         units = torch.stack([self.recipe.num_loss_units(b) for b in batches]).sum().to(torch.float32)
         units = self._dp_sum(units)
         scale = self.dims.dp_size / max(units.item(), 1.0)
-        loss_sum = torch.zeros((), device=self.device)
         if self.pipeline is not None:
             loss_sum = self.pipeline_step(batches, scale)
             self._sync_tied_embedding()
-        for i, batch in enumerate(batches if self.pipeline is None else []):
-            if self.dims.fsdp_enabled:
-                # Reduce gradients once per step, after the last micro-batch.
-                self.model.set_requires_gradient_sync(i == len(batches) - 1)
-            loss_sum += self.forward_backward(batch, scale).float()
+        else:
+            loss_sum = torch.zeros((), device=self.device)
+            for i, batch in enumerate(batches):
+                if self.dims.fsdp_enabled:
+                    # Reduce gradients once per step, after the last micro-batch.
+                    self.model.set_requires_gradient_sync(i == len(batches) - 1)
+                loss_sum += self.forward_backward(batch, scale).float()
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
         pp_group, copies = None, []
@@ -439,7 +440,7 @@ class Trainer:
         n = self.pipeline.n_microbatches
         while len(batches) % n:
             filler = dict(batches[-1])
-            filler["labels"] = torch.full_like(filler["labels"], -100)
+            filler["labels"] = torch.full_like(filler["labels"], IGNORE_INDEX)
             batches.append(filler)
         loss_sum = torch.zeros((), device=self.device)
         units = torch.zeros((), device=self.device)
