@@ -1,6 +1,7 @@
 """Alignment recipes on the Trainer with a tiny model and the real SmolLM2 tokenizer: DPO loss
-parity across layouts (single process vs dp_shard=2 and tp=2), SimPO and PRM runs with their
-metrics in metrics.jsonl."""
+parity across layouts (single process vs dp_shard=2 and tp=2), DPO with precomputed reference
+log-probs (equal to the frozen copy's, across a resume and dp_shard=2), SimPO and PRM runs with
+their metrics in metrics.jsonl."""
 
 from pathlib import Path
 
@@ -73,6 +74,38 @@ def test_dpo_layouts_match_single_process(run_train, dpo_config, dpo_single, tmp
     # carry about 1e-5 of reduction-order noise.
     assert [r["rewards/margin"] for r in records] == pytest.approx([r["rewards/margin"] for r in dpo_single],
                                                                    abs=5e-5)
+
+
+PRECOMPUTED = ["--align.reference", "precomputed"]
+
+
+def assert_same_run(records, reference_records):
+    assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in reference_records], rel=RTOL)
+    assert [r["rewards/margin"] for r in records] == pytest.approx(
+        [r["rewards/margin"] for r in reference_records], abs=5e-5)
+
+
+def test_precomputed_reference_matches_frozen_copy_across_resume(run_train, dpo_config, dpo_single, tmp_path):
+    """Stopped after step 2 and resumed: the second start recomputes the reference log-probs on a
+    rebuilt starting model (the policy has moved by then)."""
+    out = tmp_path / "run"
+    run_train(dpo_config, out, overrides=[*PRECOMPUTED, "--train.steps", "2", "--checkpoint.save_final", "true"])
+    process, records = run_train(dpo_config, out, overrides=PRECOMPUTED)
+    assert "resuming from" in process.stderr and "precomputed" in process.stderr
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert_same_run(records, dpo_single)
+
+
+def test_precomputed_reference_under_dp_shard(run_train, dpo_config, dpo_single, tmp_path):
+    heldout = REPO / "data" / "preferences_heldout.jsonl"
+    _, records = run_train(dpo_config, tmp_path, nproc=2, overrides=[
+        *PRECOMPUTED, "--parallel.dp_shard", "2", "--data.eval_paths", f'["{heldout}"]', "--train.eval_interval", "4"])
+    assert_same_run([r for r in records if "loss" in r], dpo_single)
+    evals = [r for r in records if "eval_loss" in r]
+    # Before the first step the policy is its reference: every held-out pair got its own values.
+    assert evals[0]["eval_loss"] == pytest.approx(0.693147, abs=1e-5)
+    assert evals[0]["eval_rewards/margin"] == pytest.approx(0.0, abs=1e-4)
+    assert evals[-1]["step"] == 4 and evals[-1]["eval_rewards/margin"] != evals[0]["eval_rewards/margin"]
 
 
 def test_simpo_and_prm_run(run_train, smollm2_dir, tmp_path):

@@ -6,23 +6,29 @@ gradient accumulation and data parallel match one big batch. Per-step metrics (r
 chosen and rejected, accuracy, margin, log-probs) are summed here and averaged by the Trainer.
 
 The DPO reference is a frozen copy of the starting model ("copy"), or, for a LoRA run, the same
-model with its adapters switched off ("lora", no extra memory). `align.reference = "auto"`
-picks "lora" for LoRA runs and "copy" otherwise.
+model with its adapters switched off ("lora", no extra memory), or its log-probs computed in one
+no-grad pass over the data before training ("precomputed": no reference model while training).
+`align.reference = "auto"` picks "lora" for LoRA runs and "copy" otherwise.
 """
 
 import contextlib
+import dataclasses
+import logging
+import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import dataclasses
 
 from meshtron.align.losses import bradley_terry_loss, dpo_loss, preference_metrics, prm_loss, simpo_loss
 from meshtron.errors import UserError
 from meshtron.train.recipes.base import Recipe
 
+log = logging.getLogger(__name__)
+
 IGNORE = -100
+REFERENCE_KEYS = ("chosen_ref_logps", "rejected_ref_logps")
 
 
 def token_logps(model: nn.Module, input_ids, labels, document_ids, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,6 +82,56 @@ class PairwiseRecipe(Recipe):
         return losses.sum()
 
 
+class WithReferenceLogps:
+    """A pairwise dataset whose samples also carry their precomputed reference log-probs
+    (`chosen_ref_logps`, `rejected_ref_logps`), so that every batch brings its own, whatever the
+    data order, data-parallel rank or resume position."""
+
+    def __init__(self, dataset, logps: np.ndarray) -> None:
+        assert logps.shape == (len(dataset), 2)
+        self.dataset, self.logps = dataset, logps
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.dataset[i], REFERENCE_KEYS[0]: self.logps[i, 0], REFERENCE_KEYS[1]: self.logps[i, 1]}
+
+
+@torch.no_grad()
+def reference_logps(trainer, model: nn.Module, dataset) -> np.ndarray:
+    """(len(dataset), 2) summed log-probs of every pair's chosen and rejected response under `model`.
+
+    The data-parallel ranks split the pairs (rank r takes r, r + dp, ... of each round, the last
+    round wrapping around so that every rank runs the same forwards) and sum their parts."""
+    from meshtron.data.loader import collate
+
+    n, mbs, dp_size = len(dataset), trainer.config.train.micro_batch_size, trainer.dims.dp_size
+    dp_rank = trainer.meshes.dp.get_local_rank()
+    logps = torch.zeros(n, 2, device=trainer.device)
+    for start in range(0, n, mbs * dp_size):
+        positions = start + dp_rank + dp_size * np.arange(mbs)
+        batch = collate([dataset[int(p) % n] for p in positions])
+        batch = {k: v.to(trainer.device) for k, v in batch.items()}
+        with trainer.train_context():
+            chosen, rejected, _, _ = _pair_forward(model, batch)
+        mine = positions < n  # the last round's wrapped-around rows are computed, not kept
+        values = torch.stack([chosen, rejected], dim=-1).float()
+        logps[torch.from_numpy(positions[mine]).to(trainer.device)] = values[torch.from_numpy(mine).to(trainer.device)]
+    return trainer._dp_sum(logps).cpu().numpy()
+
+
+def reshard(model: nn.Module) -> None:
+    """Shard FSDP2 parameters again after forwards without a backward: the root module keeps its
+    parameters unsharded after a forward (its backward would reshard them), and an optimizer built
+    then would hold the unsharded copies."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 class DPORecipe(PairwiseRecipe):
     name = "dpo"
 
@@ -90,11 +146,37 @@ class DPORecipe(PairwiseRecipe):
         self.reference = None
         if mode == "copy":
             self.reference = trainer.build_frozen_copy()
+        elif mode == "precomputed":
+            self._precompute_reference(trainer)
+
+    def _precompute_reference(self, trainer) -> None:
+        """Attach the reference log-probs to every training (and held-out) pair before the first step."""
+        loader = getattr(trainer.data_loader, "loader", trainer.data_loader)  # under a PrefetchLoader
+        if not hasattr(loader, "dataset"):
+            raise UserError("align.reference = 'precomputed' needs pairwise data files (data.paths), not "
+                            "data.mock; use 'copy'")
+        start = time.perf_counter()
+        if trainer.resume_from is None:
+            # The policy has its starting weights now (with LoRA: the base once adapters are off).
+            reference = trainer.model
+        else:
+            # Resuming: the policy has moved, so the starting model is rebuilt for this pass only.
+            reference = trainer.build_frozen_copy()
+        with self._reference_model(reference) as reference:
+            loader.dataset = WithReferenceLogps(loader.dataset, reference_logps(trainer, reference, loader.dataset))
+            num_pairs = len(loader.dataset)
+            if trainer.eval_dataset is not None:
+                trainer.eval_dataset = WithReferenceLogps(
+                    trainer.eval_dataset, reference_logps(trainer, reference, trainer.eval_dataset))
+                num_pairs += len(trainer.eval_dataset)
+        reshard(trainer.model)
+        log.info("reference log-probs of %d pairs precomputed in %.1fs", num_pairs, time.perf_counter() - start)
 
     @contextlib.contextmanager
     def _reference_model(self, model):
-        if self.reference is not None:
-            yield self.reference
+        """`model` with its LoRA adapters off (nothing to switch on a frozen copy or a full run)."""
+        if not self.config.lora.rank:
+            yield model
             return
         from meshtron.lora import set_lora_enabled
 
@@ -107,8 +189,11 @@ class DPORecipe(PairwiseRecipe):
     def loss_sum(self, model, batch) -> torch.Tensor:
         cfg = self.config.align
         chosen, rejected, len_c, len_r = _pair_forward(model, batch)
-        with torch.no_grad(), self._reference_model(model) as reference:
-            ref_chosen, ref_rejected, _, _ = _pair_forward(reference, batch)
+        if self.reference_mode == "precomputed":
+            ref_chosen, ref_rejected = (batch[key].float() for key in REFERENCE_KEYS)
+        else:
+            with torch.no_grad(), self._reference_model(self.reference if self.reference is not None else model) as reference:
+                ref_chosen, ref_rejected, _, _ = _pair_forward(reference, batch)
         if cfg.loss_type == "ipo":  # IPO is defined on length-averaged log-probs
             args = (chosen / len_c, rejected / len_r, ref_chosen / len_c, ref_rejected / len_r)
         else:
