@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import re
 
 NAMES = ["Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "June", "Kai", "Lena", "Milo", "Nora",
          "Omar", "Pia", "Quin", "Rosa", "Sami", "Tess"]
@@ -104,8 +105,15 @@ def instruction(rng: random.Random) -> dict:
 
 
 def wrong(sample: dict, rng: random.Random) -> str:
-    """A plausible but wrong answer for a preference pair."""
+    """A plausible but wrong answer for a preference pair: for a sum or a difference, the other
+    operation's result (a mistake its magnitude gives away: a one-digit slip in three-digit
+    arithmetic is beyond what a 135M reward model learns from a few hundred pairs); for other
+    numbers, one digit slipped; for words, the answer reversed."""
     out = sample["output"]
+    arithmetic = re.fullmatch(r"(\d+) ([+-]) (\d+) = -?\d+\.", out)
+    if arithmetic:
+        x, op, y = int(arithmetic[1]), arithmetic[2], int(arithmetic[3])
+        return f"{x} {op} {y} = {x - y if op == '+' else x + y}."
     digits = [i for i, ch in enumerate(out) if ch.isdigit()]
     if digits:
         i = digits[-1]
