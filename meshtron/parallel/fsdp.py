@@ -22,7 +22,7 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, 
     otherwise gather its parameters again for each.
     """
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    shards = dp_mesh.size(-1)
+    shards = dp_mesh.size(dp_mesh.ndim - 1)  # (torch 2.11 takes no negative mesh dim)
 
     def placement(param: nn.Parameter):
         # A matrix with fewer rows than shards (a reward model's one-output score head) is split by

@@ -165,9 +165,21 @@ def build_schedule(layout: PipelineLayout, stage_modules: list[nn.Module], stage
     from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
+    if layout.schedule == "zbv" and device.type == "cpu" and not zbv_runs_on_gloo():
+        raise UserError(f"pp_schedule = zbv on CPU (gloo) needs torch >= 2.13 (this is {torch.__version__}): older "
+                        "releases send between a rank's own two stages, which gloo cannot do; use another "
+                        "pp_schedule here (zbv runs on GPUs with NCCL)")
+
     stages = [PipelineStage(module, stage_id, layout.num_stages, device, group=pp_group)
               for module, stage_id in zip(stage_modules, stage_ids)]
     cls = get_schedule_class(_TORCH_SCHEDULES[layout.schedule])
     if issubclass(cls, PipelineScheduleSingle):
         return cls(stages[0], n_microbatches=layout.n_microbatches, loss_fn=loss_fn, scale_grads=False), stages
     return cls(stages, n_microbatches=layout.n_microbatches, loss_fn=loss_fn, scale_grads=False), stages
+
+
+def zbv_runs_on_gloo() -> bool:
+    """torch 2.11 sets up a V schedule with point-to-point messages between a rank's own two stages,
+    which gloo refuses; torch 2.13 hands them over in process."""
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 13)

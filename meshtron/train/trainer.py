@@ -172,21 +172,28 @@ class Trainer:
                 mine = group
         return mine
 
+    @torch.no_grad()
+    def _settle_gradients(self) -> None:
+        """Lay each distributed gradient out like its parameter.
+
+        Under tensor parallel some gradients come back in another layout than their parameter: a
+        sequence-parallel norm's as Partial (per-rank sums still to be added), the vocabulary-parallel
+        embedding's as Replicate. Whether the optimizer and the norm then reduce them correctly
+        differs between torch releases (torch 2.11 updated each rank's norm weights from its partial
+        sum), so the reduction is done here, explicitly, once.
+        """
+        for param in self.model.parameters():
+            grad = param.grad
+            if isinstance(grad, DTensor) and grad.placements != param.placements:
+                param.grad = grad.redistribute(param.device_mesh, param.placements)
+
     def _sync_tied_embedding(self) -> None:
         """Sum the embedding's gradient and its head copy's (they are one parameter split over stages)."""
         from meshtron.parallel.pipeline import holds_split_head
 
         params = [part.embed.weight for part in self.model if part.embed is not None]
         params += [part.lm_head.weight for part in self.model if holds_split_head(part)]
-        local = []
-        for param in params:
-            if param.grad is None:
-                continue
-            if isinstance(param.grad, DTensor) and param.grad.placements != param.placements:
-                # e.g. the vocabulary-parallel embedding's gradient comes back replicated: lay it out as
-                # the parameter, so that both copies reduce the same shard.
-                param.grad = param.grad.redistribute(param.device_mesh, param.placements)
-            local.append(_shard(param.grad))
+        local = [_shard(param.grad) for param in params if param.grad is not None]
         if len(local) == 2:  # both on this rank
             local[0].add_(local[1])
             local[1].copy_(local[0])
@@ -280,7 +287,6 @@ class Trainer:
         scale = self.dims.dp_size / max(units.item(), 1.0)
         if self.pipeline is not None:
             loss_sum = self.pipeline_step(batches, scale)
-            self._sync_tied_embedding()
         else:
             loss_sum = torch.zeros((), device=self.device)
             for i, batch in enumerate(batches):
@@ -288,6 +294,9 @@ class Trainer:
                     # Reduce gradients once per step, after the last micro-batch.
                     self.model.set_requires_gradient_sync(i == len(batches) - 1)
                 loss_sum += self.forward_backward(batch, scale).float()
+        self._settle_gradients()
+        if self.pipeline is not None:
+            self._sync_tied_embedding()
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
         pp_group, copies = None, []
