@@ -196,9 +196,6 @@ def validate(cfg: JobConfig) -> None:
                         "do); set parallel.pp = 1 and use dp_shard/tp")
     if cfg.parallel.pp > 1 and cfg.lora.rank and cfg.lora.quantize_base:
         raise UserError("QLoRA (lora.quantize_base) does not run with pipeline parallel yet; set parallel.pp = 1")
-    if cfg.train.recipe == "rm" and cfg.parallel.tp > 1:
-        raise UserError("the rm recipe's one-output score head is not tensor-parallel yet; use parallel.tp = 1 "
-                        "(dp_shard/dp_replicate work)")
     _check_choice(cfg.align.loss_type, ("sigmoid", "hinge", "ipo"), "align.loss_type")
     _check_choice(cfg.align.reference, ("auto", "copy", "lora", "precomputed"), "align.reference")
     _check_positive(cfg.align.beta, "align.beta")

@@ -3,7 +3,9 @@
 Attention heads and MLP columns are split Megatron-style: q/k/v and gate/up column-wise,
 o/down row-wise. The embedding is split over the vocabulary (row-wise) and the output head
 over the vocabulary too (column-wise), and its logits stay sharded so that the loss is
-computed under `loss_parallel` without gathering a (B, S, V) tensor.
+computed under `loss_parallel` without gathering a (B, S, V) tensor. A classification head
+(`num_labels`, e.g. a reward model's one-output score) has too few rows to split: it is
+replicated on every rank and reads the gathered stream.
 
 With sequence parallel the residual stream between blocks is a DTensor sharded on the
 sequence dimension (dim 1): norms run on a slice of the tokens, and the row-wise projections
@@ -14,7 +16,7 @@ Without sequence parallel the stream is an ordinary replicated tensor and norms 
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -40,6 +42,24 @@ def model_plan(sequence_parallel: bool) -> dict[str, ParallelStyle]:
     if sequence_parallel:
         plan["norm"] = SequenceParallel()
     return plan
+
+
+class ReplicatedHead(ParallelStyle):
+    """The head's weight replicated over the TP ranks; its input (the stream, `input_layout`)
+    gathered; its output a replicated DTensor."""
+
+    def __init__(self, input_layout):
+        super().__init__()
+        self.input_layout = input_layout
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def gather_input(mod, inputs, mesh):
+            x = inputs[0]
+            if not isinstance(x, DTensor):
+                x = DTensor.from_local(x, mesh, (self.input_layout,), run_check=False)
+            return (x.redistribute(mesh, (Replicate(),)), *inputs[1:])
+
+        return distribute_module(module, device_mesh, input_fn=gather_input)
 
 
 def block_plan(sequence_parallel: bool) -> dict[str, ParallelStyle]:
@@ -78,6 +98,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
     """Shard `model` (on the meta device) over `tp_mesh` in place."""
     # A pipeline stage lacks the embedding (all but the first) or the norm and head (all but the last).
     plan = {name: style for name, style in model_plan(sequence_parallel).items() if getattr(model, name) is not None}
+    if "lm_head" in plan and model.args.num_labels:
+        plan["lm_head"] = ReplicatedHead(Shard(1) if sequence_parallel else Replicate())
     parallelize_module(model, tp_mesh, plan)
     layer_plan = block_plan(sequence_parallel)
     for block in model.layers.values():

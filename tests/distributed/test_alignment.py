@@ -1,5 +1,6 @@
 """Alignment recipes on the Trainer with a tiny model and the real SmolLM2 tokenizer: DPO loss
-parity across layouts (single process vs dp_shard=2 and tp=2), DPO with precomputed reference
+parity across layouts (single process vs dp_shard=2 and tp=2), reward-model parity (dp_shard=2,
+tp=2), DPO with precomputed reference
 log-probs (equal to the frozen copy's, across a resume and dp_shard=2), SimPO and PRM runs with
 their metrics in metrics.jsonl."""
 
@@ -135,10 +136,18 @@ def test_reward_model_trains_exports_and_scores(run_train, smollm2_dir, tmp_path
     config = config.replace("save_final = false", "save_final = true")
     (tmp_path / "rm.toml").write_text(config)
     _, single = run_train(tmp_path / "rm.toml", tmp_path / "run")
-    _, sharded = run_train(tmp_path / "rm.toml", tmp_path / "run2", nproc=2, overrides=["--parallel.dp_shard", "2"])
     train = [r for r in single if "loss" in r]
-    assert [r["loss"] for r in [r for r in sharded if "loss" in r]] == pytest.approx([r["loss"] for r in train],
-                                                                                     rel=RTOL)
+    # FSDP, and tensor parallel with and without sequence parallel (the one-output score head is replicated).
+    tp2 = ["--parallel.tp", "2", "--parallel.dp_shard", "1"]
+    for name, layout in (("fsdp2", ["--parallel.dp_shard", "2"]), ("tp2-sp", tp2),
+                         ("tp2", [*tp2, "--parallel.sequence_parallel", "false"])):
+        _, records = run_train(tmp_path / "rm.toml", tmp_path / name, nproc=2, overrides=layout)
+        assert [r["loss"] for r in records if "loss" in r] == pytest.approx([r["loss"] for r in train], rel=RTOL)
+        if name.startswith("tp2"):
+            # One data-parallel rank: the held-out pass sees the single process's batches (at
+            # dp_shard=2 it drops another partial round).
+            assert [r["eval_loss"] for r in records if "eval_loss" in r] == pytest.approx(
+                [r["eval_loss"] for r in single if "eval_loss" in r], rel=RTOL)
     assert all("rewards/accuracy" in r for r in train)
     assert any("eval_rewards/accuracy" in r for r in single)
 
