@@ -109,6 +109,13 @@ def test_precomputed_reference_under_dp_shard(run_train, dpo_config, dpo_single,
     assert evals[-1]["step"] == 4 and evals[-1]["eval_rewards/margin"] != evals[0]["eval_rewards/margin"]
 
 
+def test_precomputed_reference_needs_data_files(run_train, tiny_config, tmp_path):
+    process, _ = run_train(tiny_config, tmp_path, check=False, overrides=[
+        "--train.recipe", "dpo", *PRECOMPUTED, "--train.steps", "1"])
+    assert process.returncode != 0
+    assert "align.reference = 'precomputed' needs pairwise data files" in process.stderr.strip().splitlines()[-1]
+
+
 def test_simpo_and_prm_run(run_train, smollm2_dir, tmp_path):
     simpo = write_config(tmp_path, smollm2_dir, "simpo", "preferences.jsonl", "[align]\nbeta = 2.0\n")
     _, records = run_train(simpo, tmp_path / "simpo")
