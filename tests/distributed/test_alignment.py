@@ -65,25 +65,23 @@ def test_dpo_logs_preference_metrics(dpo_single):
     assert dpo_single[-1]["rewards/margin"] > 0
 
 
+def assert_same_run(records, reference_records):
+    assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in reference_records], rel=RTOL)
+    # The margin is beta x a difference of sequence log-probs near -600: float32 sums of that size
+    # carry about 1e-5 of reduction-order noise.
+    assert [r["rewards/margin"] for r in records] == pytest.approx(
+        [r["rewards/margin"] for r in reference_records], abs=5e-5)
+
+
 @pytest.mark.parametrize("nproc, layout", [(2, ["--parallel.dp_shard", "2"]),
                                            (2, ["--parallel.tp", "2", "--parallel.dp_shard", "1"])],
                          ids=["fsdp2", "tp2-sp"])
 def test_dpo_layouts_match_single_process(run_train, dpo_config, dpo_single, tmp_path, nproc, layout):
     _, records = run_train(dpo_config, tmp_path, nproc=nproc, overrides=layout)
-    assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in dpo_single], rel=RTOL)
-    # The margin is beta x a difference of sequence log-probs near -600: float32 sums of that size
-    # carry about 1e-5 of reduction-order noise.
-    assert [r["rewards/margin"] for r in records] == pytest.approx([r["rewards/margin"] for r in dpo_single],
-                                                                   abs=5e-5)
+    assert_same_run(records, dpo_single)
 
 
 PRECOMPUTED = ["--align.reference", "precomputed"]
-
-
-def assert_same_run(records, reference_records):
-    assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in reference_records], rel=RTOL)
-    assert [r["rewards/margin"] for r in records] == pytest.approx(
-        [r["rewards/margin"] for r in reference_records], abs=5e-5)
 
 
 def test_precomputed_reference_matches_frozen_copy_across_resume(run_train, dpo_config, dpo_single, tmp_path):
