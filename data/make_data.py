@@ -126,14 +126,15 @@ def prm_sample(rng: random.Random) -> dict:
     steps = [f"First, {a} * {b} = {a * b}.", f"Then, {a * b} + {c} = {a * b + c}.", f"The answer is {a * b + c}."]
     labels = ["+", "+", "+"]
     if rng.random() < 0.5:
-        # A slip in step k makes it and every later step wrong.
+        # A slip in step k makes it and every later step wrong. The slip is the wrong operation (as in
+        # the preference pairs): a sum or difference for the product, a difference for the sum.
         k = rng.randrange(2)
-        bad = a * b + rng.randint(1, 5)
+        bad = a + b if rng.randint(1, 5) <= 3 and a + b != a * b else abs(a - b)
         if k == 0:
             steps = [f"First, {a} * {b} = {bad}.", f"Then, {bad} + {c} = {bad + c}.", f"The answer is {bad + c}."]
             labels = ["-", "-", "-"]
         else:
-            steps[1:] = [f"Then, {a * b} + {c} = {bad + c}.", f"The answer is {bad + c}."]
+            steps[1:] = [f"Then, {a * b} + {c} = {a * b - c}.", f"The answer is {a * b - c}."]
             labels = ["+", "-", "-"]
     return {"question": f"What is {a} * {b} + {c}? Solve it step by step.", "steps": steps, "labels": labels}
 
