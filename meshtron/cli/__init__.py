@@ -8,6 +8,7 @@ light commands start without importing torch.
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from meshtron.errors import UserError
@@ -62,4 +63,23 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print(f"meshtron {args.command}: interrupted", file=sys.stderr)
         code = 130
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _leave_distributed(code or 0)
     sys.exit(code or 0)
+
+
+def _leave_distributed(code: int) -> None:
+    """End a torchrun rank without interpreter teardown.
+
+    Under torchrun with gloo (torch 2.13) a rank sometimes aborts while the interpreter tears down,
+    after all Python code has finished ("terminate called without an active exception"), and
+    torchrun then reports the whole job as failed. The command's work is done and its output is
+    flushed here, so the rank leaves without running native destructors.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,7 +1,5 @@
 """`meshtron train CONFIG.toml [--section.key VALUE ...]`: one process, or one per GPU/CPU slot under torchrun."""
 
-import os
-import sys
 from pathlib import Path
 
 ACCEPTS_OVERRIDES = True  # unknown --section.key VALUE arguments arrive as args.overrides
@@ -22,15 +20,6 @@ def run(args) -> int:
     try:
         Trainer(config, config_dir=Path(args.config).resolve().parent).train()
     finally:
-        multi_process = dist.is_initialized() and dist.get_world_size() > 1
         if dist.is_initialized():
             dist.destroy_process_group()
-    if multi_process:
-        # Under torchrun (gloo, torch 2.13) a rank sometimes aborts during interpreter teardown, after
-        # all Python code has finished ("terminate called without an active exception"), which makes
-        # torchrun report a failed job. The run is complete and flushed here, so leave without
-        # running native destructors.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
     return 0
