@@ -145,7 +145,7 @@ class Trainer:
         load_weights = self.resume_from is None
         if self.pipeline is None:
             return build_parallel_model(self.config, self.source, self.dims, self.meshes, self.device, load_weights)
-        from meshtron.parallel.pipeline import StageParts, build_schedule
+        from meshtron.parallel.pipeline import StageParts, build_schedule, holds_split_head
         from meshtron.train.build import StageSpec
 
         last = self.pipeline.num_stages - 1
@@ -155,8 +155,12 @@ class Trainer:
                  for i in stage_ids]
         self.has_first_stage, self.has_last_stage = 0 in stage_ids, last in stage_ids
         self.tied_group = self._tied_embedding_group()
+        # The last stage's copy of a tied embedding (clipped, but counted once in the norm).
+        self.head_copies = [part.lm_head.weight for part in parts if holds_split_head(part)]
         self.schedule, _ = build_schedule(self.pipeline, parts, stage_ids, self.meshes.pp.get_group(), self.device,
                                           self._pipeline_loss)
+        # Not keeping the last stage's logits saves their memory (the option is newer than torch 2.11).
+        self._step_options = {"return_outputs": False} if _accepts(self.schedule.step, "return_outputs") else {}
         return StageParts(parts)
 
     def _tied_embedding_group(self):
@@ -189,10 +193,7 @@ class Trainer:
 
     def _sync_tied_embedding(self) -> None:
         """Sum the embedding's gradient and its head copy's (they are one parameter split over stages)."""
-        from meshtron.parallel.pipeline import holds_split_head
-
-        params = [part.embed.weight for part in self.model if part.embed is not None]
-        params += [part.lm_head.weight for part in self.model if holds_split_head(part)]
+        params = [part.embed.weight for part in self.model if part.embed is not None] + self.head_copies
         local = [_shard(param.grad) for param in params if param.grad is not None]
         if len(local) == 2:  # both on this rank
             local[0].add_(local[1])
@@ -299,12 +300,7 @@ class Trainer:
             self._sync_tied_embedding()
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
-        pp_group, copies = None, []
-        if self.pipeline is not None:
-            from meshtron.parallel.pipeline import holds_split_head
-
-            pp_group = self.meshes.pp.get_group()
-            copies = [part.lm_head.weight for part in self.model if holds_split_head(part)]
+        pp_group, copies = (self.meshes.pp.get_group(), self.head_copies) if self.pipeline is not None else (None, [])
         grad_norm = clip_grad_norm(list(self.model.parameters()), self.config.optim.grad_clip, pp_group, copies)
         lr = self.optimizer.param_groups[0]["lr"]
         if self.grad_scaler is not None:
@@ -338,9 +334,7 @@ class Trainer:
         losses: list[torch.Tensor] = []  # per micro-batch, as the loss function returned them
         with self.train_context():
             if train:
-                # Not keeping the last stage's logits saves their memory (the option is newer than torch 2.11).
-                extra = {"return_outputs": False} if _accepts(self.schedule.step, "return_outputs") else {}
-                self.schedule.step(*args, target=target, losses=losses, **extra, **kwargs)
+                self.schedule.step(*args, target=target, losses=losses, **self._step_options, **kwargs)
             else:
                 self.schedule.eval(*args, target=target, losses=losses, **kwargs)
         loss_sum = torch.zeros((), device=self.device)
