@@ -20,6 +20,20 @@ def losses(records):
     return [r["loss"] for r in records]
 
 
+def terminate_after_two_steps(cmd: list[str], out) -> tuple[subprocess.Popen, str]:
+    """Start a long `meshtron train`, send SIGTERM once two steps are logged; (finished process, its stderr)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    return proc, stderr
+
+
 @pytest.fixture(scope="module")
 def fsdp_run(run_train, tiny_config, tmp_path_factory):
     """8 steps at dp_shard=2, saving at step 4 and 8 (in the background): the uninterrupted run."""
@@ -54,15 +68,7 @@ def test_sigterm_saves_a_checkpoint_that_resume_continues(run_train, tiny_config
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "meshtron", "train", str(tiny_config), "--train.output_dir", str(out),
            "--train.steps", "100000", "--lr.schedule", "constant"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    proc, stderr = terminate_after_two_steps(cmd, out)
     assert proc.returncode == 0, stderr[-3000:]
     checkpoints = sorted((out / "checkpoints").iterdir())
     assert len(checkpoints) == 1 and (checkpoints[0] / "COMMITTED").is_file()
@@ -94,15 +100,7 @@ def test_sigterm_to_torchrun_saves_every_rank(tiny_config, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "meshtron",
            "train", str(tiny_config), "--train.output_dir", str(out), "--train.steps", "100000",
            "--lr.schedule", "constant", "--parallel.dp_shard", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    proc, stderr = terminate_after_two_steps(cmd, out)
     (checkpoint,) = (out / "checkpoints").iterdir()
     assert (checkpoint / "COMMITTED").is_file(), stderr[-3000:]
     assert {p.name for p in checkpoint.glob("__*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
