@@ -16,6 +16,7 @@ import torch.distributed.checkpoint as dcp
 
 from meshtron.checkpoint.atomic import atomic_directory
 from meshtron.checkpoint.hf import SIDE_FILES, hf_token_config, load_hf_model, read_hf_config, save_hf_model
+from meshtron.checkpoint.integrity import record_checksums
 from meshtron.checkpoint.manager import COMMIT_MARKER, FORMAT, MANIFEST, TOKENIZER_DIR, read_chat_template
 from meshtron.checkpoint import load_for_inference, read_manifest, resolve_checkpoint
 from meshtron.errors import UserError
@@ -58,5 +59,6 @@ def hf_to_checkpoint(hf_dir: str | Path, output_dir: str | Path, dtype: torch.dt
             "source": str(hf_dir),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        record_checksums(tmp)
         (tmp / COMMIT_MARKER).write_text("ok\n")
     return output_dir

@@ -3,7 +3,7 @@
 A checkpoint is `OUTPUT_DIR/checkpoints/step-N/` holding the DCP shards of a dict of Stateful
 objects (model, optimizer, lr schedule, data position, train state), one RNG file per rank,
 `manifest.json` (what convert, generate and eval need: model args, recipe, step, tokenizer
-files under `tokenizer/`) and, written last by rank 0 after every shard is on disk, the commit
+files under `tokenizer/`; and a checksum of every other file, see integrity.py) and, written last by rank 0 after every shard is on disk, the commit
 marker `COMMITTED`. A directory without the marker (a crash mid-save) is never loaded and is
 removed by the next save. DCP stores each tensor with its global shape and the offsets of its
 shards, so a checkpoint loads at any parallel layout or world size.
@@ -253,8 +253,11 @@ class CheckpointManager:
             self._commit(path)
 
     def _commit(self, path: Path) -> None:
+        from meshtron.checkpoint.integrity import record_checksums
+
         # Every rank has finished its shards once all pass the barrier; the marker goes last.
         _barrier()
+        record_checksums(path)
         if _rank() == 0:
             (path / COMMIT_MARKER).write_text("ok\n")
             self._prune()

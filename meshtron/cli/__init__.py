@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "serve": "serve a model over an OpenAI-compatible HTTP API",
     "eval": "evaluate a model on benchmarks (MMLU, C-Eval, BoolQ, BBH, AGIEval, HumanEval)",
     "score": "score responses in a JSONL file with a trained reward model",
+    "checkpoint": "check a training checkpoint's files against the checksums in its manifest",
 }
 
 

@@ -216,6 +216,11 @@ class CheckpointConfig:
     save_final: bool = True
     """Save a checkpoint when the run reaches train.steps."""
 
+    verify: bool = True
+    """Before resuming, check the checkpoint's files against the checksums in its manifest (CRC-32,
+    each rank reading a share; `meshtron checkpoint verify PATH` runs the same check by hand);
+    false skips the check."""
+
 
 @dataclass
 class LoRAConfig:

@@ -484,6 +484,10 @@ class Trainer:
                 f"{self.config.optim.name}; resume with the same optimizer, or start a new run from its weights "
                 f"(model.name_or_path = \"{self.resume_from}\", checkpoint.resume = \"none\")"
             )
+        if self.config.checkpoint.verify:
+            from meshtron.checkpoint.integrity import verify_before_resume
+
+            verify_before_resume(self.resume_from)
         log.info("resuming from %s", self.resume_from)
         self.checkpointer.load(self.resume_from)
         # The optimizer state carries the lr of the saved run's schedule; re-derive it from this
