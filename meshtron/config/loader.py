@@ -64,7 +64,20 @@ def _coerce(value, tp, where: str):
         return float(value)
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise UserError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    _check_finite(value, where)
     return value
+
+
+def _check_finite(value, where: str) -> None:
+    """TOML has inf and nan; no setting means them (an lr of inf trains on NaN from the second step)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{where}: expected a finite number, got {value}")
+    if isinstance(value, dict):  # model.args
+        for key, item in value.items():
+            _check_finite(item, f"{where}.{key}")
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{where}[{i}]")
 
 
 def _parse_override_value(text: str, tp):
@@ -165,8 +178,7 @@ def validate(cfg: JobConfig) -> None:
                 "checkpoint.keep", "recompute.num_layers", "train.eval_interval", "data.num_workers", "train.sample_max_new_tokens"):
         section, name = key.split(".")
         _check_positive(getattr(getattr(cfg, section), name), key, allow_zero=True)
-    if len(cfg.optim.betas) != 2:
-        raise UserError(f"optim.betas must have two values (beta1, beta2), got {cfg.optim.betas}")
+    _validate_optimizer(cfg)
     if not 0 <= cfg.lr.decay_ratio <= 1:
         raise UserError(f"lr.decay_ratio must be within [0, 1], got {cfg.lr.decay_ratio}")
     if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.paths):
@@ -203,6 +215,21 @@ def validate(cfg: JobConfig) -> None:
         raise UserError(f"align.label_smoothing must be in [0, 0.5), got {cfg.align.label_smoothing}")
     if cfg.checkpoint.resume not in ("auto", "none") and not Path(cfg.checkpoint.resume).exists():
         raise UserError(f"checkpoint.resume = {cfg.checkpoint.resume!r}: no such checkpoint; use auto, none or a path")
+
+
+def _validate_optimizer(cfg: JobConfig) -> None:
+    """The ranges torch's optimizers accept (and a few they accept but cannot train with), checked here
+    so that a bad value is one line at load instead of a traceback when the optimizer is built."""
+    o = cfg.optim
+    if len(o.betas) != 2 or not all(0 <= beta < 1 for beta in o.betas):
+        raise UserError(f"optim.betas must be two values in [0, 1) (beta1, beta2), e.g. 0.9,0.95; got {o.betas}")
+    if not o.eps > 0:  # eps = 0 divides by zero for a parameter whose gradient is zero
+        raise UserError(f"optim.eps must be > 0 (AdamW's epsilon, e.g. 1e-8), got {o.eps}")
+    if not 0 <= o.momentum < 1:
+        raise UserError(f"optim.momentum must be in [0, 1), got {o.momentum}")
+    if cfg.lr.min_lr > o.lr:
+        raise UserError(f"lr.min_lr ({cfg.lr.min_lr}) is above the peak optim.lr ({o.lr}); the decay ends at "
+                        "min_lr, so set it at or below optim.lr")
 
 
 def to_dict(cfg: JobConfig) -> dict:

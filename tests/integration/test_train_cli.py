@@ -54,6 +54,8 @@ def tiny(tmp_path) -> Path:
         (["--train.micro_batch_size", "two"], "--train.micro_batch_size: expected an integer, got 'two'"),
         (["--train.global_batch_size", "3"], "global_batch_size (3) must be a multiple of micro_batch_size"),
         (["--model.args", "{num_layer = 1}"], "model.args: unknown field 'num_layer'; did you mean 'num_layers'?"),
+        (["--optim.betas", "0.9,1.5"], "optim.betas must be two values in [0, 1)"),
+        (["--optim.lr", "inf"], "--optim.lr: expected a finite number, got inf"),
     ],
 )
 def test_bad_input_gives_one_line(tiny, tmp_path, overrides, message):
