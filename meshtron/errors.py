@@ -8,3 +8,8 @@ as one line on stderr and exits non-zero, without a traceback.
 
 class UserError(ValueError):
     """An error caused by user input; its message says what to change."""
+
+
+class LaunchError(UserError):
+    """A launch that cannot work, found identically by every torchrun rank (e.g. a process count
+    the model cannot be split over); rank 0 alone prints it, so the user reads it once."""

@@ -11,7 +11,8 @@ import logging
 import os
 import sys
 
-from meshtron.errors import UserError
+from meshtron import __version__
+from meshtron.errors import LaunchError, UserError
 
 SUBCOMMANDS = {
     "assets": "prepare the example model (SmolLM2-135M-Instruct) as a Hugging Face directory",
@@ -27,16 +28,32 @@ SUBCOMMANDS = {
 }
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Ends an option's help with its default value, unless the help already states it or there is
+    none to state (a required option, a switch that is off, an option that is unset by default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        unset = default is None or default is False or default is argparse.SUPPRESS or default == []
+        if unset or "(default" in text or not action.option_strings:
+            return text
+        shown = repr(default) if isinstance(default, str) and (not default or default != default.strip()
+                                                               or "\n" in default) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})".lstrip()
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meshtron",
         description="meshtron: train, fine-tune, align, convert, serve and evaluate LLMs on PyTorch.",
     )
+    parser.add_argument("--version", action="version", version=f"meshtron {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # Only the chosen subcommand's module is imported (keeps --help fast).
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, help_text in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=DefaultsHelpFormatter)
         if name == chosen:
             module = importlib.import_module(f"meshtron.cli.{name}")
             module.add_arguments(p)
@@ -59,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = args._module.run(args)
     except UserError as e:
-        print(f"meshtron {args.command}: error: {e}", file=sys.stderr)
+        if not isinstance(e, LaunchError) or int(os.environ.get("RANK", "0")) == 0:
+            print(f"meshtron {args.command}: error: {e}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print(f"meshtron {args.command}: interrupted", file=sys.stderr)

@@ -19,7 +19,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--scoring", default=None, choices=["loglikelihood", "generate", "execution"],
                         help="scoring mode where a task offers several (default: per task)")
     parser.add_argument("--chat-template", action="store_true", help="wrap prompts in the model's chat template")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="items scored together")
     parser.add_argument("--num-samples", type=int, default=1, help="HumanEval completions per problem (pass@k)")
     parser.add_argument("--temperature", type=float, default=0.0, help="HumanEval sampling temperature")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="cap on generated tokens per item")

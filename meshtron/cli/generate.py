@@ -24,11 +24,12 @@ def add_arguments(parser) -> None:
 
 def add_sampling_arguments(parser) -> None:
     """Flags shared with `meshtron chat`."""
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="the most tokens generated per prompt")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="lower the scores of tokens already in the text (1 = off)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop when the text contains TEXT (not printed); repeatable")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling")

@@ -9,7 +9,7 @@ def add_arguments(parser) -> None:
                         "*ForSequenceClassification directory")
     parser.add_argument("--input", required=True, help="JSONL: prompt+response, instruction+output, or messages")
     parser.add_argument("--output", default="-", help="JSONL with a 'reward' field added (default: stdout)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="responses scored together")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
 
 

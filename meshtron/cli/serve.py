@@ -12,7 +12,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="HF model directory or meshtron checkpoint/run directory")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 exposes it)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on CPU)")
     parser.add_argument("--served-model-name", default=None,
                         help="the name clients pass as `model` (default: the model directory's name)")

@@ -84,11 +84,16 @@ class Summary:
     pad_ratio: float | None  # at --seq-length, for SFT data
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(name: str):
+    """The tokenizer of an HF model or tokenizer directory, or of the example model ("smollm2") as configs accept."""
     from transformers import AutoTokenizer
 
-    if not os.path.isdir(path):
-        raise UserError(f"--tokenizer {path}: not a directory (give a Hugging Face model or tokenizer directory)")
+    from meshtron.assets import EXAMPLE_MODEL, resolve_model_dir
+
+    path = resolve_model_dir(name)
+    if not path.is_dir():
+        raise UserError(f"--tokenizer {name}: not a directory (give a Hugging Face model or tokenizer directory, "
+                        f"or {EXAMPLE_MODEL!r})")
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:

@@ -7,6 +7,7 @@ local heads unchanged. Only the logits are gathered, so that every rank samples 
 token from the same full distribution.
 """
 
+import math
 import os
 
 import torch
@@ -54,18 +55,30 @@ def close_tp(tp_mesh: DeviceMesh | None) -> None:
 
 def parallelize_for_inference(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Shard `model` (on the meta device, or materialized: then each rank keeps its shard) in place."""
-    from meshtron.errors import UserError
     from meshtron.parallel.tp import apply_tp
 
-    args = model.args
-    size = tp_mesh.size()
-    for name, count in (("attention heads", args.num_heads), ("key/value heads", args.num_kv_heads),
-                        ("MLP width", args.ffn_dim), ("vocabulary", args.vocab_size)):
-        if count % size:
-            raise UserError(f"the model's {name} ({count}) do not split over {size} processes; "
-                            f"launch a number of processes that divides {count}")
+    check_tp_size(model.args, tp_mesh.size())
     apply_tp(model, tp_mesh, sequence_parallel=False)
     model.register_forward_hook(_gather_logits)
+
+
+def check_tp_size(args, size: int) -> None:
+    """Every split dimension must divide by the process count; the error names the counts that work."""
+    from meshtron.errors import LaunchError
+
+    counts = {"attention heads": args.num_heads, "key/value heads": args.num_kv_heads,
+              "MLP width": args.ffn_dim, "vocabulary": args.vocab_size}
+    bad = {name: count for name, count in counts.items() if count % size}
+    if not bad:
+        return
+    common = math.gcd(*counts.values())
+    usable = [n for n in range(2, common + 1) if common % n == 0]
+    listed = ", ".join(f"{name} ({count})" for name, count in counts.items())
+    advice = (f"launch {' or '.join(map(str, usable))} processes (the counts that divide all of them)" if usable
+              else "run it in one process (no count above 1 divides all of them)")
+    raise LaunchError(f"this model cannot be split over {size} processes: its "
+                      f"{', '.join(f'{name} ({count})' for name, count in bad.items())} do not divide by {size}. "
+                      f"Tensor parallel splits the {listed}; {advice}")
 
 
 def _gather_logits(module, inputs, output):

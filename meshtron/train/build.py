@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor.experimental import implicit_replication
 
+from meshtron.assets import EXAMPLE_MODEL, resolve_model_dir
 from meshtron.config import JobConfig
 from meshtron.errors import UserError
 from meshtron.lora.layers import apply_lora, count_parameters, init_lora, mark_trainable, quantize_base_nf4
@@ -27,7 +28,6 @@ from meshtron.parallel import Meshes, ParallelDims, parallelize
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-EXAMPLE_MODEL = "smollm2"
 
 
 def init_distributed(deterministic: bool) -> torch.device:
@@ -62,12 +62,6 @@ class ModelSource:
     hf_config_extra: dict  # bos/eos/pad ids to carry into an exported HF config
 
 
-def _example_model_dir() -> Path:
-    from meshtron.assets import prepare_smollm2
-
-    return prepare_smollm2()
-
-
 def _token_ids_from_dir(path: Path | None) -> dict:
     config = path / "config.json" if path is not None else None
     if config is None or not config.is_file():
@@ -94,10 +88,10 @@ def resolve_model_source(config: JobConfig) -> ModelSource:
 
     name = config.model.name_or_path
     tokenizer = config.model.tokenizer
-    tokenizer_dir = (_example_model_dir() if tokenizer == EXAMPLE_MODEL else Path(tokenizer)) if tokenizer else None
+    tokenizer_dir = resolve_model_dir(tokenizer) if tokenizer else None
     if tokenizer_dir is not None and not tokenizer_dir.is_dir():
         raise UserError(f"model.tokenizer {tokenizer!r} is not a directory; give a tokenizer or HF model directory")
-    path = _example_model_dir() if name == EXAMPLE_MODEL else Path(name)
+    path = resolve_model_dir(name)
     if path.is_dir() and (path / "config.json").is_file():
         from meshtron.checkpoint.hf import read_hf_config
 

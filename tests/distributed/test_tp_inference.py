@@ -46,3 +46,28 @@ def test_tp2_from_a_meshtron_checkpoint(tiny_llama_dir, tiny_native_dir):
     tp2 = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 *generate(tiny_native_dir)])
     assert tp2 == expected
+
+
+def test_a_process_count_the_heads_cannot_split_names_the_counts_that_work_once(tiny_llama_dir, tmp_path):
+    """6 attention heads and 3 key/value heads (like SmolLM2's 9 and 3) split over 3 processes, not 2."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model_dir = tmp_path / "three-kv-heads"
+    config = LlamaConfig(vocab_size=49152, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                         num_attention_heads=6, num_key_value_heads=3, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(model_dir))
+    for tokenizer_file in tiny_llama_dir.glob("tokenizer*"):
+        shutil.copy(tokenizer_file, model_dir)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "meshtron", "generate", "--model", str(model_dir), "--prompt", "Hi"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            timeout=180)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "meshtron generate: error:" in line]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert "its key/value heads (3) do not divide by 2" in errors[0]
+    assert "launch 3 processes" in errors[0]

@@ -1,12 +1,16 @@
-"""The CLI as a user runs it: --help, and one clear line (no traceback) for bad model directories."""
+"""The CLI as a user runs it: --help, --version, and one clear line (no traceback) for bad model directories."""
 
 import json
+import re
 import subprocess
 import sys
+from importlib import metadata
+from pathlib import Path
 
 import pytest
 import torch
 
+import meshtron.cli
 from meshtron.cli import SUBCOMMANDS
 
 
@@ -14,12 +18,35 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "meshtron", *args], capture_output=True, text=True)
 
 
-def test_help_lists_every_subcommand():
+def test_help_lists_every_subcommand_module():
+    """Every module of meshtron/cli is a subcommand, and `--help` lists each with its one-line help."""
+    modules = {p.stem for p in Path(meshtron.cli.__file__).parent.glob("*.py") if p.stem != "__init__"}
+    assert modules >= {"assets", "preprocess", "train", "convert", "generate", "chat", "serve", "eval", "score"}
     result = run_cli("--help")
-    assert result.returncode == 0
-    for name in ["assets", "preprocess", "train", "convert", "generate", "chat", "serve", "eval"]:
-        assert name in SUBCOMMANDS
-        assert name in result.stdout
+    assert result.returncode == 0, result.stderr
+    listed = dict(re.findall(r"^    (\w+)\s+(\S.*)$", result.stdout, re.MULTILINE))
+    assert set(listed) == modules
+    for name in modules:
+        assert SUBCOMMANDS[name].startswith(listed[name]), (name, listed[name])
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"meshtron {metadata.version('meshtron')}"
+
+
+@pytest.mark.parametrize("command, flag, default", [
+    ("generate", "--max-new-tokens", "256"), ("chat", "--max-new-tokens", "256"), ("serve", "--port", "8000"),
+    ("serve", "--max-tokens", "1024"), ("eval", "--batch-size", "8"), ("eval", "--output", "eval_results/report.json"),
+    ("score", "--batch-size", "8"), ("preprocess", "--step-separator", "'\\n\\n'"),
+])
+def test_help_states_defaults(command, flag, default):
+    result = run_cli(command, "--help")
+    assert result.returncode == 0, result.stderr
+    # argparse wraps the help text; the option's entry runs up to the next option.
+    entry = re.search(rf"^  {flag}\b(.*?)(?=^  -)", result.stdout + "  -", re.MULTILINE | re.DOTALL).group(1)
+    assert f"(default: {default})" in " ".join(entry.split()), entry
 
 
 @pytest.fixture

@@ -63,6 +63,16 @@ def test_unknown_handler(tmp_path, capsys, smollm2_dir):
     assert code == 2 and "unknown handler 'nope'; choose one of pretrain, alpaca" in err and "Traceback" not in err
 
 
+def test_the_example_model_name_is_a_tokenizer(tmp_path, capsys, smollm2_dir, smollm2_tokenizer):
+    """`--tokenizer smollm2`, as configs accept it: the same tokens as the directory."""
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "Hello there, tokenizer."}])
+    code, err = cli(capsys, "--input", tmp_path / "a.jsonl", "--handler", "pretrain", "--tokenizer", "smollm2",
+                    "--output-prefix", tmp_path / "x")
+    assert code == 0, err
+    tokens = indexed.IndexedDataset(str(tmp_path / "x_text_document"))[0]
+    assert tokens.tolist() == smollm2_tokenizer("Hello there, tokenizer.")["input_ids"]
+
+
 def test_skip_bad_lines_counts_them(tmp_path, capsys, smollm2_dir):
     (tmp_path / "bad.jsonl").write_bytes(b"".join(content for content, _ in BAD_INPUTS.values()) + GOOD)
     (tmp_path / "empty.jsonl").write_bytes(b"")
