@@ -108,6 +108,15 @@ class TrainConfig:
     sample_max_new_tokens: int = 40
     """Number of tokens the end-of-run sample generates."""
 
+    max_skipped_steps: int = 3
+    """A step whose loss or gradient norm is not finite on some rank is skipped (not applied on any
+    rank, counted as skipped_steps in metrics.jsonl); after this many skipped steps in a row the run
+    stops with an error naming the last good checkpoint."""
+
+    loss_spike_factor: float = 0.0
+    """Warn (and count loss_spikes in metrics.jsonl) when a step's loss is above this many times the
+    median loss of the last 50 steps, e.g. 2.0; 0 disables. Spikes are reported, not skipped."""
+
 
 @dataclass
 class OptimConfig:

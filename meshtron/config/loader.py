@@ -179,6 +179,9 @@ def validate(cfg: JobConfig) -> None:
         section, name = key.split(".")
         _check_positive(getattr(getattr(cfg, section), name), key, allow_zero=True)
     _validate_optimizer(cfg)
+    _check_positive(cfg.train.max_skipped_steps, "train.max_skipped_steps")
+    if cfg.train.loss_spike_factor and not cfg.train.loss_spike_factor > 1:
+        raise UserError(f"train.loss_spike_factor must be > 1 (or 0 to disable), got {cfg.train.loss_spike_factor}")
     if not 0 <= cfg.lr.decay_ratio <= 1:
         raise UserError(f"lr.decay_ratio must be within [0, 1], got {cfg.lr.decay_ratio}")
     if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.paths):

@@ -28,6 +28,7 @@ from meshtron.errors import UserError
 from meshtron.parallel import ParallelDims
 from meshtron.train.build import build_parallel_model, init_distributed, precision, resolve_model_source
 from meshtron.train.data import build_data_loader, build_training_dataset, one_pass
+from meshtron.train.guard import StepGuard, finite_on_every_rank
 from meshtron.train.losses import IGNORE_INDEX, loss_context
 from meshtron.train.lr import build_lr_scheduler
 from meshtron.train.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gb, plot_loss
@@ -105,6 +106,8 @@ class Trainer:
         self.checkpointer = self._build_checkpointer()
         self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main, tensorboard=config.log.tensorboard,
                                      total_steps=config.train.steps)
+        self.guard = StepGuard(max_skipped_steps=config.train.max_skipped_steps,
+                               loss_spike_factor=config.train.loss_spike_factor, report=self.is_main)
         self._stop_signal: int | None = None
 
     # ---- construction helpers ------------------------------------------------------------
@@ -303,17 +306,33 @@ class Trainer:
         pp_group, copies = (self.meshes.pp.get_group(), self.head_copies) if self.pipeline is not None else (None, [])
         grad_norm = clip_grad_norm(list(self.model.parameters()), self.config.optim.grad_clip, pp_group, copies)
         lr = self.optimizer.param_groups[0]["lr"]
+        loss = self._dp_sum(loss_sum) / max(units.item(), 1.0)
+        applied = self._apply_step(loss, grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "loss_tokens": int(units.item())}
+        metrics.update(self._recipe_metrics(units))
+        metrics.update(self.guard.observe(self.state.step + 1, metrics["loss"], metrics["grad_norm"], applied))
+        return metrics
+
+    def _apply_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Step the optimizer (and grad scaler) unless the loss or the gradient norm is not finite on some
+        rank; then no rank changes its parameters, optimizer state or scaler. Returns whether it stepped.
+
+        Under fp16 an infinite gradient with a finite loss is an overflow of the loss scale: the scaler
+        skips that step itself and lowers the scale, as it should, so only the loss is checked.
+        """
+        if not finite_on_every_rank([loss] if self.grad_scaler is not None else [loss, grad_norm]):
+            if self.grad_scaler is not None:
+                # unscale_ has run: forget this step's record without touching the scale or its growth count.
+                self.grad_scaler.update(new_scale=self.grad_scaler.get_scale())
+            return False
         if self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.lr_scheduler.step()
-        loss = self._dp_sum(loss_sum) / max(units.item(), 1.0)
-        metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "loss_tokens": int(units.item())}
-        metrics.update(self._recipe_metrics(units))
-        return metrics
+        return True
 
     def pipeline_step(self, batches: list[dict[str, torch.Tensor]], loss_scale: float, train: bool = True) -> torch.Tensor:
         """The micro-batches of one step through the pipeline schedule (forward and backward, or forward
@@ -399,6 +418,8 @@ class Trainer:
                 self.state.tokens_seen += cfg.train.global_batch_size * cfg.train.seq_length
                 step = self.state.step
                 self._log_step(step, metrics, time.perf_counter() - start)
+                if self.guard.diverged:
+                    self._stop_diverged(step, metrics)
                 if self.eval_dataset is not None and (
                         step == cfg.train.steps or (cfg.train.eval_interval and step % cfg.train.eval_interval == 0)):
                     self.metrics.log_eval(step, self.evaluate())
@@ -406,22 +427,45 @@ class Trainer:
                 if stop:
                     log.warning("stopping at step %d on signal %s; saving a checkpoint", step, self._stop_signal)
                 if stop or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
-                    self.checkpointer.save(step)
+                    self._save_checkpoint(step)
                     saved_step = step
                 if stop:
                     break
         if self.state.step >= cfg.train.steps and cfg.checkpoint.save_final and saved_step != self.state.step:
-            self.checkpointer.save(self.state.step)
+            self._save_checkpoint(self.state.step)
         self.checkpointer.wait()
         self.metrics.close()
         if self.is_main and self._stop_signal is None:
             self._finish_run()
         dist.barrier()
 
+    def _save_checkpoint(self, step: int) -> None:
+        """Save, unless some rank's parameters hold inf or NaN (a step with a finite loss and gradient norm
+        can still overflow them, e.g. at a huge lr): a checkpoint is never written from a non-finite state."""
+        if not finite_on_every_rank(_shard(p.detach()) for p in self.model.parameters()):
+            self._stop_diverged(step, reason="the parameters hold inf or NaN")
+        self.checkpointer.save(step)
+
+    def _stop_diverged(self, step: int, metrics: dict | None = None, reason: str = "") -> None:
+        """End a run that cannot go on: too many non-finite steps in a row, or non-finite parameters."""
+        from meshtron.checkpoint.manager import list_checkpoints
+
+        self.checkpointer.wait()  # a save in flight is a good one: let it commit, so it can be named
+        self.metrics.close()
+        good = list_checkpoints(self.run_dir / "checkpoints")
+        reason = reason or (f"{self.guard.consecutive_skips} steps in a row had a non-finite loss or gradient norm "
+                            f"(last: loss {metrics['loss']}, grad_norm {metrics['grad_norm']})")
+        raise UserError(
+            f"training stopped at step {step}: {reason}. Last good checkpoint: "
+            f"{good[-1] if good else 'none (no checkpoint was saved)'}; resume from it with a lower optim.lr (or "
+            "check the data), or raise train.max_skipped_steps to tolerate more skipped steps in a row"
+        )
+
     def _log_step(self, step: int, metrics: dict, elapsed: float) -> None:
-        """Add throughput, MFU and memory to a step's metrics and log them (every log.interval steps)."""
+        """Add throughput, MFU and memory to a step's metrics and log them (every log.interval steps, and
+        every skipped step)."""
         cfg = self.config
-        if step % cfg.log.interval and step != cfg.train.steps:
+        if step % cfg.log.interval and step != cfg.train.steps and not self.guard.consecutive_skips:
             return
         tokens_per_s = cfg.train.global_batch_size * cfg.train.seq_length / elapsed
         peak = peak_flops(self.device)
