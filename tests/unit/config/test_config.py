@@ -58,6 +58,8 @@ def test_async_key_maps_to_a_python_field(tmp_path):
         ("", ["--optim.grad_clip", "-1"], "optim.grad_clip must be >= 0"),
         ("", ["--optim.momentum", "1"], "optim.momentum must be in [0, 1)"),
         ("", ["--optim.lr", "1e-3", "--lr.min_lr", "1e-2"], "lr.min_lr (0.01) is above the peak optim.lr"),
+        ("", ["--train.max_skipped_steps", "0"], "train.max_skipped_steps must be > 0"),
+        ("", ["--train.loss_spike_factor", "0.5"], "train.loss_spike_factor must be > 1 (or 0 to disable)"),
     ],
 )
 def test_mistakes_give_one_clear_message(tmp_path, text, overrides, message):
