@@ -9,10 +9,10 @@ meshtron checkpoint: `path` is a run directory (its newest complete checkpoint) 
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from meshtron.checkpoint.manager import CheckpointManager, read_manifest, resolve_checkpoint
+from meshtron.checkpoint.reader import load_checkpoint
 from meshtron.errors import UserError
 from meshtron.models.common.args import ModelArgs
 from meshtron.models.registry import build_model
@@ -30,7 +30,7 @@ def _load_lora_base(model: nn.Module, manifest: dict, checkpoint_dir: Path) -> N
         load_hf_weights(model, path, get_family(model.args.family))
     else:
         base_state = {k: v for k, v in model.state_dict().items() if ".lora_A." not in k and ".lora_B." not in k}
-        dcp.load({"model": base_state}, checkpoint_id=str(resolve_checkpoint(path)), no_dist=True)
+        load_checkpoint({"model": base_state}, resolve_checkpoint(path), no_dist=True)
 
 
 __all__ = ["CheckpointManager", "load_for_inference", "load_model_weights", "read_manifest", "resolve_checkpoint"]
@@ -44,7 +44,7 @@ def load_model_weights(model: nn.Module, checkpoint_dir: Path, base_only: bool =
     if read_manifest(checkpoint_dir).get("lora"):
         raise UserError(f"{checkpoint_dir} is a LoRA checkpoint (adapters only); start from its base model, or "
                         "merge it first: meshtron convert --input RUN --output DIR --to hf --merge-lora")
-    dcp.load({"model": ModelState(model, part="base" if base_only else "all")}, checkpoint_id=str(checkpoint_dir))
+    load_checkpoint({"model": ModelState(model, part="base" if base_only else "all")}, checkpoint_dir)
 
 
 def load_for_inference(
@@ -71,7 +71,7 @@ def load_for_inference(
         state = {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
     # DCP reads each tensor into the one given here, casting from the stored dtype.
     # no_dist: this process reads the whole model itself, even inside a distributed job.
-    dcp.load({"model": state}, checkpoint_id=str(checkpoint_dir), no_dist=True)
+    load_checkpoint({"model": state}, checkpoint_dir, no_dist=True)
     model.eval()
     tokenizer = manifest.get("tokenizer")
     return model, args, (checkpoint_dir / tokenizer) if tokenizer else None

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from meshtron.checkpoint.reader import load_checkpoint
 from meshtron.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ class CheckpointManager:
 
     def load(self, path: Path) -> None:
         """Load every state from `path` (resharding to this run's layout) and this rank's RNG if saved."""
-        dcp.load(self.states, checkpoint_id=str(path))
+        load_checkpoint(self.states, path)
         rng_file = path / f"rng-rank{_rank()}.safetensors"
         world = dist.get_world_size() if dist.is_initialized() else 1
         # Generator states belong to ranks; at another world size the seeded defaults stay.
