@@ -1,4 +1,4 @@
-"""`meshtron convert --input PATH --output PATH [--to hf|native] [--merge-lora] [--dtype D]`.
+"""`meshtron convert --input PATH --output PATH [--to hf|native] [--merge-lora] [--dtype D] [--force]`.
 
 For a LoRA run, `--to hf` writes a PEFT adapter directory (adapter_config.json +
 adapter_model.safetensors) for the base model its manifest names; `--merge-lora` writes the
@@ -22,16 +22,20 @@ def add_arguments(parser) -> None:
                         help="dtype of the written weights (default: as stored; native defaults to float32)")
     parser.add_argument("--merge-lora", action="store_true",
                         help="for a LoRA run: write base + adapters merged as an HF model instead of a PEFT adapter")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing non-empty --output (kept until the new one is complete)")
 
 
 def run(args) -> int:
     import torch
 
+    from meshtron.checkpoint.atomic import check_output
     from meshtron.checkpoint.convert import checkpoint_to_hf, hf_to_checkpoint
 
     src = Path(args.input)
     if not src.exists():
         raise UserError(f"--input {src} does not exist")
+    check_output(args.output, inputs=[src], force=args.force)
     is_hf = (src / "config.json").is_file()
     to = args.to or ("native" if is_hf else "hf")
     dtype = getattr(torch, args.dtype) if args.dtype else None

@@ -27,13 +27,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tp", type=int, default=1,
                         help="tensor-parallel degree under torchrun; the remaining processes split the data")
     parser.add_argument("--output", default="eval_results/report.json", help="report JSON (a .png chart beside it)")
+    parser.add_argument("--force", action="store_true", help="replace an existing report at --output")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
 
 
 def run(args) -> int:
+    from meshtron.checkpoint.atomic import check_output
     from meshtron.eval.harness import EvalSettings, evaluate
     from meshtron.eval.report import format_table, write_report
 
+    output = Path(args.output)
+    reports = [p for p in (output, output.with_suffix(".png")) if p.exists()]
+    check_output(output, inputs=[args.model] if args.model else [], force=args.force, existing=reports)
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     if not names:
         raise UserError("--tasks names no task")

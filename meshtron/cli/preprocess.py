@@ -31,6 +31,8 @@ def add_arguments(parser) -> None:
                         help="SFT samples longer than --seq-length: keep the first N tokens (right) or drop them")
     parser.add_argument("--step-separator", default="\n\n", metavar="TEXT",
                         help="prm: text that ends every solution step; its last token carries the step label")
+    parser.add_argument("--force", action="store_true",
+                        help="replace existing PREFIX_* outputs (kept until the new ones are complete)")
     parser.add_argument("--skip-bad-lines", action="store_true",
                         help="skip (and count) malformed or incomplete records instead of stopping at the first")
 
@@ -47,10 +49,22 @@ def parse_map_keys(text: str | None) -> dict:
     return mapping
 
 
+def check_output_prefix(prefix: str, inputs: list[str], force: bool) -> None:
+    """The files of an earlier run with this prefix are replaced only with --force."""
+    import glob
+    from pathlib import Path
+
+    from meshtron.checkpoint.atomic import check_output
+
+    existing = sorted(Path(p) for p in glob.glob(f"{glob.escape(prefix)}_*") if p.endswith((".bin", ".idx", ".json")))
+    check_output(prefix, inputs=inputs, force=force, existing=existing, flag="--output-prefix")
+
+
 def run(args) -> int:
     from meshtron.data.handlers import HandlerOptions
     from meshtron.data.preprocess import PreprocessConfig, format_summary, preprocess
 
+    check_output_prefix(args.output_prefix, args.input, args.force)
     options = HandlerOptions(
         json_keys=args.json_keys,
         append_eod=args.append_eod,

@@ -181,3 +181,16 @@ def test_pack_is_refused_for_pretrain_and_ignored_for_pairwise(tmp_path, capsys,
     code, err = cli(capsys, *common, "--handler", "pairwise", "--output-prefix", tmp_path / "b")
     assert code == 0 and "--pack is ignored for pairwise" in caplog.text
     assert indexed.exists(str(tmp_path / "b_packed_rejected_labels_document"))
+
+
+def test_existing_outputs_are_replaced_only_with_force(tmp_path, capsys, smollm2_dir):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": "first corpus"}])
+    common = ["--input", src, "--handler", "pretrain", "--tokenizer", smollm2_dir, "--output-prefix", tmp_path / "x"]
+    assert cli(capsys, *common)[0] == 0
+    before = (tmp_path / "x_text_document.bin").read_bytes()
+    write_jsonl(src, [{"text": "a second, longer corpus"}])
+    code, err = cli(capsys, *common)
+    assert code == 2 and "x_text_document.bin" in err and "--force" in err and "Traceback" not in err
+    assert (tmp_path / "x_text_document.bin").read_bytes() == before
+    assert cli(capsys, *common, "--force")[0] == 0
+    assert (tmp_path / "x_text_document.bin").read_bytes() != before
