@@ -4,6 +4,11 @@
 ~/.cache/meshtron, or $MESHTRON_CACHE) and reuses it across runs.
 """
 
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
 import pytest
 
 
@@ -118,3 +123,14 @@ def tiny_native_dir(tiny_llama_dir, tmp_path_factory):
     subprocess.run([sys.executable, "-m", "meshtron", "convert", "--input", str(tiny_llama_dir), "--output", str(out),
                     "--to", "native"], check=True, capture_output=True, timeout=300)
     return out
+
+
+@pytest.fixture
+def visible_victim():
+    """A directory that HumanEval's sandbox shows read-only: inside the Python installation it binds."""
+    try:
+        path = Path(tempfile.mkdtemp(prefix=".meshtron-victim-", dir=sys.prefix))
+    except PermissionError:
+        pytest.skip("needs a writable Python installation to place a directory the sandbox can see")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -5,12 +5,10 @@ and rank 0 gathers the per-item scores back into the original order, so the scor
 depend on the number of ranks.
 """
 
-import datetime
 import logging
-import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,7 +16,10 @@ import torch.distributed as dist
 
 from meshtron.errors import UserError
 from meshtron.eval.lm import EvalLM
+from meshtron.eval.results import TaskResult, execution_result, make_report
+from meshtron.eval.sandbox import Limits, choose_sandbox
 from meshtron.eval.tasks import ChoiceItem, GenItem, Task, get_task
+from meshtron.eval.tasks.humaneval import HumanEval
 
 log = logging.getLogger(__name__)
 
@@ -35,26 +36,8 @@ class EvalSettings:
     max_new_tokens: int | None = None  # caps every task's generation budget
     seed: int = 1234
     tp: int = 1  # tensor-parallel degree under torchrun (the rest of the processes are data-parallel)
-
-
-@dataclass
-class TaskResult:
-    task: str
-    metric: str
-    score: float
-    n: int
-    shots: int
-    mode: str
-    method: str
-    subtasks: dict[str, dict] = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k = 1 - C(n-c, k) / C(n, k), as a numerically stable product."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+    timeout: float = 10.0  # seconds for each generated program (HumanEval)
+    no_sandbox: bool = False  # run generated code unconfined (only for code the user trusts)
 
 
 @dataclass
@@ -133,14 +116,18 @@ def run_task(lm: EvalLM, prepared: PreparedTask, settings: EvalSettings, layout:
     mine = work[layout.dp_rank :: layout.dp_size]
     start = time.monotonic()
     local = _score(lm, task, [items[i] for i, _ in mine], settings)
-    scores = _gather(local, layout, len(work))
+    scored = _gather(local, layout, len(work))
     log.info("%s: %d items scored in %.1fs", task.name, len(work), time.monotonic() - start)
-    per_item = [scores[i * repeats : (i + 1) * repeats] for i in range(len(items))]
-    return _aggregate(task, items, per_item, prepared.shots, prepared.mode, settings)
+    if prepared.mode == "execution":
+        records = [{"task_id": items[i].extra["problem"]["task_id"], "completion": task.completion(items[i], text),
+                    "passed": score == 1.0} for (i, _), (score, text) in zip(work, scored)]
+        return execution_result(task, records, task.sandbox)
+    return _aggregate(task, items, [score for score, _ in scored], prepared.shots, prepared.mode)
 
 
-def _score(lm: EvalLM, task: Task, items: list, settings: EvalSettings) -> list[float]:
-    scores: list[float | None] = [None] * len(items)
+def _score(lm: EvalLM, task: Task, items: list, settings: EvalSettings) -> list[tuple[float, str | None]]:
+    """(score, generated text or None) per item."""
+    scores: list[tuple[float, str | None] | None] = [None] * len(items)
     choice_idx = [i for i, it in enumerate(items) if isinstance(it, ChoiceItem)]
     gen_idx = [i for i, it in enumerate(items) if isinstance(it, GenItem)]
     if choice_idx:
@@ -150,7 +137,7 @@ def _score(lm: EvalLM, task: Task, items: list, settings: EvalSettings) -> list[
         for i in choice_idx:
             n = len(items[i].choices)
             chosen = max(range(n), key=lambda j: loglik[pos + j])
-            scores[i] = float(chosen == items[i].gold)
+            scores[i] = (float(chosen == items[i].gold), None)
             pos += n
     # Generation items are grouped by their stop strings and budget so that they batch together.
     groups: dict[tuple, list[int]] = {}
@@ -161,27 +148,16 @@ def _score(lm: EvalLM, task: Task, items: list, settings: EvalSettings) -> list[
         texts = lm.generate_until([items[i].prompt for i in idx], list(stop), max_new,
                                   temperature=settings.temperature, seed=settings.seed)
         for i, text in zip(idx, texts):
-            scores[i] = task.score_generation(items[i], text)
+            scores[i] = (task.score_generation(items[i], text), text)
     return scores
 
 
-def _aggregate(task, items, per_item, shots, mode, settings) -> TaskResult:
-    by_subtask: dict[str, list[list[float]]] = {}
-    for item, scores in zip(items, per_item):
-        by_subtask.setdefault(item.subtask, []).append(scores)
-    if mode == "execution":
-        n = settings.num_samples
-        ks = [k for k in (1, 10, 100) if k <= n]
-        passes = {k: [pass_at_k(n, int(sum(s)), k) for s in per_item] for k in ks}
-        subtasks = {name: {"score": sum(pass_at_k(n, int(sum(s)), 1) for s in rows) / len(rows), "n": len(rows)}
-                    for name, rows in by_subtask.items()}
-        extra = {f"pass@{k}": sum(v) / len(v) for k, v in passes.items()}
-        return TaskResult(task.name, "pass@1", extra["pass@1"], len(items), shots, mode, task.method[mode],
-                          subtasks, extra)
-    flat = [s[0] for s in per_item]
-    subtasks = {name: {"score": sum(r[0] for r in rows) / len(rows), "n": len(rows)}
-                for name, rows in by_subtask.items()}
-    return TaskResult(task.name, "acc", sum(flat) / len(flat), len(items), shots, mode, task.method[mode], subtasks)
+def _aggregate(task, items, scores, shots, mode) -> TaskResult:
+    by_subtask: dict[str, list[float]] = {}
+    for item, score in zip(items, scores):
+        by_subtask.setdefault(item.subtask, []).append(score)
+    subtasks = {name: {"score": sum(rows) / len(rows), "n": len(rows)} for name, rows in by_subtask.items()}
+    return TaskResult(task.name, "acc", sum(scores) / len(scores), len(items), shots, mode, task.method[mode], subtasks)
 
 
 def evaluate(model_path: str, task_names: list[str], data_dir: str | None, settings: EvalSettings,
@@ -202,6 +178,10 @@ def evaluate(model_path: str, task_names: list[str], data_dir: str | None, setti
         raise UserError(f"data directory {data_dir} does not exist")
     root = Path(data_dir) if data_dir else None
     prepared = [None if task is None else prepare_task(task, root, settings) for task in tasks]
+    for task in tasks:
+        if isinstance(task, HumanEval):
+            task.limits = Limits(timeout=settings.timeout)
+            task.sandbox = choose_sandbox(settings.no_sandbox)
     layout = init_distributed(settings.tp)
     loaded = load_for_generation(model_path, dtype=dtype, device=layout.device, tp_mesh=layout.tp_mesh)
     lm = EvalLM(loaded, settings.batch_size, settings.chat_template)
@@ -212,12 +192,8 @@ def evaluate(model_path: str, task_names: list[str], data_dir: str | None, setti
     ]
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
-    return {
-        "model": str(model_path),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "world_size": layout.dp_size * (layout.tp_mesh.size() if layout.tp_mesh is not None else 1),
-        "tp": settings.tp,
-        "chat_template": settings.chat_template,
-        "limit": settings.limit,
-        "results": {r.task: r.__dict__ for r in results},
-    }
+    world_size = layout.dp_size * (layout.tp_mesh.size() if layout.tp_mesh is not None else 1)
+    return make_report(results, model=str(model_path), world_size=world_size, tp=settings.tp,
+                       chat_template=settings.chat_template, limit=settings.limit)
+
+

@@ -30,7 +30,8 @@ def resolve_prefix(path: str) -> str:
 @torch.no_grad()
 def perplexity(lm: EvalLM, path: str, seq_length: int, limit: int | None, layout=None):
     from meshtron.data.indexed import IndexedDataset
-    from meshtron.eval.harness import Layout, TaskResult
+    from meshtron.eval.harness import Layout
+    from meshtron.eval.results import TaskResult
 
     layout = layout or Layout()
 

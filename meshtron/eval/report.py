@@ -16,8 +16,14 @@ def format_table(report: dict) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    methods = [f"{name}: {r['method']}" for name, r in report["results"].items()]
-    return "\n".join(lines + ["", f"model: {report['model']}   date: {report['date']}", *methods])
+    methods = [f"{name}: {r['method']}" + (f" (sandbox: {r['extra']['sandbox']})" if "sandbox" in r["extra"] else "")
+               for name, r in report["results"].items()]
+    return "\n".join(lines + ["", f"{_source(report)}   date: {report['date']}", *methods])
+
+
+def _source(report: dict) -> str:
+    """What was scored: a model, or completions from a samples file."""
+    return f"model: {report['model']}" if report["model"] is not None else f"samples: {report['samples']}"
 
 
 def write_report(report: dict, output: Path) -> list[Path]:
@@ -48,7 +54,7 @@ def _plot(report: dict, path: Path) -> None:
     ax.bar_label(bars, labels=[f"{s:.3f}" for s in scores])
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("score")
-    ax.set_title(f"{Path(report['model']).name} ({report['date'][:10]})", fontsize=10)
+    ax.set_title(f"{Path(report['model'] or report['samples']).name} ({report['date'][:10]})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

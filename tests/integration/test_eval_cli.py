@@ -28,10 +28,22 @@ def test_smollm2_humaneval_report_end_to_end(smollm2_dir, tmp_path):
     report = json.loads(out.read_text())
     r = report["results"]["humaneval"]
     assert r["n"] == 2 and r["metric"] == "pass@1" and r["mode"] == "execution" and r["shots"] == 0
-    assert 0.0 <= r["score"] <= 1.0 and "pass@1" in r["extra"]
+    samples = r["extra"]["samples"]
+    assert [s["task_id"] for s in samples] == ["HumanEval/0", "HumanEval/1"]
+    assert r["score"] == r["extra"]["pass@1"] == sum(s["passed"] for s in samples) / 2
+    assert r["extra"]["sandbox"] == "linux-namespaces"
     assert report["model"] == str(smollm2_dir) and report["date"]
     assert out.with_suffix(".png").stat().st_size > 1000
-    assert "humaneval" in result.stdout and "pass@1" in result.stdout and "sandbox" in result.stdout
+    assert "humaneval" in result.stdout and "pass@1" in result.stdout and "sandbox: linux-namespaces" in result.stdout
+    # The model's completions, scored again as a samples file, get the same verdicts (the samples
+    # path itself is checked against known-correct and known-wrong completions in test_eval_sandbox.py).
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps({"task_id": s["task_id"], "completion": s["completion"]}) + "\n"
+                            for s in samples))
+    rescored = run_eval("--tasks", "humaneval", "--samples", str(path), "--output", str(tmp_path / "again.json"))
+    assert rescored.returncode == 0, rescored.stderr
+    again = json.loads((tmp_path / "again.json").read_text())["results"]["humaneval"]["extra"]["samples"]
+    assert [s["passed"] for s in again] == [s["passed"] for s in samples]
 
 
 @pytest.mark.smollm2

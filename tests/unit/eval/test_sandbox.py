@@ -1,55 +1,84 @@
-"""The HumanEval sandbox contains what generated code must not do."""
+"""The HumanEval sandbox: programs run and fail as they should, limits hold, and writes by every
+route (absolute, relative after chdir, *at() calls with a directory descriptor) leave a directory the
+program can see untouched. The full table of escape attempts runs end to end in
+tests/integration/test_eval_sandbox.py."""
 
 import os
+import tempfile
 
 import pytest
 
-from meshtron.eval.harness import pass_at_k
-from meshtron.eval.sandbox import run_program
+from meshtron.eval.results import pass_at_k
+from meshtron.eval.sandbox import KERNEL, NONE, Limits, run_program
 
 
 def test_passing_and_failing_programs():
     assert run_program("assert sum([1, 2]) == 3").passed
     result = run_program("assert sum([1, 2]) == 4")
-    assert not result.passed and result.status == "failed" and "AssertionError" in result.detail
+    assert not result.passed and result.status == "failed" and result.detail == "AssertionError"
 
 
 def test_infinite_loop_times_out():
-    result = run_program("while True:\n    pass\n", timeout=1.5)
+    result = run_program("while True:\n    pass\n", limits=Limits(timeout=1.5))
     assert result.status == "timeout"
 
 
-def test_write_outside_the_working_directory_is_refused(tmp_path):
-    target = tmp_path / "escaped.txt"
-    victim = tmp_path / "victim.txt"
-    victim.write_text("keep me")
-    assert not run_program(f"open({str(target)!r}, 'w').write('x')").passed
-    assert not run_program(f"import os\nos.remove({str(victim)!r})").passed
-    assert not run_program(f"import shutil\nshutil.rmtree({str(tmp_path)!r})").passed
-    assert not target.exists() and victim.read_text() == "keep me"
-    # Inside its own temporary directory a program may write and read.
-    assert run_program("open('f.txt', 'w').write('x')\nassert open('f.txt').read() == 'x'").passed
+def test_the_program_runs_as_nobody_without_capabilities():
+    code = ("import os\nassert (os.getuid(), os.getgid()) == (65534, 65534)\n"
+            "status = dict(line.split(':', 1) for line in open('/proc/self/status'))\n"
+            "assert int(status['CapEff'], 16) == 0 and status['NoNewPrivs'].strip() == '1'\n"
+            "assert os.listdir('/proc') and [p for p in os.listdir('/proc') if p.isdigit()] == ['1']\n")
+    result = run_program(code)
+    assert result.passed, result.detail
+
+
+ROUTES = {
+    "absolute": "open(V + '/a.txt', 'w').write('changed')",
+    "relative": "os.chdir(V)\nopen('a.txt', 'w').write('changed')",
+    "relative_remove": "os.chdir(V)\nos.remove('a.txt')",
+    "dir_fd_unlink": "os.unlink('a.txt', dir_fd=os.open(V, os.O_RDONLY))",
+    "dir_fd_create": "os.open('b.txt', os.O_CREAT | os.O_WRONLY, dir_fd=os.open(V, os.O_RDONLY))",
+    "dir_fd_rename": "fd = os.open(V, os.O_RDONLY)\nos.rename('a.txt', 'c.txt', src_dir_fd=fd, dst_dir_fd=fd)",
+}
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_writes_by_every_route_leave_a_visible_directory_untouched(visible_victim, route):
+    (visible_victim / "a.txt").write_text("original")
+    (visible_victim / "a.txt").chmod(0o666)
+    visible_victim.chmod(0o777)  # permissions would allow it: only the sandbox stops it
+    code = f"import os\nV = {str(visible_victim)!r}\nassert os.path.isdir(V)\n{ROUTES[route]}\n"
+    result = run_program(code)
+    assert not result.passed and "Read-only file system" in result.detail, result.detail
+    assert sorted(p.name for p in visible_victim.iterdir()) == ["a.txt"]
+    assert (visible_victim / "a.txt").read_text() == "original"
+
+
+def test_the_same_routes_write_without_the_sandbox(tmp_path):
+    """The routes above are real: unconfined, each one succeeds."""
+    for route, body in ROUTES.items():
+        (tmp_path / "a.txt").write_text("original")
+        result = run_program(f"import os\nV = {str(tmp_path)!r}\n{body}\n", sandbox=NONE)
+        assert result.passed, (route, result.detail)
 
 
 def test_network_is_refused():
     result = run_program("import socket\nsocket.create_connection(('127.0.0.1', 80), timeout=1)")
-    assert not result.passed and "sandbox" in result.detail
-    assert not run_program("import urllib.request\nurllib.request.urlopen('http://example.com', timeout=1)").passed
+    assert not result.passed and "Permission denied" in result.detail
 
 
-def test_fork_bomb_and_subprocesses_are_contained(tmp_path):
-    result = run_program("import os\nwhile True:\n    os.fork()\n", timeout=3)
-    assert not result.passed and "os.fork" in result.detail
-    marker = tmp_path / "spawned"
-    assert not run_program(f"import subprocess\nsubprocess.run(['touch', {str(marker)!r}])").passed
-    assert not run_program(f"import os\nos.system('touch {marker}')").passed
-    assert not marker.exists()
+def test_memory_and_file_size_limits():
+    assert run_program("x = bytearray(8 << 30)").detail == "MemoryError"
+    result = run_program("open('big', 'wb').write(b'x' * (2 << 20))", limits=Limits(file_bytes=1 << 20))
+    assert not result.passed and "File too large" in result.detail
 
 
-def test_escape_hatches_are_closed():
-    assert not run_program("import ctypes").passed
-    assert not run_program("import multiprocessing").passed
-    assert not run_program("x = bytearray(8 << 30)").passed  # memory limit
+@pytest.mark.parametrize("sandbox", [KERNEL, NONE])
+def test_sandbox_leaves_no_temporary_directory(sandbox):
+    before = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("meshtron-sandbox-")}
+    assert run_program("open('x', 'w').write('y')", sandbox=sandbox).passed
+    after = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("meshtron-sandbox-")}
+    assert after == before
 
 
 @pytest.mark.parametrize("n,c,k", [(10, 3, 1), (10, 3, 5), (20, 0, 10), (5, 5, 2), (200, 17, 100)])
@@ -58,12 +87,3 @@ def test_pass_at_k_matches_the_reference_formula(n, c, k):
 
     expected = 1.0 - comb(n - c, k) / comb(n, k)
     assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
-
-
-def test_sandbox_leaves_no_temporary_directory():
-    import tempfile
-
-    before = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("meshtron-sandbox-")}
-    run_program("open('x', 'w').write('y')")
-    after = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("meshtron-sandbox-")}
-    assert after == before
