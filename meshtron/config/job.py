@@ -44,8 +44,18 @@ class DataConfig:
     """Blend weights, one per path; empty means proportional to the datasets' sizes."""
 
     handler: str = ""
-    """Preprocess handler for raw files (pretrain, alpaca, sharegpt, openai); empty picks
-    "pretrain" for the pretrain recipe and "alpaca" for sft."""
+    """Preprocess handler for raw files (pretrain, alpaca, sharegpt, openai, pairwise, prm); empty
+    picks the recipe's: "pretrain" for pretrain, "alpaca" for sft, "pairwise" for dpo, simpo and rm,
+    "prm" for prm."""
+
+    handlers: dict = field(default_factory=dict)
+    """Handlers of single raw files, keyed by the path as written in `paths` or `eval_paths`, e.g.
+    {"data/chats.jsonl" = "sharegpt"}; the others use `handler`. Lets one run mix alpaca and
+    ShareGPT files."""
+
+    skip_bad_lines: bool = False
+    """Skip (and count) malformed or incomplete records of raw files instead of stopping at the
+    first, as `meshtron preprocess --skip-bad-lines` does."""
 
     eval_paths: list[str] = field(default_factory=list)
     """Held-out data (prefixes or raw files, like `paths`): its loss is measured before training, every

@@ -162,6 +162,19 @@ def _check_positive(value, key: str, allow_zero: bool = False) -> None:
         raise UserError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def _validate_handlers(cfg: JobConfig) -> None:
+    from meshtron.data.handlers import HANDLER_NAMES
+
+    named = {"data.handler": cfg.data.handler} if cfg.data.handler else {}
+    named.update({f"data.handlers[{path!r}]": handler for path, handler in cfg.data.handlers.items()})
+    for key, handler in named.items():
+        _check_choice(handler, HANDLER_NAMES, key)
+    unused = set(cfg.data.handlers) - set(cfg.data.paths) - set(cfg.data.eval_paths)
+    if unused:
+        raise UserError(f"data.handlers names {sorted(unused)[0]!r}, which is in neither data.paths nor "
+                        "data.eval_paths; key each handler by a path exactly as written there")
+
+
 def validate(cfg: JobConfig) -> None:
     """Checks that need no world size or files (ParallelDims and the trainer check the rest)."""
     _check_choice(cfg.train.recipe, RECIPES, "train.recipe")
@@ -193,6 +206,7 @@ def validate(cfg: JobConfig) -> None:
         raise UserError("no training data: set data.paths (preprocessed prefixes or raw files) or data.mock = true")
     if cfg.data.eval_paths and cfg.data.mock:
         raise UserError("data.eval_paths needs real data; mock data has no held-out split (set data.mock = false)")
+    _validate_handlers(cfg)
     if cfg.model.args and ":" not in cfg.model.name_or_path:
         raise UserError(
             f"model.args changes a flavor's shape, but model.name_or_path = {cfg.model.name_or_path!r} is not a "

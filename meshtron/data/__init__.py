@@ -1,5 +1,6 @@
 """Data: raw files -> tokenized Megatron-compatible indexed datasets -> training micro-batches.
 
+names.py       the file names of every data kind (preprocess writes them, training finds them)
 indexed.py     .bin/.idx writer, memory-mapped reader, shard merge
 sources.py     input discovery, splitting for workers, record streams
 handlers/      pretrain, alpaca, sharegpt, openai, pairwise, prm: record -> token sequences

@@ -17,31 +17,22 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
 
-from meshtron.data import indexed
+from meshtron.data import indexed, names
 from meshtron.data.samples import BlendedDataset, PairwiseDataset, PretrainDataset, SFTDataset
 from meshtron.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("pretrain", "sft", "pairwise")
-
-
-def _base(prefix: str, suffixes: tuple[str, ...]) -> str:
-    for suffix in suffixes:
-        if prefix.endswith(suffix):
-            return prefix[: -len(suffix)]
-    return prefix
+KINDS = names.KINDS
 
 
 def _open(prefix: str, seq_length: int, kind: str, reset_position_ids: bool):
     if kind == "pretrain":
-        path = prefix if indexed.exists(prefix) else f"{prefix}_text_document"
+        path = prefix if indexed.exists(prefix) else f"{prefix}_{names.TEXT}"
         return PretrainDataset(path, seq_length, reset_position_ids)
+    base = names.base_prefix(prefix, kind)
     if kind == "sft":
-        base = _base(prefix, ("_packed_input_ids_document", "_packed_labels_document"))
-        return SFTDataset(f"{base}_packed_input_ids_document", f"{base}_packed_labels_document", seq_length)
-    base = _base(prefix, tuple(f"_packed_{s}_{n}_document" for s in ("chosen", "rejected")
-                               for n in ("input_ids", "labels")))
+        return SFTDataset(f"{base}_{names.INPUT_IDS}", f"{base}_{names.LABELS}", seq_length)
     return PairwiseDataset(base, seq_length)
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from meshtron.data import indexed
+from meshtron.data import indexed, names
 from meshtron.data.handlers import BadRecord, HandlerOptions, make_handler
 from meshtron.data.packing import pack_lengths, pad_ratio
 from meshtron.data.sources import Unit, discover, plan_units, read_unit, split_units
@@ -102,7 +102,8 @@ def load_tokenizer(name: str):
 
 def _bad(cfg: PreprocessConfig, stats: Stats, where, reason: str) -> None:
     if not cfg.skip_bad_lines:
-        raise UserError(f"{where}: {reason} (pass --skip-bad-lines to skip such lines and count them)")
+        raise UserError(f"{where}: {reason} (to skip such lines and count them, pass --skip-bad-lines, or set "
+                        "data.skip_bad_lines = true when training on raw files)")
     stats.skip(where, reason)
 
 
@@ -241,8 +242,8 @@ def _run_parallel(cfg: PreprocessConfig, handler, groups, prefixes, progress: Pr
 
 def _write_sft_extras(prefix: str, cfg: PreprocessConfig) -> tuple[int, float | None]:
     """Pack the SFT samples (with --pack) and write the attention mask; rows and pad ratio."""
-    ids_prefix = f"{prefix}_packed_input_ids_document"
-    labels_prefix = f"{prefix}_packed_labels_document"
+    ids_prefix = f"{prefix}_{names.INPUT_IDS}"
+    labels_prefix = f"{prefix}_{names.LABELS}"
     ids, labels = indexed.IndexedDataset(ids_prefix), indexed.IndexedDataset(labels_prefix)
     lengths = ids.sequence_lengths.copy()
     seq_length = cfg.options.seq_length
@@ -262,9 +263,9 @@ def _write_sft_extras(prefix: str, cfg: PreprocessConfig) -> tuple[int, float | 
         labels.close()
         indexed.rename(f"{packed_prefix}_ids", ids_prefix)
         indexed.rename(f"{packed_prefix}_labels", labels_prefix)
-        indexed.rename(f"{packed_prefix}_mask", f"{prefix}_packed_attention_mask_document")
+        indexed.rename(f"{packed_prefix}_mask", f"{prefix}_{names.ATTENTION_MASK}")
     else:
-        with indexed.IndexedWriter(f"{prefix}_packed_attention_mask_document", np.int8) as out_mask:
+        with indexed.IndexedWriter(f"{prefix}_{names.ATTENTION_MASK}", np.int8) as out_mask:
             for length in lengths:
                 out_mask.add_document([np.ones(length, dtype=np.int8)])
         ids.close()
@@ -331,23 +332,23 @@ def preprocess(cfg: PreprocessConfig) -> Summary:
         stats.add(_tokenize(cfg, handler, units, tmp))
         if stats.documents == 0:
             raise UserError("no usable samples in the input" + (" (every line was skipped)" if stats.skipped else ""))
-        names = list(handler.outputs())
+        written = list(handler.outputs())
         num_rows, ratio = stats.documents, None
         if handler.kind == "sft":
             num_rows, ratio = _write_sft_extras(tmp, cfg)
-            names.append("packed_attention_mask_document")
+            written.append(names.ATTENTION_MASK)
         metadata = handler.metadata()
         if metadata is not None:
             with open(f"{tmp}_{handler.name}.json", "w") as f:
                 json.dump(metadata, f, indent=2)
-        for name in names:
+        for name in written:
             indexed.rename(f"{tmp}_{name}", f"{cfg.output_prefix}_{name}")
         if metadata is not None:
             os.replace(f"{tmp}_{handler.name}.json", f"{cfg.output_prefix}_{handler.name}.json")
     finally:
         for path in glob.glob(glob.escape(tmp) + "*"):
             os.remove(path)
-    outputs = [f"{cfg.output_prefix}_{name}" for name in names]
+    outputs = [f"{cfg.output_prefix}_{name}" for name in written]
     return Summary(stats, outputs, time.monotonic() - start, num_rows, ratio)
 
 

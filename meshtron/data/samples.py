@@ -20,6 +20,7 @@ import logging
 
 import numpy as np
 
+from meshtron.data import names
 from meshtron.data.handlers import IGNORE_INDEX
 from meshtron.data.indexed import IndexedDataset
 from meshtron.errors import UserError
@@ -127,9 +128,9 @@ class PairwiseDataset:
 
     def __init__(self, prefix: str, seq_length: int) -> None:
         self.sides = {
-            side: SFTDataset(f"{prefix}_packed_{side}_input_ids_document", f"{prefix}_packed_{side}_labels_document",
-                             seq_length)
-            for side in ("chosen", "rejected")
+            side: SFTDataset(f"{prefix}_{names.side(names.INPUT_IDS, side)}",
+                             f"{prefix}_{names.side(names.LABELS, side)}", seq_length)
+            for side in names.SIDES
         }
         if len(self.sides["chosen"]) != len(self.sides["rejected"]):
             raise UserError(f"{prefix}: chosen and rejected hold different numbers of samples")

@@ -20,13 +20,13 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
 from meshtron.config import JobConfig
+from meshtron.data import names
 from meshtron.errors import UserError
 from meshtron.train.losses import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
 RAW_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".arrow")
-_DATASET_SUFFIXES = ("_text_document", "_packed_input_ids_document")
 
 
 class MockDataLoader(Stateful):
@@ -125,10 +125,14 @@ def build_training_dataset(config: JobConfig, paths: list[str], weights: list[fl
     """The dataset over `paths` (prefixes or raw files, preprocessed on the fly)."""
     from meshtron.data.loader import build_dataset
 
-    handler = config.data.handler or default_handler
-    prefixes = [_resolve_path(p, config, data_kind, handler, tokenizer_dir, config_dir) for p in paths]
+    prefixes = [_resolve_path(p, config, data_kind, _handler_of(p, config, default_handler), tokenizer_dir,
+                              config_dir) for p in paths]
     return build_dataset(prefixes, weights or None, config.train.seq_length, data_kind, config.train.seed,
                          reset_position_ids=config.data.reset_position_ids)
+
+
+def _handler_of(path: str, config: JobConfig, default_handler: str) -> str:
+    return config.data.handlers.get(path) or config.data.handler or default_handler
 
 
 def one_pass(dataset, micro_batch_size: int, dp_rank: int, dp_size: int):
@@ -148,7 +152,7 @@ def _find(path: str, config_dir: Path | None) -> Path:
     if config_dir is not None and not Path(path).is_absolute():
         candidates += [parent / path for parent in (config_dir, *config_dir.parents)]
     for candidate in candidates:
-        if candidate.exists() or any(Path(f"{candidate}{s}.bin").exists() for s in _DATASET_SUFFIXES):
+        if candidate.exists() or names.kinds_at(str(candidate)):
             return candidate
     return Path(path)
 
@@ -158,11 +162,15 @@ def _resolve_path(path: str, config: JobConfig, data_kind: str, handler: str, to
     found = _find(path, config_dir)
     if found.is_file() and found.suffix in RAW_SUFFIXES:
         return _preprocess_on_the_fly(found, config, data_kind, handler, tokenizer_dir)
-    if any(Path(f"{found}{s}.bin").exists() for s in _DATASET_SUFFIXES) or (found.suffix == "" and Path(f"{found}.bin").exists()):
+    if names.is_complete(str(found), data_kind):
         return str(found)
+    other_kinds = names.kinds_at(str(found))
+    if other_kinds:
+        raise UserError(f"data path {path!r} holds {other_kinds[0]} data, but the {config.train.recipe} recipe "
+                        f"trains on {data_kind} data: preprocess it with a {data_kind} handler")
     raise UserError(
         f"data path {path!r} not found: give a prefix written by `meshtron preprocess` (PREFIX of "
-        f"PREFIX_text_document.bin) or a raw {'/'.join(RAW_SUFFIXES)} file"
+        f"PREFIX_{names.datasets(data_kind)[0]}.bin) or a raw {'/'.join(RAW_SUFFIXES)} file"
     )
 
 
@@ -173,19 +181,25 @@ def _preprocess_on_the_fly(raw: Path, config: JobConfig, data_kind: str, handler
         raise UserError(f"data path {raw} is a raw file and needs a tokenizer to be preprocessed; set "
                         "model.tokenizer (e.g. \"smollm2\") or preprocess it with `meshtron preprocess`")
     stat = raw.stat()
-    key = f"{raw.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{handler}|{tokenizer_dir}|{config.train.seq_length}"
+    skip = config.data.skip_bad_lines
+    key = f"{raw.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{handler}|{tokenizer_dir}|{config.train.seq_length}|{skip}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     prefix = Path(config.train.output_dir) / "data" / f"{raw.stem}-{handler}-{digest}"
-    done = Path(f"{prefix}_text_document.bin" if data_kind == "pretrain" else f"{prefix}_packed_input_ids_document.bin")
-    if (not dist.is_initialized() or dist.get_rank() == 0) and not done.exists():
+    if (not dist.is_initialized() or dist.get_rank() == 0) and not names.is_complete(str(prefix), data_kind):
         cmd = [sys.executable, "-m", "meshtron", "preprocess", "--input", str(raw), "--handler", handler,
                "--tokenizer", str(tokenizer_dir), "--output-prefix", str(prefix)]
-        cmd += ["--append-eod"] if data_kind == "pretrain" else ["--seq-length", str(config.train.seq_length), "--pack"]
+        cmd += ["--skip-bad-lines"] if skip else []
+        # Pairs are padded rows, never packed (preprocess would only warn about --pack).
+        pack = ["--pack"] if data_kind == "sft" else []
+        cmd += ["--append-eod"] if data_kind == "pretrain" else ["--seq-length", str(config.train.seq_length), *pack]
         log.info("preprocessing %s with handler %s into %s", raw, handler, prefix)
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
             raise UserError(f"preprocessing {raw} failed: {lines[-1]}")
+        if not names.is_complete(str(prefix), data_kind):
+            raise UserError(f"handler {handler!r} does not write the {data_kind} data that the {config.train.recipe} "
+                            f"recipe trains on; set data.handler (or data.handlers for {str(raw)!r})")
     if dist.is_initialized():
         dist.barrier()
     return str(prefix)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from meshtron.data import names
 from meshtron.data.handlers import IGNORE_INDEX, LABEL_DTYPE, BadRecord, Handler
 from meshtron.data.indexed import token_dtype
 from meshtron.data.templates import assistant_spans, resolve_template
@@ -61,8 +62,8 @@ class ChatHandler(Handler):
 
     def outputs(self) -> dict[str, type]:
         return {
-            "packed_input_ids_document": token_dtype(len(self.tokenizer)),
-            "packed_labels_document": LABEL_DTYPE,
+            names.INPUT_IDS: token_dtype(len(self.tokenizer)),
+            names.LABELS: LABEL_DTYPE,
         }
 
     def messages(self, record: dict) -> list[dict]:
@@ -88,7 +89,7 @@ class ChatHandler(Handler):
         kept = self.truncate(encoded.ids, encoded.labels)
         if kept is None:
             return None
-        return {"packed_input_ids_document": kept[0], "packed_labels_document": kept[1]}
+        return {names.INPUT_IDS: kept[0], names.LABELS: kept[1]}
 
 
 def alpaca_messages(handler: Handler, record: dict, response: str | None = None) -> list[dict]:

@@ -6,10 +6,9 @@ Each side is rendered as prompt + response through the chat template, with the l
 on the assistant replies; a pair is dropped whole when either side is.
 """
 
+from meshtron.data import names
 from meshtron.data.handlers import BadRecord
 from meshtron.data.handlers.instruction import ALPACA_ALIASES, ChatHandler, alpaca_messages, sharegpt_messages
-
-SIDES = ("chosen", "rejected")
 
 
 class PairwiseHandler(ChatHandler):
@@ -19,9 +18,7 @@ class PairwiseHandler(ChatHandler):
 
     def outputs(self) -> dict[str, type]:
         single = super().outputs()
-        return {
-            f"packed_{side}_{name.removeprefix('packed_')}": dtype for side in SIDES for name, dtype in single.items()
-        }
+        return {names.side(name, side): dtype for side in names.SIDES for name, dtype in single.items()}
 
     def response(self, record: dict, side: str) -> str:
         value = record.get(self.key(side))
@@ -42,11 +39,11 @@ class PairwiseHandler(ChatHandler):
     def encode(self, record: dict):
         prompt = self.prompt(record)
         out = {}
-        for side in SIDES:
+        for side in names.SIDES:
             messages = prompt + [{"role": "assistant", "content": self.response(record, side)}]
             encoded = self.chat.encode(messages)
             kept = self.truncate(encoded.ids, encoded.labels)
             if kept is None:
                 return None
-            out[f"packed_{side}_input_ids_document"], out[f"packed_{side}_labels_document"] = kept
+            out[names.side(names.INPUT_IDS, side)], out[names.side(names.LABELS, side)] = kept
         return out

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from meshtron.data import names
 from meshtron.data.handlers import BadRecord, Handler
 from meshtron.data.indexed import token_dtype
 from meshtron.errors import UserError
@@ -26,7 +27,7 @@ class PretrainHandler(Handler):
 
     def outputs(self) -> dict[str, type]:
         dtype = token_dtype(len(self.tokenizer))
-        return {f"{key}_document": dtype for key in self.options.json_keys}
+        return {names.text_dataset(key): dtype for key in self.options.json_keys}
 
     def encode_batch(self, records: list[dict]) -> list:
         # Validate every record first, then tokenize the good texts in one call per key
@@ -46,5 +47,5 @@ class PretrainHandler(Handler):
             for i, tokens in zip(good, ids):
                 if self.options.append_eod:
                     tokens.append(self.tokenizer.eos_token_id)
-                results[i][f"{key}_document"] = np.asarray(tokens, dtype=np.int64)
+                results[i][names.text_dataset(key)] = np.asarray(tokens, dtype=np.int64)
         return results

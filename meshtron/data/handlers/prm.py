@@ -9,6 +9,7 @@ and -100 everywhere else. `PREFIX_prm.json` records the separator and its ids.
 
 import numpy as np
 
+from meshtron.data import names
 from meshtron.data.handlers import IGNORE_INDEX, BadRecord
 from meshtron.data.handlers.instruction import ChatHandler
 from meshtron.errors import UserError
@@ -63,7 +64,7 @@ class PRMHandler(ChatHandler):
         kept = self.truncate(ids, labels)
         if kept is None:
             return None
-        return {"packed_input_ids_document": kept[0], "packed_labels_document": kept[1]}
+        return {names.INPUT_IDS: kept[0], names.LABELS: kept[1]}
 
     def metadata(self) -> dict:
         sep = self.options.step_separator
