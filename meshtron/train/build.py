@@ -110,6 +110,25 @@ def resolve_model_source(config: JobConfig) -> ModelSource:
     return ModelSource("flavor", args, None, tokenizer_dir, _token_ids_from_dir(tokenizer_dir))
 
 
+def check_context_length(config: JobConfig, source: ModelSource) -> None:
+    """Refuse lengths beyond the model's context before anything is allocated: attention's dense mask
+    and scores grow with the square of the length (seq_length 100000 on a 2048-position model took
+    19.5 GB before the kernel killed it), and positions past the context were never trained."""
+    limit = source.args.max_seq_len
+    if source.kind == "flavor":
+        how = f"raise the flavor's context with model.args = {{max_seq_len = N}}"
+    else:
+        how = ("extend the model's context with RoPE scaling first (in its config.json: rope_scaling, e.g. "
+               f'{{"rope_type": "yarn", "factor": N / {limit}, "original_max_position_embeddings": {limit}}}, '
+               "and max_position_embeddings = N)")
+    if config.train.seq_length > limit:
+        raise UserError(f"train.seq_length {config.train.seq_length} is above the model's context length {limit} "
+                        f"(max_seq_len / max_position_embeddings); lower train.seq_length or {how}")
+    if config.train.sample_prompt and config.train.sample_max_new_tokens >= limit:
+        raise UserError(f"train.sample_max_new_tokens {config.train.sample_max_new_tokens} leaves no room for the "
+                        f"prompt in the model's context of {limit} tokens; lower it")
+
+
 def precision(config: JobConfig) -> tuple[torch.dtype, torch.dtype]:
     """(compute dtype, master dtype), checked."""
     compute, master = DTYPES[config.model.dtype], DTYPES[config.model.master_dtype]
@@ -141,8 +160,6 @@ def build_parallel_model(config: JobConfig, source: ModelSource, dims: ParallelD
     args = source.args
     dims.check_model(args.num_heads, args.num_kv_heads, args.ffn_dim, args.vocab_size, config.train.seq_length,
                      config.parallel.sequence_parallel)
-    if config.train.seq_length > args.max_seq_len:
-        log.warning("train.seq_length %d exceeds the model's max_seq_len %d", config.train.seq_length, args.max_seq_len)
     compute, master = precision(config)
     model = build_model(args, device="meta")
     if stage is not None:

@@ -26,7 +26,8 @@ from torch.distributed.tensor import DTensor
 from meshtron.config import JobConfig, to_dict, to_toml
 from meshtron.errors import UserError
 from meshtron.parallel import ParallelDims
-from meshtron.train.build import build_parallel_model, init_distributed, precision, resolve_model_source
+from meshtron.train.build import (build_parallel_model, check_context_length, init_distributed, precision,
+                                  resolve_model_source)
 from meshtron.train.data import build_data_loader, build_training_dataset, one_pass
 from meshtron.train.guard import StepGuard, finite_on_every_rank
 from meshtron.train.losses import IGNORE_INDEX, loss_context
@@ -80,6 +81,7 @@ class Trainer:
             (self.run_dir / "config.toml").write_text(to_toml(config))
 
         self.source = resolve_model_source(config)
+        check_context_length(config, self.source)
         self.model_args = self.source.args
         self.resume_from = self._find_resume_checkpoint()
         self.recipe = build_recipe(config)

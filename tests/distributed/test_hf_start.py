@@ -1,7 +1,30 @@
-"""Training from a Hugging Face directory: the weights stream tensor by tensor into FSDP and TP
-shards, so the first losses at every layout equal the single-process ones."""
+"""Training from a Hugging Face directory: the first loss is the HF model's own loss on that batch
+(the pretrained weights were loaded, exactly), and the weights stream tensor by tensor into FSDP and
+TP shards, so the first losses at every layout equal the single-process ones."""
 
 import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaForCausalLM
+
+from meshtron.train.data import MockDataLoader
+
+
+def hf_loss_of_first_step(hf_dir, vocab_size: int, seq_length: int, micro_batch_size: int, micro_batches: int):
+    """Loss of the HF model itself on the first step's mock batch: every packed document on its own
+    (meshtron resets positions and attention at document boundaries), summed over the label tokens."""
+    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    loader = iter(MockDataLoader(vocab_size, seq_length, micro_batch_size, dp_rank=0, dp_size=1, seed=0))
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in (next(loader) for _ in range(micro_batches)):
+            for ids, labels, docs in zip(batch["input_ids"], batch["labels"], batch["document_ids"]):
+                for doc in docs.unique():
+                    keep = docs == doc
+                    logits = model(ids[keep][None]).logits[0]
+                    loss_sum += F.cross_entropy(logits, labels[keep], ignore_index=-100, reduction="sum").item()
+                    tokens += int((labels[keep] != -100).sum())
+    return loss_sum / tokens
 
 
 @pytest.mark.parametrize("nproc, layout", [(2, ["--parallel.dp_shard", "2"]),
@@ -12,5 +35,14 @@ def test_hf_weights_stream_into_shards(run_train, tiny_config, hf_dir, tmp_path,
     _, single = run_train(tiny_config, tmp_path / "single", overrides=start)
     _, sharded = run_train(tiny_config, tmp_path / "sharded", nproc=nproc, overrides=[*start, *layout])
     assert [r["loss"] for r in sharded] == pytest.approx([r["loss"] for r in single], rel=2e-5)
-    # The pretrained weights were loaded (a fresh init with init_std 0.02 starts at ln(1024) = 6.93).
-    assert abs(single[0]["loss"] - 6.93) > 0.01
+    # tiny_config: global batch 4 = 2 micro-batches of 2 sequences of 32 tokens; the HF model has 1024 tokens.
+    assert single[0]["loss"] == pytest.approx(hf_loss_of_first_step(hf_dir, 1024, 32, 2, 2), rel=1e-5)
+
+
+def test_seq_length_beyond_the_context_names_rope_scaling(run_train, tiny_config, hf_dir, tmp_path):
+    result, _ = run_train(tiny_config, tmp_path / "run", check=False, overrides=[
+        "--model.name_or_path", str(hf_dir), "--train.seq_length", "512"])
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert "train.seq_length 512 is above the model's context length 256" in last
+    assert '"rope_type": "yarn", "factor": N / 256' in last and "max_position_embeddings = N" in last

@@ -56,6 +56,12 @@ def tiny(tmp_path) -> Path:
         (["--model.args", "{num_layer = 1}"], "model.args: unknown field 'num_layer'; did you mean 'num_layers'?"),
         (["--optim.betas", "0.9,1.5"], "optim.betas must be two values in [0, 1)"),
         (["--optim.lr", "inf"], "--optim.lr: expected a finite number, got inf"),
+        # Refused before the model exists (it used to warn, then grow to 19.5 GB of attention masks).
+        (["--train.seq_length", "100000"], "train.seq_length 100000 is above the model's context length 2048 "
+                                           "(max_seq_len / max_position_embeddings); lower train.seq_length or "
+                                           "raise the flavor's context with model.args = {max_seq_len = N}"),
+        (["--train.sample_prompt", "Hi", "--train.sample_max_new_tokens", "2048"],
+         "train.sample_max_new_tokens 2048 leaves no room for the prompt in the model's context of 2048 tokens"),
     ],
 )
 def test_bad_input_gives_one_line(tiny, tmp_path, overrides, message):
