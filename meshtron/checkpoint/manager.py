@@ -162,6 +162,27 @@ def read_manifest(checkpoint_dir: Path) -> dict:
     return manifest
 
 
+def check_resume_matches(checkpoint_dir: Path, manifest: dict) -> None:
+    """Refuse to resume `checkpoint_dir` into a run whose checkpoints would carry `manifest`, when it
+    holds another model (a run directory reused for a new model), LoRA adapters into a full run or
+    the reverse, or adapters trained on another base model than the one this run loaded."""
+    saved = read_manifest(checkpoint_dir)
+    args, current = saved.get("model_args", {}), json.loads(json.dumps(manifest["model_args"]))
+    differ = [k for k in sorted(args) if k in current and args[k] != current[k]]
+    if differ:
+        shown = ", ".join(f"{k} = {args[k]} there, {current[k]} here" for k in differ[:3])
+        raise UserError(f"{checkpoint_dir} is a checkpoint of another model ({shown}); train this model into a new "
+                        "train.output_dir, or resume with the model it was trained with")
+    if bool(saved.get("lora")) != bool(manifest.get("lora")):
+        kind = "LoRA adapters" if saved.get("lora") else "a full model"
+        raise UserError(f"{checkpoint_dir} holds {kind}, this run trains {'LoRA adapters' if manifest.get('lora') else 'a full model'}; "
+                        "resume with the lora settings it was trained with, or use a new train.output_dir")
+    base, this_base = (saved.get("base_model") or {}).get("path"), (manifest.get("base_model") or {}).get("path")
+    if base and base != this_base:
+        raise UserError(f"{checkpoint_dir} holds LoRA adapters trained on the base model {base}, but this run loads "
+                        f"{this_base}; set model.name_or_path to {base}, or use a new train.output_dir")
+
+
 def read_chat_template(tokenizer_dir: Path) -> str | None:
     """The chat template a tokenizer directory carries (chat_template.jinja or tokenizer_config.json)."""
     if (tokenizer_dir / "chat_template.jinja").is_file():

@@ -147,7 +147,8 @@ class Trainer:
 
     def _build_model(self) -> nn.Module:
         """The parallelized model; under pipeline parallel, this rank's stages (StageParts) and their schedule."""
-        load_weights = self.resume_from is None
+        # A resume loads every weight from the checkpoint, but LoRA checkpoints hold only the adapters.
+        load_weights = self.resume_from is None or self.config.lora.rank > 0
         if self.pipeline is None:
             return build_parallel_model(self.config, self.source, self.dims, self.meshes, self.device, load_weights)
         from meshtron.parallel.pipeline import StageParts, build_schedule, holds_split_head
@@ -443,8 +444,9 @@ class Trainer:
 
     def _save_checkpoint(self, step: int) -> None:
         """Save, unless some rank's parameters hold inf or NaN (a step with a finite loss and gradient norm
-        can still overflow them, e.g. at a huge lr): a checkpoint is never written from a non-finite state."""
-        if not finite_on_every_rank(_shard(p.detach()) for p in self.model.parameters()):
+        can still overflow them, e.g. at a huge lr): a checkpoint is never written from a non-finite state.
+        Only trained parameters can have become non-finite (QLoRA's frozen NF4 base has no isfinite)."""
+        if not finite_on_every_rank(_shard(p.detach()) for p in self.model.parameters() if p.requires_grad):
             self._stop_diverged(step, reason="the parameters hold inf or NaN")
         self.checkpointer.save(step)
 
@@ -521,8 +523,9 @@ class Trainer:
     # ---- helpers of the loop ---------------------------------------------------------------
 
     def _resume(self) -> None:
-        from meshtron.checkpoint.manager import read_manifest
+        from meshtron.checkpoint.manager import check_resume_matches, read_manifest
 
+        check_resume_matches(self.resume_from, self.checkpointer.manifest)
         saved_optimizer = read_manifest(self.resume_from).get("config", {}).get("optim", {}).get("name")
         if saved_optimizer not in (None, self.config.optim.name):
             raise UserError(

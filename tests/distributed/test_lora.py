@@ -56,3 +56,35 @@ def test_lora_with_full_recompute_matches(run_train, tiny_config, hf_dir, single
     _, records = run_train(tiny_config, tmp_path, overrides=["--model.name_or_path", str(hf_dir), *LORA,
                                                              "--recompute.mode", "full"])
     assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in single[2]], rel=RTOL)
+
+
+@pytest.mark.parametrize("quantize", [[], ["--lora.quantize_base", "nf4", "--model.dtype", "bfloat16"]],
+                         ids=["lora", "qlora"])
+def test_an_interrupted_lora_run_resumes_to_the_uninterrupted_losses(run_train, tiny_config, hf_dir, tmp_path,
+                                                                     quantize):
+    """LoRA checkpoints hold only the adapters: a resume must load the base weights from the base model."""
+    lora = ["--model.name_or_path", str(hf_dir), *LORA, "--checkpoint.interval", "2", *quantize]
+    _, straight = run_train(tiny_config, tmp_path / "straight", overrides=lora)
+    _, resumed = run_train(tiny_config, tmp_path / "resumed", overrides=[
+        *lora, "--checkpoint.resume", str(tmp_path / "straight" / "checkpoints" / "step-2")])
+    assert [r["step"] for r in resumed] == [3, 4]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight[2:]], rel=RTOL)
+
+
+def test_a_resume_onto_another_base_model_is_refused(run_train, tiny_config, hf_dir, single, tmp_path):
+    import shutil
+
+    out, _, _ = single
+    other = tmp_path / "other-base"
+    shutil.copytree(hf_dir, other)
+    result, _ = run_train(tiny_config, tmp_path / "run", check=False, overrides=[
+        "--model.name_or_path", str(other), *LORA, "--checkpoint.resume", str(out / "checkpoints" / "step-4")])
+    assert result.returncode == 2
+    assert f"holds LoRA adapters trained on the base model {hf_dir.resolve()}, but this run loads" in result.stderr
+
+
+def test_a_run_directory_of_another_model_is_not_resumed(run_train, tiny_config, tmp_path):
+    run_train(tiny_config, tmp_path, overrides=["--train.steps", "1", "--checkpoint.save_final", "true"])
+    result, _ = run_train(tiny_config, tmp_path, check=False,
+                          overrides=["--train.steps", "2", "--model.name_or_path", "qwen2:debug"])
+    assert result.returncode == 2 and "is a checkpoint of another model (" in result.stderr.strip().splitlines()[-1]
