@@ -12,6 +12,14 @@ from pathlib import Path
 import pytest
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """An acceptance test is also slow, so that the default run (-m "not slow") never includes one."""
+    for item in items:
+        if item.get_closest_marker("acceptance") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir():
     from meshtron.assets import prepare_smollm2
