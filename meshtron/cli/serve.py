@@ -1,6 +1,8 @@
 """`meshtron serve`: serve a model over an OpenAI-compatible HTTP API (needs the `serve` extra)."""
 
+import ipaddress
 import logging
+import os
 from pathlib import Path
 
 from meshtron.errors import UserError
@@ -21,6 +23,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-tokens", type=int, default=1024,
                         help="the most tokens a request may ask for, and the default when it asks for none")
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests generated together at most")
+    parser.add_argument("--api-key", default=None,
+                        help="clients must send it as 'Authorization: Bearer KEY' (default: $MESHTRON_API_KEY; "
+                             "prefer the variable, a flag shows in the process list)")
 
 
 def run(args) -> int:
@@ -37,14 +42,27 @@ def run(args) -> int:
                         ("--max-model-len", args.max_model_len or 1)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
+    api_key = args.api_key or os.environ.get("MESHTRON_API_KEY") or None
+    if api_key is None and not _is_loopback(args.host):
+        log.warning("serving on %s without an API key: anyone who can reach it can use the model; "
+                    "set MESHTRON_API_KEY (or --api-key)", args.host)
     loaded = load_for_generation(args.model, dtype=args.dtype)
     model_len = loaded.model.args.max_seq_len
     if args.max_model_len is not None and args.max_model_len > model_len:
         raise UserError(f"--max-model-len {args.max_model_len} is above the model's context of {model_len}")
     limits = ServerLimits(max_model_len=args.max_model_len or model_len, max_tokens=args.max_tokens)
     name = args.served_model_name or Path(args.model).resolve().name
-    app = build_app(loaded, name, limits, max_batch_size=args.max_batch_size)
+    app = build_app(loaded, name, limits, max_batch_size=args.max_batch_size, api_key=api_key)
     log.info("serving %r at http://%s:%d/v1 (context %d tokens, max_tokens %d)",
              name, args.host, args.port, limits.max_model_len, limits.max_tokens)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False

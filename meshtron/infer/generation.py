@@ -32,6 +32,9 @@ class SamplingParams:
     seed: int | None = None
     num_beams: int = 1
     length_penalty: float = 1.0
+    # None: none. k >= 0: each generated token's log-probability under the model (log-softmax of its
+    # raw logits, before penalty, temperature, top-k and top-p) and the k most likely tokens'.
+    logprobs: int | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
@@ -48,6 +51,8 @@ class SamplingParams:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.num_beams > 1 and self.temperature > 0:
             raise ValueError("beam search is deterministic: use temperature 0 with num_beams > 1")
+        if self.logprobs is not None and (self.logprobs < 0 or self.num_beams > 1):
+            raise ValueError("logprobs must be >= 0, and beam search does not report them")
         if any(not s for s in self.stop_strings):
             raise ValueError("stop strings must not be empty")
 
@@ -107,13 +112,15 @@ def generate(
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
     pad_id: int = 0,
-    on_tokens: Callable[[torch.Tensor, torch.Tensor], Sequence[bool] | None] | None = None,
+    on_tokens: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], Sequence[bool] | None] | None = None,
 ) -> list[list[int]]:
     """Generate for a batch of token-id prompts; returns the new tokens per prompt (stop token excluded).
 
-    `on_tokens(step_tokens_B, active_B)` is called after each decode step (for streaming); it may
-    return a per-row sequence of bools, True for rows to finish now (a stop string, a row's own
-    token limit). Beam search (`params.num_beams > 1`) runs prompt by prompt and calls no hook.
+    `on_tokens(step_tokens_B, active_B, logprobs_BV)` is called after each decode step (for
+    streaming; `logprobs_BV` is the log-softmax of the step's logits when `params.logprobs` is set,
+    else None); it may return a per-row sequence of bools, True for rows to finish now (a stop
+    string, a row's own token limit). Beam search (`params.num_beams > 1`) runs prompt by prompt
+    and calls no hook.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -146,7 +153,8 @@ def generate(
         if seen is not None:
             seen[torch.arange(B, device=device), step] = True
         if on_tokens is not None:
-            finished = on_tokens(step, active.clone())
+            logprobs = logits.float().log_softmax(-1) if params.logprobs is not None else None
+            finished = on_tokens(step, active.clone(), logprobs)
             if finished is not None:
                 active = active & ~torch.as_tensor(list(finished), dtype=torch.bool, device=device)
         active = active & ~torch.isin(step, stop_ids)
@@ -216,10 +224,18 @@ def beam_search(model: nn.Module, prompt: Sequence[int], params: SamplingParams)
 
 
 @dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely tokens at this step, most likely first
+
+
+@dataclass
 class Completion:
     token_ids: list[int]  # generated tokens, up to (not including) a stop token
     text: str  # the decoded text, cut before a stop string
     finish_reason: str  # "stop" (stop token or string) or "length"
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when params.logprobs is set
 
 
 def generate_text(
@@ -231,8 +247,11 @@ def generate_text(
     max_new_tokens: Sequence[int] | None = None,
     on_text: Callable[[int, str], None] | None = None,
     cancelled: Callable[[int], bool] | None = None,
+    on_logprob: Callable[[int, TokenLogprob], None] | None = None,
 ) -> list[Completion]:
-    """Generate and detokenize, honouring stop strings; `on_text(row, chunk)` streams text.
+    """Generate and detokenize, honouring stop strings; `on_text(row, chunk)` streams text, and
+    `on_logprob(row, entry)` each token's log-probabilities (when `params.logprobs` is set) before
+    the text it completes.
 
     `max_new_tokens` gives each row its own limit (at most `params.max_new_tokens`), so that
     requests with different limits can share a batch. Streamed chunks never split a character
@@ -243,18 +262,25 @@ def generate_text(
     assert len(limits) == len(prompts) and max(limits, default=0) <= params.max_new_tokens
     decoders = [IncrementalDecoder(tokenizer, params.stop_token_ids, params.stop_strings) for _ in prompts]
     counts = [0] * len(prompts)
+    entries: list[list[TokenLogprob]] = [[] for _ in prompts]
+    stop_ids = set(params.stop_token_ids)
 
-    def push(row: int, token: int) -> bool:
+    def push(row: int, token: int, entry: TokenLogprob | None = None) -> bool:
         """Feed one token to a row's decoder; True when that row is finished."""
         counts[row] += 1
+        if entry is not None and token not in stop_ids:
+            entries[row].append(entry)
+            if on_logprob is not None:
+                on_logprob(row, entry)
         chunk = decoders[row].push(token)
         if chunk and on_text is not None:
             on_text(row, chunk)
         return decoders[row].stopped or counts[row] >= limits[row] or (cancelled is not None and cancelled(row))
 
-    def on_tokens(step_B, active_B):
-        return [is_active and push(row, token) for row, (token, is_active) in
-                enumerate(zip(step_B.tolist(), active_B.tolist()))]
+    def on_tokens(step_B, active_B, logprobs_BV):
+        rows = [None] * len(prompts) if logprobs_BV is None else _logprob_entries(step_B, logprobs_BV, params.logprobs)
+        return [is_active and push(row, token, entry) for row, (token, is_active, entry) in
+                enumerate(zip(step_B.tolist(), active_B.tolist(), rows))]
 
     if params.num_beams > 1:
         generated = generate(model, prompts, params, pad_id=pad_id)
@@ -272,5 +298,13 @@ def generate_text(
         if chunk and on_text is not None:
             on_text(row, chunk)
         stopped = decoder.stopped or len(ids[row]) < limits[row]
-        completions.append(Completion(ids[row], decoder.text, "stop" if stopped else "length"))
+        logprobs = entries[row][: len(ids[row])] if params.logprobs is not None else None
+        completions.append(Completion(ids[row], decoder.text, "stop" if stopped else "length", logprobs))
     return completions
+
+
+def _logprob_entries(step_B: torch.Tensor, logprobs_BV: torch.Tensor, k: int) -> list[TokenLogprob]:
+    chosen = logprobs_BV.gather(1, step_B[:, None]).squeeze(1).tolist()
+    top_values, top_ids = logprobs_BV.topk(k, dim=-1)
+    return [TokenLogprob(token, lp, list(zip(ids, values)))
+            for token, lp, ids, values in zip(step_B.tolist(), chosen, top_ids.tolist(), top_values.tolist())]

@@ -2,7 +2,7 @@
 
 Requests wait in a queue. Each round the worker takes the oldest waiting request and, with
 it, up to `max_batch_size - 1` other waiting requests that sample the same way (same
-temperature, top-k, top-p, penalty, stop strings), and generates them as one left-padded
+temperature, top-k, top-p, penalty, stop strings, number of logprobs), and generates them as one left-padded
 batch; each row keeps its own token limit. A request with a seed runs alone, because its
 tokens must not depend on what else shares the batch. Greedy rows give the same tokens
 batched as alone. A cancelled request (its client went away) is dropped while it waits and
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
-from meshtron.infer.generation import Completion, SamplingParams, generate_text
+from meshtron.infer.generation import Completion, SamplingParams, TokenLogprob, generate_text
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +26,14 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     on_text: Callable[[str], None] | None = None  # called on the worker thread
+    on_logprob: Callable[[TokenLogprob], None] | None = None  # likewise, before the text a token completes
     result: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)  # set when the client is gone
 
     def batch_key(self) -> tuple:
         p = self.params
         alone = id(self) if p.seed is not None or p.num_beams > 1 else None
-        return (p.temperature, p.top_k, p.top_p, p.repetition_penalty, tuple(p.stop_strings), alone)
+        return (p.temperature, p.top_k, p.top_p, p.repetition_penalty, tuple(p.stop_strings), p.logprobs, alone)
 
 
 class Scheduler:
@@ -82,11 +83,15 @@ class Scheduler:
             if batch[row].on_text is not None:
                 batch[row].on_text(chunk)
 
+        def on_logprob(row: int, entry: TokenLogprob) -> None:
+            if batch[row].on_logprob is not None:
+                batch[row].on_logprob(entry)
+
         try:
             completions: list[Completion] = generate_text(
                 self.model, self.tokenizer, [r.prompt_ids for r in batch], params,
                 pad_id=self.pad_id, max_new_tokens=limits, on_text=on_text,
-                cancelled=lambda row: batch[row].cancelled.is_set(),
+                cancelled=lambda row: batch[row].cancelled.is_set(), on_logprob=on_logprob,
             )
         except Exception as e:  # the server must keep serving; the requests get the error
             log.exception("generation failed for a batch of %d", len(batch))
