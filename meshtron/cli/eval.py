@@ -6,6 +6,10 @@ from pathlib import Path
 
 from meshtron.errors import UserError
 
+# Options of a model's evaluation; with --samples they would change nothing, so they are refused.
+MODEL_ONLY = ("shots", "limit", "scoring", "chat_template", "batch_size", "num_samples", "temperature",
+              "max_new_tokens", "seq_length", "tp", "dtype")
+
 
 def add_arguments(parser) -> None:
     from meshtron.eval.tasks import TASKS
@@ -37,6 +41,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--output", default="eval_results/report.json", help="report JSON (a .png chart beside it)")
     parser.add_argument("--force", action="store_true", help="replace an existing report at --output")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    parser.set_defaults(model_only_defaults={dest: parser.get_default(dest) for dest in MODEL_ONLY})
 
 
 def run(args) -> int:
@@ -52,6 +57,10 @@ def run(args) -> int:
         raise UserError("give --model (to evaluate a model) or --samples (to score HumanEval completions), not both")
     if args.samples is not None and names != ["humaneval"]:
         raise UserError("--samples scores HumanEval completions: use it with --tasks humaneval alone")
+    if args.samples is not None:
+        given = [f"--{d.replace('_', '-')}" for d in MODEL_ONLY if getattr(args, d) != args.model_only_defaults[d]]
+        if given:
+            raise UserError(f"{', '.join(given)} applies to evaluating a model, not to --samples; remove it")
     if args.limit is not None and args.limit <= 0:
         raise UserError("--limit must be positive")
     if args.timeout <= 0:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal
 
-from fastapi import FastAPI
+from fastapi import APIRouter, Depends, FastAPI, Header
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,9 +35,9 @@ class ServerLimits:
 
 
 class ClientError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.code = status, message, param, code
 
 
 # OpenAI fields this server does not implement, accepted only at the value that changes nothing.
@@ -106,21 +106,18 @@ def build_app(loaded: LoadedModel, model_name: str, limits: ServerLimits, max_ba
     created = int(time.time())
     app = FastAPI(title="meshtron", version="0.1.0")
 
-    if api_key is not None:
-        expected = f"Bearer {api_key}".encode()
-
-        @app.middleware("http")
-        async def _authorize(request, call_next):
-            given = request.headers.get("authorization", "").encode()
-            # Constant time, so that response timing does not reveal how much of a guess was right.
-            if request.url.path != "/health" and not hmac.compare_digest(given, expected):
-                return _error(401, "missing or incorrect API key; send it as the header 'Authorization: Bearer KEY'",
+    def authorize(authorization: str = Header(default="")) -> None:
+        """With an API key, every /v1 request must carry it as a bearer token (checked before the body)."""
+        # Constant time, so that response timing does not reveal how much of a guess was right.
+        if api_key is not None and not hmac.compare_digest(authorization.encode(), f"Bearer {api_key}".encode()):
+            raise ClientError(401, "missing or incorrect API key; send it as the header 'Authorization: Bearer KEY'",
                               code="invalid_api_key")
-            return await call_next(request)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
     @app.exception_handler(ClientError)
     async def _client_error(_, e: ClientError):
-        return _error(e.status, e.message, e.param)
+        return _error(e.status, e.message, e.param, e.code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_, e: RequestValidationError):
@@ -134,12 +131,12 @@ def build_app(loaded: LoadedModel, model_name: str, limits: ServerLimits, max_ba
     async def health():
         return {"status": "ok"}
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "meshtron", "max_model_len": limits.max_model_len}]}
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
         _check_request(body, model_name)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -159,7 +156,7 @@ def build_app(loaded: LoadedModel, model_name: str, limits: ServerLimits, max_ba
                   "logprobs": meta.logprobs(completion.logprobs)}
         return meta.body([choice], completion)
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(body: CompletionRequest):
         _check_request(body, model_name)
         if isinstance(body.prompt, str):
@@ -179,6 +176,7 @@ def build_app(loaded: LoadedModel, model_name: str, limits: ServerLimits, max_ba
                   "logprobs": meta.logprobs(completion.logprobs)}
         return meta.body([choice], completion)
 
+    app.include_router(v1)
     return app
 
 

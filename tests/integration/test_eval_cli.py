@@ -85,3 +85,17 @@ def test_file_in_the_wrong_format(tmp_path):
 def test_unknown_task(tmp_path):
     _assert_one_line_error(run_eval("--model", str(tmp_path), "--tasks", "mmlu,nope", "--data-dir", str(tmp_path)),
                            "unknown task 'nope'")
+
+
+@pytest.mark.parametrize("extra, line, fragment", [
+    (["--model", "m"], '{"task_id": "HumanEval/0", "completion": ""}', "not both"),
+    (["--limit", "3"], '{"task_id": "HumanEval/0", "completion": ""}', "--limit applies to evaluating a model"),
+    ([], '{"task_id": "HumanEval/999", "completion": ""}', "samples.jsonl:1: task_id 'HumanEval/999' is not a problem"),
+    ([], '{"task_id": "HumanEval/0"}', "samples.jsonl:1: missing field(s) completion"),
+], ids=["with-model", "model-only-option", "unknown-task", "no-completion"])
+def test_bad_samples_usage(tmp_path, extra, line, fragment):
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(line + "\n")
+    result = run_eval("--tasks", "humaneval", "--samples", str(samples), "--output", str(tmp_path / "r.json"), *extra)
+    _assert_one_line_error(result, fragment)
+    assert not (tmp_path / "r.json").exists()
