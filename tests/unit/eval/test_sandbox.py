@@ -4,9 +4,16 @@ program can see untouched. The full table of escape attempts runs end to end in
 tests/integration/test_eval_sandbox.py."""
 
 import os
+import shlex
+import subprocess
+import sys
 import tempfile
+import textwrap
+from pathlib import Path
 
 import pytest
+
+import meshtron
 
 from meshtron.eval.results import pass_at_k
 from meshtron.eval.sandbox import KERNEL, NONE, Limits, run_program
@@ -79,6 +86,46 @@ def test_sandbox_leaves_no_temporary_directory(sandbox):
     assert run_program("open('x', 'w').write('y')", sandbox=sandbox).passed
     after = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("meshtron-sandbox-")}
     assert after == before
+
+
+def _first_closed_ancestor(path: Path) -> Path | None:
+    """The first directory above `path` that others cannot enter (root's home, for a pyenv Python)."""
+    return next((p for p in reversed(path.parents) if not p.stat().st_mode & 0o001), None)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="becoming an unprivileged user needs root")
+def test_an_unprivileged_user_gets_the_same_confinement(visible_victim, tmp_path):
+    """meshtron run by uid 65534: the sandbox builds its own user namespace, with the same walls.
+    Directories that 65534 could not enter (e.g. /root above a pyenv Python) are covered, in a
+    private mount namespace, by an open tmpfs with the interpreter and this checkout bound back."""
+    visible_victim.chmod(0o777)
+    repo = Path(meshtron.__file__).resolve().parents[1]
+    save, cover, restore = [], [], []
+    for i, path in enumerate((Path(sys.prefix).resolve(), repo)):
+        closed = _first_closed_ancestor(path)
+        if closed is not None:
+            saved = tmp_path / f"saved{i}"
+            saved.mkdir()
+            save.append(f"mount --bind {shlex.quote(str(path))} {saved}")
+            cover.append(f"mountpoint -q {closed} || mount -t tmpfs -o mode=755 tmpfs {closed}")
+            restore.append(f"mkdir -p {shlex.quote(str(path))} && mount --bind {saved} {shlex.quote(str(path))}")
+    check = textwrap.dedent(f"""
+        import os
+        from meshtron.eval.sandbox import run_program
+        assert os.getuid() == 65534
+        escape = run_program("import os\\nassert os.getuid() == 65534\\nopen({str(visible_victim)!r} + '/x', 'w')")
+        assert not escape.passed and "Read-only file system" in escape.detail, escape
+        assert run_program("open('f', 'w').write('x')\\nimport socket\\nsocket.socket()").detail.endswith(
+            "Permission denied")
+        print("confined")
+    """)
+    become = (f"exec setpriv --reuid 65534 --regid 65534 --clear-groups env PYTHONPATH={shlex.quote(str(repo))} "
+              f"{shlex.quote(sys.executable)} -c {shlex.quote(check)}")
+    script = " && ".join([*save, *cover, *restore, become])
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                            capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0 and result.stdout.strip() == "confined", result.stderr[-3000:]
+    assert list(visible_victim.iterdir()) == []
 
 
 @pytest.mark.parametrize("n,c,k", [(10, 3, 1), (10, 3, 5), (20, 0, 10), (5, 5, 2), (200, 17, 100)])
