@@ -226,6 +226,7 @@ def drop_privileges(s: dict) -> None:
 def child(s: dict, source: bytes, output_fd: int, errors_w: int, arch: dict | None) -> None:
     """Runs in the forked child: confine (if asked), then exec the program. Never returns."""
     try:
+        os.setsid()  # its own process group, so that the watchdog can kill all it starts (unconfined too)
         if arch is not None:
             build_root("/tmp", s["tmp_bytes"])  # the host /tmp is only the mount point
             pivot("/tmp", arch)
@@ -250,20 +251,31 @@ def child(s: dict, source: bytes, output_fd: int, errors_w: int, arch: dict | No
     os._exit(SETUP_FAILED)
 
 
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def watch(pid: int, timeout: float, errors_r: int) -> dict:
-    """Wait for the child, killing it (and so its whole pid namespace) at the timeout."""
+    """Wait for the child, killing it and what it started at the timeout, and what it left running
+    when it ends (in a pid namespace the kernel kills all of that with the child; unconfined, its
+    process group is what can be reached)."""
     timed_out = []
 
     def expire(*_):
         timed_out.append(True)
-        os.kill(pid, signal.SIGKILL)
+        _kill_group(pid)
 
     signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, timeout)
     with os.fdopen(errors_r, "rb") as f:
         setup_error = f.read().decode(errors="replace")  # empty once exec succeeded (close-on-exec)
-    _, status = os.waitpid(pid, 0)
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # ended, not yet reaped: its pid is still its own
     signal.setitimer(signal.ITIMER_REAL, 0)
+    _kill_group(pid)
+    _, status = os.waitpid(pid, 0)
     if setup_error:
         return {"status": "unavailable", "reason": setup_error}
     if timed_out:

@@ -80,6 +80,30 @@ def test_memory_and_file_size_limits():
     assert not result.passed and "File too large" in result.detail
 
 
+def test_nothing_the_program_started_outlives_it():
+    """Confined, the pid namespace ends with the program, a new session included; unconfined, its
+    process group is killed (a new session escapes it: one reason to keep the sandbox)."""
+    code = ("import subprocess\nsubprocess.Popen(['sleep', '313.25'])\n"
+            "subprocess.Popen(['sleep', '313.5'], start_new_session=True)")
+    assert run_program(code).passed
+    assert _sleepers("313.25") == _sleepers("313.5") == []
+    assert run_program(code, sandbox=NONE).passed
+    assert _sleepers("313.25") == []
+    for pid in _sleepers("313.5"):
+        os.kill(int(pid), 9)
+
+
+def _sleepers(seconds: str) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == f"sleep\0{seconds}\0".encode():
+                found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
 @pytest.mark.parametrize("sandbox", [KERNEL, NONE])
 def test_sandbox_leaves_no_temporary_directory(sandbox):
     before = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("meshtron-sandbox-")}
