@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from meshtron.checkpoint.reader import load_checkpoint
+from meshtron.checkpoint.reader import load_checkpoint, verify_checkpoint
 from meshtron.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,26 @@ def list_checkpoints(checkpoints_dir: Path, complete_only: bool = True) -> list[
         return []
     dirs = [p for p in checkpoints_dir.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
     return sorted((p for p in dirs if is_complete(p) or not complete_only), key=step_of)
+
+
+def latest_loadable(checkpoints_dir: Path) -> Path | None:
+    """The newest complete checkpoint whose metadata and shard files are all there (None if there is
+    none). A damaged newer one (a lost or truncated file) is passed over, and rank 0 says so."""
+    found = list_checkpoints(checkpoints_dir)
+    damaged = []
+    for path in reversed(found):
+        try:
+            verify_checkpoint(path)
+        except UserError as e:
+            damaged.append(str(e))
+            continue
+        if damaged and _rank() == 0:
+            log.warning("falling back to %s, the previous committed checkpoint: %s", path, "; ".join(damaged))
+        return path
+    if damaged:
+        raise UserError(f"no checkpoint in {checkpoints_dir} can be loaded ({'; '.join(damaged[:2])}); restore the "
+                        "files, or train into a new train.output_dir")
+    return None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

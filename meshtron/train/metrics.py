@@ -62,6 +62,17 @@ class MetricsLogger:
 
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
+    def drop_after(self, step: int) -> None:
+        """Remove the records of steps after `step` (a resumed run logs them again: one row per step)."""
+        if not self.enabled or not self.metrics_file.is_file():
+            return
+        lines = self.metrics_file.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        if len(kept) != len(lines):
+            tmp = self.metrics_file.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(self.metrics_file)
+
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return

@@ -212,10 +212,9 @@ class Trainer:
         if resume == "none":
             return None
         if resume == "auto":
-            from meshtron.checkpoint.manager import list_checkpoints
+            from meshtron.checkpoint.manager import latest_loadable
 
-            found = list_checkpoints(self.run_dir / "checkpoints")
-            return found[-1] if found else None
+            return latest_loadable(self.run_dir / "checkpoints")
         from meshtron.checkpoint.manager import resolve_checkpoint
 
         return resolve_checkpoint(resume)
@@ -539,6 +538,7 @@ class Trainer:
             verify_before_resume(self.resume_from)
         log.info("resuming from %s", self.resume_from)
         self.checkpointer.load(self.resume_from)
+        self.metrics.drop_after(self.state.step)
         # The optimizer state carries the lr of the saved run's schedule; re-derive it from this
         # run's config, so that a resumed run may extend train.steps or change optim.lr.
         self.lr_scheduler.base_lrs = [self.config.optim.lr] * len(self.optimizer.param_groups)

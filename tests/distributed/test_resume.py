@@ -104,3 +104,39 @@ def test_sigterm_to_torchrun_saves_every_rank(tiny_config, tmp_path):
     (checkpoint,) = (out / "checkpoints").iterdir()
     assert (checkpoint / "COMMITTED").is_file(), stderr[-3000:]
     assert {p.name for p in checkpoint.glob("__*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+
+
+@pytest.mark.parametrize("damage", ["no checkpoint", "missing .metadata", "truncated shard"])
+def test_auto_resume_falls_back_past_a_damaged_checkpoint_and_logs_each_step_once(run_train, tiny_config, tmp_path,
+                                                                                  damage):
+    """A run that logged 4 steps but lost (or damaged) its step-4 checkpoint resumes at step 2; the rows of
+    steps 3 and 4 are dropped from metrics.jsonl before they are trained and logged again."""
+    overrides = ["--train.steps", "4", "--checkpoint.interval", "2", "--checkpoint.keep", "0"]
+    _, straight = run_train(tiny_config, tmp_path, overrides=overrides)
+    step4 = tmp_path / "checkpoints" / "step-4"
+    if damage == "no checkpoint":
+        for f in step4.iterdir():
+            f.unlink() if f.is_file() else None
+        (step4 / "manifest.json").write_text("{}")  # not COMMITTED: skipped as before
+    elif damage == "missing .metadata":
+        (step4 / ".metadata").unlink()
+    else:
+        shard = step4 / "__0_0.distcp"
+        shard.write_bytes(shard.read_bytes()[:1000])
+    result, records = run_train(tiny_config, tmp_path, overrides=overrides)
+    assert "resuming from" in result.stderr and "step-2" in result.stderr
+    if damage != "no checkpoint":
+        named = ".metadata is missing" if damage == "missing .metadata" else "__0_0.distcp is truncated"
+        assert f"falling back to {tmp_path / 'checkpoints' / 'step-2'}" in result.stderr and named in result.stderr
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert losses(records) == pytest.approx(losses(straight), rel=RTOL)
+
+
+def test_resume_from_a_named_damaged_checkpoint_names_the_file(run_train, tiny_config, tmp_path):
+    run_train(tiny_config, tmp_path / "a", overrides=["--train.steps", "2", "--checkpoint.save_final", "true"])
+    step2 = tmp_path / "a" / "checkpoints" / "step-2"
+    (step2 / "__0_0.distcp").unlink()
+    result, _ = run_train(tiny_config, tmp_path / "b", check=False, overrides=[
+        "--train.steps", "3", "--checkpoint.resume", str(step2), "--checkpoint.verify", "false"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{step2 / '__0_0.distcp'} is missing" in result.stderr.strip().splitlines()[-1]
