@@ -84,28 +84,35 @@ def weight_files(path: Path) -> dict[str, Path]:
         return {k: path / f for k, f in weight_map.items()}
     single = path / SINGLE_FILE
     if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(single), framework="pt") as f:
+        with _open_safetensors(single) as f:
             return {k: single for k in f.keys()}
     if list(path.glob("*.bin")) or list(path.glob("*.pt")):
         raise UserError(f"{path} holds only pickle weights (.bin/.pt); meshtron reads safetensors only")
     raise UserError(f"{path} has no {SINGLE_FILE} or {INDEX_FILE}")
 
 
+def _open_safetensors(file: Path):
+    """safe_open, with a damaged file (empty, truncated, not safetensors) named in a UserError."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(file), framework="pt")
+    except SafetensorError as e:
+        raise UserError(f"{file} is not a complete safetensors file ({e}); it may be truncated or empty: "
+                        "download or convert it again") from None
+
+
 def iter_hf_tensors(path: Path, spec: FamilySpec, score_head: bool = False) -> Iterator[tuple[str, str, torch.Tensor]]:
     """Yield (our name, HF name, tensor) one at a time, file by file.
 
     With `score_head` (a reward model), a `score` head is ours and a language-model head is skipped."""
-    from safetensors import safe_open
-
     by_file: dict[Path, list[str]] = {}
     for key, file in weight_files(path).items():
         by_file.setdefault(file, []).append(key)
     for file, keys in by_file.items():
         if not file.is_file():
             raise UserError(f"{file} is listed in {INDEX_FILE} but missing")
-        with safe_open(str(file), framework="pt") as f:
+        with _open_safetensors(file) as f:
             for hf_key in keys:
                 if hf_key.endswith(_IGNORED_SUFFIXES) or (score_head and hf_key == "lm_head.weight"):
                     continue

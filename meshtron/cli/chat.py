@@ -42,6 +42,11 @@ def run(args) -> int:
         except KeyboardInterrupt:
             print(f"\n({COMMANDS})", file=sys.stderr)
             continue
+        except UnicodeDecodeError:
+            line = None
+        if line is None or not _is_utf8(line):
+            print("error: that line is not valid UTF-8 (check the terminal's encoding); type it again", file=sys.stderr)
+            continue
         text = line.strip()
         if not text:
             continue
@@ -55,6 +60,15 @@ def run(args) -> int:
             print(f"unknown command {text.split()[0]}; {COMMANDS}", file=sys.stderr)
             continue
         _reply(session, line)
+
+
+def _is_utf8(line: str) -> bool:
+    """False for a line whose undecodable bytes Python kept as lone surrogates (stdin's surrogateescape)."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _reply(session, line: str) -> None:

@@ -82,7 +82,9 @@ def _generate(args, params, tp_mesh, device) -> int:
     loaded = load_for_generation(args.model, dtype=args.dtype, device=device, tp_mesh=tp_mesh)
     params.stop_token_ids = loaded.stop_token_ids
     prompts = [encode_prompt(loaded.tokenizer, p, args.chat, args.system) for p in args.prompt]
-    for p in prompts:
+    for text, p in zip(args.prompt, prompts):
+        if not p:
+            raise UserError(f"--prompt {text!r} encodes to no tokens; give some text for the model to continue")
         check_context(loaded.model, len(p), params.max_new_tokens)
     out = sys.stdout if is_main_process() else None
     on_text = (lambda row, chunk: (out.write(chunk), out.flush())) if args.stream and out else None

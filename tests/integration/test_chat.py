@@ -79,3 +79,22 @@ def test_ctrl_c_stops_the_reply_not_the_program(tiny_llama_dir):
     assert proc.returncode == 0, err
     assert "[interrupted]" in err
     assert "".join(out).count(">>> ") == 2  # back at the prompt after the interrupted reply
+
+
+@pytest.mark.parametrize("encoding", [None, "utf-8:strict"], ids=["surrogateescape", "strict"])
+def test_a_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(tiny_llama_dir, direct, encoding):
+    import os
+
+    env = dict(os.environ, **({"PYTHONIOENCODING": encoding} if encoding else {}))
+    # Typed one line at a time, as a terminal delivers them.
+    proc = subprocess.Popen(_chat(tiny_llama_dir, "--max-new-tokens", "6"), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdin.write(b"caf\xe9 \xff\n")
+    proc.stdin.flush()
+    refusal = b""
+    while b"not valid UTF-8" not in refusal:
+        refusal = proc.stderr.readline()
+        assert refusal, "the chat ended without refusing the line"
+    stdout, stderr = proc.communicate(b"Hello\n", timeout=120)
+    assert proc.returncode == 0, stderr.decode()
+    assert stdout.decode() == f">>> >>> {direct([{'role': 'user', 'content': 'Hello'}], 6)}\n>>> \n"
