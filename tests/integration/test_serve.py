@@ -274,7 +274,7 @@ def test_bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving(server
 def test_fields_that_change_nothing_are_accepted(server):
     """Clients send some OpenAI fields at their neutral values (and null for absent); those are fine."""
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "presence_penalty": 0,
-            "frequency_penalty": 0, "logit_bias": {}, "user": None, "tools": None}
+            "frequency_penalty": 0, "logit_bias": {}, "user": None, "tools": None, "logprobs": None}
     assert _post(server, "/v1/chat/completions", body).status_code == 200
     response = _post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "echo": True})
     assert response.status_code == 400 and "'echo'" in response.json()["error"]["message"]
