@@ -10,6 +10,7 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 
 from meshtron import __version__
 from meshtron.errors import LaunchError, UserError
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         if not getattr(args._module, "ACCEPTS_OVERRIDES", False):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         code = args._module.run(args)
     except UserError as e:
@@ -82,7 +84,14 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print(f"meshtron {args.command}: interrupted", file=sys.stderr)
         code = 130
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    except Exception:
+        if not under_torchrun:
+            raise
+        # A failed rank (a dead peer, a bug) leaves like a finished one, so that torchrun sees its
+        # exit status and restarts the job rather than waiting on a teardown that hangs.
+        traceback.print_exc()
+        code = 1
+    if under_torchrun:
         _leave_distributed(code or 0)
     sys.exit(code or 0)
 

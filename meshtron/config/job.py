@@ -127,6 +127,13 @@ class TrainConfig:
     """Warn (and count loss_spikes in metrics.jsonl) when a step's loss is above this many times the
     median loss of the last 50 steps, e.g. 2.0; 0 disables. Spikes are reported, not skipped."""
 
+    hang_timeout_s: float = 0.0
+    """Hang watchdog: when no step completes within this many seconds (a stuck collective, a dead
+    peer, a deadlock), every rank writes its Python stacks to OUTPUT_DIR/hang/rank-N.txt (on NCCL
+    also the flight recorder's dump) and the job exits with status 124, so that torchrun
+    --max-restarts can restart it. Evaluations and checkpoint saves count as progress. Set it well
+    above the slowest step (the first, with compilation, included); 0 disables the watchdog."""
+
 
 @dataclass
 class OptimConfig:
@@ -308,6 +315,36 @@ class LogConfig:
     plot: bool = True
     """Draw the loss curve to OUTPUT_DIR/loss.png at the end of the run."""
 
+    straggler_fraction: float = 0.2
+    """Warn, naming the rank, when one rank's data wait exceeds the other ranks' median by more than this
+    fraction of the step time at 3 logged steps in a row (see docs/training.md, Operations); 0
+    disables the check."""
+
+
+@dataclass
+class ProfileConfig:
+    enable: bool = False
+    """Profile steps start_step .. start_step + num_steps - 1 with torch.profiler: one gzipped
+    Chrome trace per rank under OUTPUT_DIR/profile/ (open it in https://ui.perfetto.dev or
+    TensorBoard), with regions named data, forward_backward (forward, backward), optimizer."""
+
+    start_step: int = 2
+    """First profiled step (the step before it, if this run trains it, warms the profiler up)."""
+
+    num_steps: int = 2
+    """How many steps to profile."""
+
+    memory_snapshot: bool = False
+    """Also record memory over the profiled steps: on GPU the CUDA caching allocator's history
+    (OUTPUT_DIR/profile/.../rank-N.memory.pickle, rendered to rank-N.memory.html); on CPU the
+    profiler's memory timeline (rank-N.memory.html). Slows the profiled steps down."""
+
+    record_shapes: bool = False
+    """Record the input shapes of each operator in the trace."""
+
+    with_stack: bool = False
+    """Record the Python stack of each operator in the trace (larger trace, slower steps)."""
+
 
 @dataclass
 class JobConfig:
@@ -322,3 +359,4 @@ class JobConfig:
     log: LogConfig = field(default_factory=LogConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)

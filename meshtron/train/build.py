@@ -39,6 +39,8 @@ def init_distributed(deterministic: bool) -> torch.device:
         # cuBLAS needs this set before its first use to pick deterministic workspaces.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if torch.cuda.is_available():
+        # The NCCL flight recorder: a ring of the last collectives, dumped by the hang watchdog.
+        os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
         backend = "cpu:gloo,cuda:nccl"
@@ -46,11 +48,26 @@ def init_distributed(deterministic: bool) -> torch.device:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         if "RANK" in os.environ:
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, **_restart_scoped_store())
         else:
             # Not under torchrun: a one-process group, so that one code path (mesh, DCP) serves all runs.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return device
+
+
+def _restart_scoped_store() -> dict:
+    """The rendezvous torchrun describes, in a key space of this restart attempt's own.
+
+    After `torchrun --max-restarts` restarts the workers, keys the previous attempt left in a
+    store that outlives it (the agent's) can be read by the new group's setup, which then
+    connects to dead peers or waits for them (seen on gloo: connection refused at re-init, hangs
+    in process-group creation). A prefix per attempt (TORCHELASTIC_RESTART_COUNT) keeps them apart.
+    """
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    from meshtron.train.ops import restart_attempt
+
+    prefixed = dist.PrefixStore(f"meshtron/attempt-{restart_attempt()}", store)
+    return {"store": prefixed, "rank": rank, "world_size": world_size}
 
 
 @dataclass

@@ -13,7 +13,6 @@ import dataclasses
 import inspect
 import logging
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from meshtron.train.guard import StepGuard, finite_on_every_rank
 from meshtron.train.losses import IGNORE_INDEX, loss_context
 from meshtron.train.lr import build_lr_scheduler
 from meshtron.train.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gb, plot_loss
+from meshtron.train.ops import FaultDrill, HangWatchdog, LastGoodState, StepTimer, StragglerMonitor
 from meshtron.train.optim import build_optimizer, clip_grad_norm
 from meshtron.train.recipes import build_recipe
 
@@ -111,6 +111,10 @@ class Trainer:
         self.guard = StepGuard(max_skipped_steps=config.train.max_skipped_steps,
                                loss_spike_factor=config.train.loss_spike_factor, report=self.is_main)
         self._stop_signal: int | None = None
+        self.timer = StepTimer(self.device)
+        self.stragglers = StragglerMonitor(config.log.straggler_fraction)
+        self.last_good = LastGoodState(self.optimizer)
+        self.drill = FaultDrill.from_env(dist.get_rank())
 
     # ---- construction helpers ------------------------------------------------------------
 
@@ -277,11 +281,13 @@ class Trainer:
     def forward_backward(self, batch: dict[str, torch.Tensor], loss_scale: float) -> torch.Tensor:
         """Forward and backward one micro-batch; returns its (unscaled) summed loss."""
         with self.train_context():
-            loss_sum = self.recipe.loss_sum(self.model, batch)
-            loss = loss_sum * loss_scale
-            if self.grad_scaler is not None:
-                loss = self.grad_scaler.scale(loss)
-            loss.backward()
+            with torch.profiler.record_function("forward"):
+                loss_sum = self.recipe.loss_sum(self.model, batch)
+                loss = loss_sum * loss_scale
+                if self.grad_scaler is not None:
+                    loss = self.grad_scaler.scale(loss)
+            with torch.profiler.record_function("backward"):
+                loss.backward()
         return _local(loss_sum.detach())
 
     def train_step(self) -> dict:
@@ -289,6 +295,7 @@ class Trainer:
         batches = [{k: v.to(self.device) for k, v in next(self.data_iter).items()}
                    for _ in range(self.grad_accum_steps)]
         units = torch.stack([self.recipe.num_loss_units(b) for b in batches]).sum().to(torch.float32)
+        self.timer.phase("forward_backward")
         units = self._dp_sum(units)
         scale = self.dims.dp_size / max(units.item(), 1.0)
         if self.pipeline is not None:
@@ -300,6 +307,7 @@ class Trainer:
                     # Reduce gradients once per step, after the last micro-batch.
                     self.model.set_requires_gradient_sync(i == len(batches) - 1)
                 loss_sum += self.forward_backward(batch, scale).float()
+        self.timer.phase("optimizer")
         self._settle_gradients()
         if self.pipeline is not None:
             self._sync_tied_embedding()
@@ -412,27 +420,39 @@ class Trainer:
             if self.pipeline is not None:
                 self._prime_pipeline()
             self.metrics.log_eval(0, self.evaluate())
+        profiler = self._build_profiler()
+        watchdog = self._start_watchdog()
         with self._stop_on_signals():
             while self.state.step < cfg.train.steps:
-                start = time.perf_counter()
-                metrics = self.train_step()
-                self.state.step += 1
+                step = self.state.step + 1
+                profiler.step_begins(step)
+                metrics = self._guarded_train_step(step, saved_step)
+                self.state.step = step
                 self.state.tokens_seen += cfg.train.global_batch_size * cfg.train.seq_length
-                step = self.state.step
-                self._log_step(step, metrics, time.perf_counter() - start)
                 if self.guard.diverged:
+                    self.timer.end()
+                    self._log_step(step, metrics)
                     self._stop_diverged(step, metrics)
                 if self.eval_dataset is not None and (
                         step == cfg.train.steps or (cfg.train.eval_interval and step % cfg.train.eval_interval == 0)):
+                    self.timer.phase("eval")
                     self.metrics.log_eval(step, self.evaluate())
                 stop = self._stop_requested()
                 if stop:
                     log.warning("stopping at step %d on signal %s; saving a checkpoint", step, self._stop_signal)
                 if stop or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
+                    self.timer.phase("checkpoint")
                     self._save_checkpoint(step)
                     saved_step = step
+                self.timer.end()
+                self._log_step(step, metrics)
+                profiler.step_ends(step)
+                if watchdog is not None:
+                    watchdog.beat()
                 if stop:
                     break
+        if watchdog is not None:
+            watchdog.stop()
         if self.state.step >= cfg.train.steps and cfg.checkpoint.save_final and saved_step != self.state.step:
             self._save_checkpoint(self.state.step)
         self.checkpointer.wait()
@@ -464,23 +484,60 @@ class Trainer:
             "check the data), or raise train.max_skipped_steps to tolerate more skipped steps in a row"
         )
 
-    def _log_step(self, step: int, metrics: dict, elapsed: float) -> None:
-        """Add throughput, MFU and memory to a step's metrics and log them (every log.interval steps, and
-        every skipped step)."""
+    def _logs(self, step: int) -> bool:
+        """Whether a step is logged: every log.interval steps, the last, and every skipped step."""
+        return (step % self.config.log.interval == 0 or step == self.config.train.steps
+                or bool(self.guard.consecutive_skips))
+
+    def _guarded_train_step(self, step: int, saved_step: int | None) -> dict:
+        """train_step, timed phase by phase; if it fails before the optimizer step, the last completed
+        step is saved first (when every rank failed and it is not saved already)."""
+        self.timer.begin(timed=self._logs(step))
+        self.last_good.step_begins()
+        try:
+            self.drill.before_step(step)
+            metrics = self.train_step()
+        except Exception:
+            self.timer.end()
+            self.last_good.save_if_useful(self.checkpointer, self.state.step, saved_step)
+            raise
+        return metrics  # the optimizer phase runs on to the end of the step (the stop check)
+
+    def _log_step(self, step: int, metrics: dict) -> None:
+        """Add throughput, MFU, memory and the step-time breakdown to a step's metrics and log them (every
+        log.interval steps). Throughput counts the training phases only (not evaluation or saving)."""
         cfg = self.config
-        if step % cfg.log.interval and step != cfg.train.steps and not self.guard.consecutive_skips:
+        if not self._logs(step):
             return
-        tokens_per_s = cfg.train.global_batch_size * cfg.train.seq_length / elapsed
+        times = self.timer.times
+        step_time = self.timer.elapsed()
+        tokens_per_s = cfg.train.global_batch_size * cfg.train.seq_length / (
+            times["data"] + times["forward_backward"] + times["optimizer"])
         peak = peak_flops(self.device)
         flops = flops_per_token(self.model_args, cfg.train.seq_length)
         metrics.update(
             tokens_per_s=tokens_per_s,
             mfu=tokens_per_s * flops / (peak * self.dims.world_size) if peak else None,
             mem_gb=peak_memory_gb(self.device),
-            step_time_s=elapsed,
+            step_time_s=step_time,
+            **{f"time_{phase}_s": seconds for phase, seconds in times.items()},
+            **self.stragglers.gather(step_time, times["data"]),
             tokens_seen=self.state.tokens_seen,
         )
         self.metrics.log(step, metrics)
+
+    def _build_profiler(self):
+        from meshtron.train.profiling import StepProfiler
+
+        return StepProfiler(self.config.profile, self.run_dir, dist.get_rank(), self.device,
+                            first_step=self.state.step + 1)
+
+    def _start_watchdog(self) -> HangWatchdog | None:
+        if not self.config.train.hang_timeout_s:
+            return None
+        watchdog = HangWatchdog(self.config.train.hang_timeout_s, self.run_dir, dist.get_rank())
+        watchdog.start()
+        return watchdog
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -40,11 +40,14 @@ def tiny_config(tmp_path_factory) -> Path:
     return path
 
 
-def _run_train(config: Path, output_dir: Path, nproc: int = 1, overrides=(), check: bool = True, timeout: int = 300):
-    """(completed process, metrics records). One thread per rank so ranks share the cores without oversubscription."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def _run_train(config: Path, output_dir: Path, nproc: int = 1, overrides=(), check: bool = True, timeout: int = 300,
+               env: dict | None = None, max_restarts: int = 0):
+    """(completed process, metrics records). One thread per rank so ranks share the cores without oversubscription.
+    `env`: extra environment (drill switches); `max_restarts`: torchrun's --max-restarts."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     launcher = [sys.executable, "-m", "meshtron"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "meshtron"]
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        f"--max-restarts={max_restarts}", "-m", "meshtron"]
     cmd = [*launcher, "train", str(config), "--train.output_dir", str(output_dir), *overrides]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if check and result.returncode != 0:
