@@ -430,8 +430,6 @@ class Trainer:
                 self.state.step = step
                 self.state.tokens_seen += cfg.train.global_batch_size * cfg.train.seq_length
                 if self.guard.diverged:
-                    self.timer.end()
-                    self._log_step(step, metrics)
                     self._stop_diverged(step, metrics)
                 if self.eval_dataset is not None and (
                         step == cfg.train.steps or (cfg.train.eval_interval and step % cfg.train.eval_interval == 0)):
@@ -442,7 +440,7 @@ class Trainer:
                     log.warning("stopping at step %d on signal %s; saving a checkpoint", step, self._stop_signal)
                 if stop or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
                     self.timer.phase("checkpoint")
-                    self._save_checkpoint(step)
+                    self._save_checkpoint(step, metrics)
                     saved_step = step
                 self.timer.end()
                 self._log_step(step, metrics)
@@ -461,17 +459,22 @@ class Trainer:
             self._finish_run()
         dist.barrier()
 
-    def _save_checkpoint(self, step: int) -> None:
+    def _save_checkpoint(self, step: int, metrics: dict | None = None) -> None:
         """Save, unless some rank's parameters hold inf or NaN (a step with a finite loss and gradient norm
         can still overflow them, e.g. at a huge lr): a checkpoint is never written from a non-finite state.
         Only trained parameters can have become non-finite (QLoRA's frozen NF4 base has no isfinite)."""
         if not finite_on_every_rank(_shard(p.detach()) for p in self.model.parameters() if p.requires_grad):
-            self._stop_diverged(step, reason="the parameters hold inf or NaN")
+            self._stop_diverged(step, metrics, reason="the parameters hold inf or NaN")
         self.checkpointer.save(step)
 
     def _stop_diverged(self, step: int, metrics: dict | None = None, reason: str = "") -> None:
-        """End a run that cannot go on: too many non-finite steps in a row, or non-finite parameters."""
+        """End a run that cannot go on: too many non-finite steps in a row, or non-finite parameters. The
+        step's record (`metrics`, when the loop has it) is logged first."""
         from meshtron.checkpoint.manager import list_checkpoints
+
+        if metrics is not None:
+            self.timer.end()
+            self._log_step(step, metrics)
 
         self.checkpointer.wait()  # a save in flight is a good one: let it commit, so it can be named
         self.metrics.close()
