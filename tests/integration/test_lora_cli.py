@@ -43,30 +43,55 @@ def test_lora_run_prints_trainable_count_and_saves_adapters_only(lora_run):
     assert manifest["lora"]["rank"] == 16 and Path(manifest["base_model"]["path"]).is_dir()
 
 
-def test_generate_accepts_a_lora_checkpoint(lora_run):
+@pytest.fixture(scope="module")
+def exported(lora_run, tmp_path_factory):
+    """The run exported as a PEFT adapter and as a merged HF model."""
     out, _ = lora_run
-    result = meshtron("generate", "--model", str(out), "--chat", "--prompt", "What is the capital of France?",
-                      "--max-new-tokens", "12", "--dtype", "float32")
+    root = tmp_path_factory.mktemp("exported")
+    for name, extra in (("adapter", []), ("merged", ["--merge-lora"])):
+        result = meshtron("convert", "--input", str(out), "--output", str(root / name), *extra)
+        assert result.returncode == 0, result.stderr[-2000:]
+    return root / "adapter", root / "merged"
+
+
+def test_generate_from_a_lora_checkpoint_equals_the_merged_model_in_transformers(lora_run, exported):
+    """Greedy text from the adapter-only checkpoint (base + adapters) is transformers' greedy text of the
+    merged model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = lora_run
+    prompt = "What is the capital of France?"
+    result = meshtron("generate", "--model", str(out), "--chat", "--prompt", prompt, "--max-new-tokens", "12",
+                      "--dtype", "float32")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip()
+
+    merged_dir = exported[1]
+    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        generated = merged.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
+    expected = tokenizer.decode(generated, skip_special_tokens=True)
+    assert expected.strip()
+    assert result.stdout == expected + "\n"
 
 
-def test_peft_export_matches_meshtron(lora_run, smollm2_dir, tmp_path):
+def test_peft_export_matches_meshtron(lora_run, exported, smollm2_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from meshtron.checkpoint import load_for_inference
 
     out, _ = lora_run
-    assert meshtron("convert", "--input", str(out), "--output", str(tmp_path / "adapter")).returncode == 0
-    assert meshtron("convert", "--input", str(out), "--output", str(tmp_path / "merged"), "--merge-lora").returncode == 0
+    adapter, merged_dir = exported
     ours, _, _ = load_for_inference(out)
     tokens = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = ours(tokens)
         base = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32)
-        peft_logits = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()(tokens).logits
-        merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+        peft_logits = PeftModel.from_pretrained(base, str(adapter)).eval()(tokens).logits
+        merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
         assert (peft_logits - expected).abs().max().item() <= 1e-4
         # Merging rounds W + scale * B A to float32 once more: logits of magnitude ~20 then differ by a few
         # float32 steps (1.03e-4 seen with torch 2.11).
