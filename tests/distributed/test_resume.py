@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from meshtron.train.metrics import read_metrics
+
 RTOL = 2e-5
 EIGHT_STEPS = ["--train.steps", "8", "--checkpoint.interval", "4", "--checkpoint.keep", "0"]
 
@@ -65,9 +67,11 @@ def test_exact_resume_is_bit_identical(run_train, tiny_config, tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_that_resume_continues(run_train, tiny_config, tmp_path):
+    """Stopped by SIGTERM, then resumed: the losses of every step are the uninterrupted run's."""
+    constant = ["--lr.schedule", "constant"]  # the same lr at every step, however many steps a run has
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "meshtron", "train", str(tiny_config), "--train.output_dir", str(out),
-           "--train.steps", "100000", "--lr.schedule", "constant"]
+           "--train.steps", "100000", *constant]
     proc, stderr = terminate_after_two_steps(cmd, out)
     assert proc.returncode == 0, stderr[-3000:]
     checkpoints = sorted((out / "checkpoints").iterdir())
@@ -75,9 +79,12 @@ def test_sigterm_saves_a_checkpoint_that_resume_continues(run_train, tiny_config
     stopped_at = int(checkpoints[0].name.split("-")[1])
     assert stopped_at >= 2
 
-    _, records = run_train(tiny_config, out, overrides=["--train.steps", str(stopped_at + 2),
-                                                        "--lr.schedule", "constant"])
-    assert [r["step"] for r in records][-2:] == [stopped_at + 1, stopped_at + 2]
+    total = ["--train.steps", str(stopped_at + 2), *constant]
+    run_train(tiny_config, out, overrides=total)
+    _, straight = run_train(tiny_config, tmp_path / "straight", overrides=total)
+    resumed = read_metrics(out / "metrics.jsonl")  # the steps of both launches
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight] == list(range(1, stopped_at + 3))
+    assert losses(resumed) == pytest.approx(losses(straight), rel=RTOL)
 
 
 def test_auto_resume_skips_a_checkpoint_without_commit_marker(run_train, tiny_config, tmp_path):
@@ -94,16 +101,28 @@ def test_auto_resume_skips_a_checkpoint_without_commit_marker(run_train, tiny_co
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # steps 3 and 4 were trained after resuming at 2
 
 
-def test_sigterm_to_torchrun_saves_every_rank(tiny_config, tmp_path):
-    """Preemption of a multi-process job: torchrun forwards SIGTERM, all ranks agree to stop and save."""
+def test_sigterm_to_torchrun_saves_every_rank(run_train, tiny_config, tmp_path):
+    """Preemption of a multi-process job: torchrun forwards SIGTERM, all ranks agree to stop and save and
+    exit 0, and the resumed job repeats the uninterrupted losses."""
+    layout = ["--lr.schedule", "constant", "--parallel.dp_shard", "2"]
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "meshtron",
-           "train", str(tiny_config), "--train.output_dir", str(out), "--train.steps", "100000",
-           "--lr.schedule", "constant", "--parallel.dp_shard", "2"]
+           "train", str(tiny_config), "--train.output_dir", str(out), "--train.steps", "100000", *layout]
     proc, stderr = terminate_after_two_steps(cmd, out)
+    # torchrun forwards the signal, waits for its workers, then re-raises the signal itself: exit 1, not a
+    # worker failure (which it would report as ChildFailedError with the worker's exit code).
+    assert proc.returncode == 1 and "got signal: 15" in stderr, stderr[-3000:]
+    assert "ChildFailedError" not in stderr and "stopping at step" in stderr, stderr[-3000:]
     (checkpoint,) = (out / "checkpoints").iterdir()
     assert (checkpoint / "COMMITTED").is_file(), stderr[-3000:]
     assert {p.name for p in checkpoint.glob("__*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+
+    total = ["--train.steps", str(int(checkpoint.name.split("-")[1]) + 1), *layout]
+    run_train(tiny_config, out, nproc=2, overrides=total)
+    _, straight = run_train(tiny_config, tmp_path / "straight", nproc=2, overrides=total)
+    resumed = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight]
+    assert losses(resumed) == pytest.approx(losses(straight), rel=RTOL)
 
 
 @pytest.mark.parametrize("damage", ["no checkpoint", "missing .metadata", "truncated shard"])
