@@ -332,7 +332,7 @@ class ProfileConfig:
     """First profiled step (the step before it, if this run trains it, warms the profiler up)."""
 
     num_steps: int = 2
-    """How many steps to profile."""
+    """How many steps to profile (fewer when the run ends earlier)."""
 
     memory_snapshot: bool = False
     """Also record memory over the profiled steps: on GPU the CUDA caching allocator's history

@@ -32,15 +32,17 @@ class StepProfiler:
     """Profiles steps start_step .. start_step + num_steps - 1 of this run (the step before them warms
     up); does nothing unless config.enable."""
 
-    def __init__(self, config: ProfileConfig, run_dir: Path, rank: int, device: torch.device, first_step: int):
+    def __init__(self, config: ProfileConfig, run_dir: Path, rank: int, device: torch.device, first_step: int,
+                 final_step: int):
         self.config, self.rank, self.device = config, rank, device
-        last = config.start_step + config.num_steps - 1
-        self.out_dir = run_dir / "profile" / f"step-{config.start_step}-{last}"
-        self.last_step = last
-        warmup = 1 if config.start_step > first_step else 0
-        self.first_step = config.start_step - warmup if config.enable else -1
+        # A run that ends earlier (a shortened run, a resume past the start) profiles what it trains.
+        start = max(config.start_step, first_step)
+        self.last_step = min(start + config.num_steps - 1, final_step)
+        self.out_dir = run_dir / "profile" / f"step-{start}-{self.last_step}"
+        warmup = 1 if start > first_step else 0
+        self.first_step = start - warmup if config.enable and start <= self.last_step else -1
         self._profiler: profile | None = None
-        self._schedule = schedule(wait=0, warmup=warmup, active=config.num_steps, repeat=1)
+        self._schedule = schedule(wait=0, warmup=warmup, active=self.last_step - start + 1, repeat=1)
 
     def step_begins(self, step: int) -> None:
         if step != self.first_step:
@@ -72,7 +74,7 @@ class StepProfiler:
         plot_regions(trace, self.out_dir / f"rank-{self.rank}.regions.png")
         if self.config.memory_snapshot:
             self._write_memory(prof)
-        log.info("profile of steps %d-%d written to %s", self.config.start_step, self.last_step, trace)
+        log.info("profile written to %s", trace)
 
     def _write_memory(self, prof: profile) -> None:
         from torch.cuda import _memory_viz

@@ -533,7 +533,7 @@ class Trainer:
         from meshtron.train.profiling import StepProfiler
 
         return StepProfiler(self.config.profile, self.run_dir, dist.get_rank(), self.device,
-                            first_step=self.state.step + 1)
+                            first_step=self.state.step + 1, final_step=self.config.train.steps)
 
     def _start_watchdog(self) -> HangWatchdog | None:
         if not self.config.train.hang_timeout_s:
