@@ -101,37 +101,37 @@ def enter_namespaces(arch: dict) -> None:
         _write("/proc/self/gid_map", f"{UNPRIVILEGED} {gid} 1")
 
 
-def _bind(source: str, root: str) -> None:
-    target = root + source
-    if os.path.islink(source):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        if not os.path.lexists(target):
-            os.symlink(os.readlink(source), target)
-        return
-    os.makedirs(target, exist_ok=True)
-    _mount(source, target, None, MS_BIND | MS_REC)
-    _make_read_only(target)
-
-
 def _python_dirs() -> list[str]:
-    """The interpreter's installation, where it lies outside the system directories (pyenv, venvs)."""
+    """The interpreter's installation, where it lies outside the system directories (pyenv, venvs:
+    a virtual environment is the folder above its bin/python link, as this script runs without site)."""
     dirs = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
-    dirs.add(os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))))
-    inside = lambda d: any(d == s or d.startswith(s + "/") for s in ("/usr", "/etc"))  # noqa: E731
+    for executable in (os.path.abspath(sys.executable), os.path.realpath(sys.executable)):
+        dirs.add(os.path.realpath(os.path.dirname(os.path.dirname(executable))))
+    inside = lambda d: any(d == s or d.startswith(s + "/") for s in SYSTEM_DIRS)  # noqa: E731
     return sorted(d for d in dirs if not inside(d))
 
 
 def build_root(root: str, tmp_bytes: int) -> None:
     """The file system the program sees, assembled on a tmpfs at `root`, then made the root."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing done here propagates to the host
+    # What it shows of the host, opened before the new root covers `root` (a Python may live there).
+    shown = [p for p in SYSTEM_DIRS if os.path.lexists(p)] + _python_dirs()
+    links = {p: os.readlink(p) for p in shown if os.path.islink(p)}
+    handles = {p: os.open(p, os.O_PATH) for p in shown if p not in links}
     _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
-    for path in SYSTEM_DIRS:
-        if os.path.lexists(path):
-            _bind(path, root)
-    for path in _python_dirs():
-        # A prefix under a bound directory (or a symlink into one) is already there.
-        if not os.path.lexists(root + path):
-            _bind(path, root)
+    os.makedirs(root + "/tmp")  # first, so that a Python under /tmp is bound into it, not hidden by it
+    _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_bytes},mode=1777")
+    for path in shown:
+        target = root + path
+        if os.path.lexists(target):  # inside one bound already (a virtual environment in its base Python)
+            continue
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if path in links:
+            os.symlink(links[path], target)
+        else:
+            os.mkdir(target)
+            _mount(f"/proc/self/fd/{handles[path]}", target, None, MS_BIND | MS_REC)
+            _make_read_only(target)
     os.makedirs(root + "/dev")
     _mount("tmpfs", root + "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=755")
     for name in DEVICES:
@@ -143,8 +143,6 @@ def build_root(root: str, tmp_bytes: int) -> None:
     _make_read_only(root + "/dev", recursive=False)  # its device nodes are mounts of their own
     os.makedirs(root + "/proc")
     _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
-    os.makedirs(root + "/tmp")
-    _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_bytes},mode=1777")
     _make_read_only(root, recursive=False)
 
 
@@ -244,8 +242,8 @@ def child(s: dict, source: bytes, output_fd: int, errors_w: int, arch: dict | No
         os.dup2(output_fd, 1)
         os.dup2(output_fd, 2)
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
-        python = os.path.realpath(sys.executable)
-        os.execve(python, [python, "-I", "-B", "program.py"], env)
+        # As invoked (a virtual environment's python is a link that makes its packages importable).
+        os.execve(sys.executable, [sys.executable, "-I", "-B", "program.py"], env)
     except BaseException as e:  # noqa: BLE001 - reported to the watchdog, whatever it is
         os.write(errors_w, f"{type(e).__name__}: {e}".encode())
     os._exit(SETUP_FAILED)

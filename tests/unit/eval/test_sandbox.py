@@ -112,6 +112,23 @@ def test_sandbox_leaves_no_temporary_directory(sandbox):
     assert after == before
 
 
+def test_a_virtual_environment_under_tmp_is_shown_read_only(tmp_path):
+    """meshtron installed in a venv below /tmp (which the sandbox replaces with its own): the
+    program runs on that venv's Python, with its packages, and cannot write there."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    repo = Path(meshtron.__file__).resolve().parents[1]
+    code = (f"import sys\nassert sys.prefix == {str(venv)!r}, sys.prefix\n"
+            f"open({str(venv)!r} + '/x', 'w')")
+    check = ("from meshtron.eval.sandbox import run_program\n"
+             f"print(run_program({code!r}).detail)")
+    result = subprocess.run([str(venv / "bin" / "python"), "-c", check], capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(repo)))
+    assert result.returncode == 0, result.stderr
+    assert "Read-only file system" in result.stdout and str(venv / "x") in result.stdout, result.stdout
+    assert not (venv / "x").exists()
+
+
 def _first_closed_ancestor(path: Path) -> Path | None:
     """The first directory above `path` that others cannot enter (root's home, for a pyenv Python)."""
     return next((p for p in reversed(path.parents) if not p.stat().st_mode & 0o001), None)
