@@ -27,7 +27,8 @@ FILE_ATTACKS = {
     "chdir_remove": "os.chdir(V); os.remove('chdir_remove.txt')",
     "open_dir_fd": "fd = os.open(V, os.O_RDONLY)\n"
                    "os.write(os.open('open_dir_fd.txt', os.O_WRONLY | os.O_TRUNC, dir_fd=fd), b'changed')",
-    "create_dir_fd": "fd = os.open(V, os.O_RDONLY)\nos.close(os.open('create_dir_fd.new', os.O_CREAT | os.O_WRONLY, dir_fd=fd))",
+    "create_dir_fd": "fd = os.open(V, os.O_RDONLY)\n"
+                     "os.close(os.open('create_dir_fd.new', os.O_CREAT | os.O_WRONLY, dir_fd=fd))",
     "unlink_dir_fd": "fd = os.open(V, os.O_RDONLY)\nos.unlink('unlink_dir_fd.txt', dir_fd=fd)",
     "sqlite": "import sqlite3\nc = sqlite3.connect(V + '/sqlite.db')\nc.execute('create table t (x)')\nc.commit()",
     "mkfifo": "os.mkfifo(V + '/mkfifo.fifo')",
@@ -43,7 +44,8 @@ FILE_ATTACKS = {
     "shutil_move_relative": "import shutil\nos.chdir(V)\nshutil.move('shutil_move_relative.txt', 'moved.txt')",
     "ctypes_unlink": "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
                      "assert libc.unlink((V + '/ctypes_unlink.txt').encode()) == 0, os.strerror(ctypes.get_errno())",
-    "subprocess": "import subprocess\nsubprocess.run(['sh', '-c', 'echo changed > ' + V + '/subprocess.txt'], check=True)",
+    "subprocess": "import subprocess\n"
+                  "subprocess.run(['sh', '-c', 'echo changed > ' + V + '/subprocess.txt'], check=True)",
     "os_system": "assert os.system('rm ' + V + '/os_system.txt') == 0",
 }
 
@@ -118,7 +120,8 @@ def snapshot(root: Path) -> dict:
     for p in sorted(root.rglob("*")):
         st = p.lstat()
         content = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() and not p.is_symlink() else None
-        state[str(p.relative_to(root))] = (st.st_mode, st.st_nlink, st.st_mtime_ns, content, os.listxattr(p, follow_symlinks=False))
+        xattrs = os.listxattr(p, follow_symlinks=False)
+        state[str(p.relative_to(root))] = (st.st_mode, st.st_nlink, st.st_mtime_ns, content, xattrs)
     return state
 
 

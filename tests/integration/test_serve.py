@@ -160,7 +160,8 @@ def _reference_logprobs(loaded, prompt_ids, generated_ids, k):
     top_values, top_ids = logprobs.topk(k, dim=-1)
     decode = lambda t: loaded.tokenizer.decode([t])  # noqa: E731
     return ([decode(t) for t in generated_ids], chosen,
-            [[(decode(t), v) for t, v in zip(ids, values)] for ids, values in zip(top_ids.tolist(), top_values.tolist())])
+            [[(decode(t), v) for t, v in zip(ids, values)]
+             for ids, values in zip(top_ids.tolist(), top_values.tolist())])
 
 
 def test_chat_logprobs_are_the_models_log_softmax(server, loaded, direct):
@@ -252,8 +253,10 @@ def test_twenty_concurrent_requests_match_direct_generation(server, direct):
         ({"messages": [{"role": "user", "content": "word " * 400}]}, "context"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}, "limit"),
         ({"messages": [{"role": "user", "content": "hi"}], "model": "other"}, "not served"),
-        ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, "'presence_penalty' is not supported"),
-        ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "'tools' is not supported"),
+        ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5},
+         "'presence_penalty' is not supported"),
+        ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+         "'tools' is not supported"),
         ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "'messages[0].name' is not supported"),
         ({"messages": [{"role": "user", "content": "hi"}], "stream_options": {"x": 1}}, "'stream_options.x'"),
         ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "needs logprobs"),
