@@ -4,7 +4,8 @@ by meshtron.eval.sandbox, never imported. It uses the standard library only.
 The program arrives on stdin; one JSON status line leaves on stdout. With "confine" set:
 1. unshare: new mount, network, pid, IPC and UTS namespaces, plus a user namespace when not root;
 2. fork: the child is pid 1 of the new pid namespace (when it ends, the kernel kills everything the
-   program started); this process stays outside as its watchdog and kills it at the timeout;
+   program started); this process stays outside as its watchdog and kills it at the timeout or
+   when its output reaches the file-size limit;
 3. the child builds a new root on tmpfs: read-only binds of the system and Python directories,
    a /dev with only null, zero, full, random and urandom, a fresh /proc of its own pid namespace,
    and a private size-limited writable /tmp; pivot_root into it and detach the old root;
@@ -25,9 +26,11 @@ import signal
 import struct
 import sys
 import tempfile
+import time
 
 UNPRIVILEGED = 65534  # "nobody"
 SETUP_FAILED = 127
+POLL_S = 0.02  # how often the watchdog looks at the clock and the output's size
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
@@ -256,28 +259,31 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-def watch(pid: int, timeout: float, errors_r: int) -> dict:
-    """Wait for the child, killing it and what it started at the timeout, and what it left running
-    when it ends (in a pid namespace the kernel kills all of that with the child; unconfined, its
+def watch(pid: int, s: dict, errors_r: int) -> dict:
+    """Wait for the child; kill it and all it started at the timeout or once its output reaches the
+    file-size limit (its writes fail there, but a program may go on trying), and kill what it left
+    running when it ends (in a pid namespace the kernel does that with the child; unconfined, its
     process group is what can be reached)."""
-    timed_out = []
-
-    def expire(*_):
-        timed_out.append(True)
-        _kill_group(pid)
-
-    signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, timeout)
-    with os.fdopen(errors_r, "rb") as f:
-        setup_error = f.read().decode(errors="replace")  # empty once exec succeeded (close-on-exec)
-    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # ended, not yet reaped: its pid is still its own
-    signal.setitimer(signal.ITIMER_REAL, 0)
+    deadline, verdict = time.monotonic() + s["timeout"], None
+    # WNOWAIT: it ends but is not reaped, so its pid (and group id) cannot be reused before the kill.
+    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
+        if time.monotonic() > deadline:
+            verdict = {"status": "timeout"}
+        elif os.fstat(s["output_fd"]).st_size >= s["file_bytes"]:
+            verdict = {"status": "output"}
+        if verdict is not None:
+            _kill_group(pid)
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+            break
+        time.sleep(POLL_S)
     _kill_group(pid)
     _, status = os.waitpid(pid, 0)
+    with os.fdopen(errors_r, "rb") as f:
+        setup_error = f.read().decode(errors="replace")  # empty when exec succeeded (close-on-exec)
     if setup_error:
         return {"status": "unavailable", "reason": setup_error}
-    if timed_out:
-        return {"status": "timeout"}
+    if verdict is not None:
+        return verdict
     if os.WIFSIGNALED(status):
         return {"status": "signal", "signal": os.WTERMSIG(status)}
     return {"status": "exited", "code": os.waitstatus_to_exitcode(status)}
@@ -305,7 +311,7 @@ def main() -> None:
         child(s, source, s["output_fd"], errors_w, arch)
     os.close(errors_w)
     try:
-        result = watch(pid, s["timeout"], errors_r)
+        result = watch(pid, s, errors_r)
     finally:
         if not s["confine"]:
             shutil.rmtree(s["workdir"], ignore_errors=True)

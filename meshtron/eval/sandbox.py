@@ -64,6 +64,8 @@ def run_program(code: str, sandbox: str = KERNEL, limits: Limits = Limits()) -> 
             raise SandboxUnavailable(f"cannot confine generated code here: {outcome['reason']}")
         if outcome["status"] == "timeout":
             return ExecResult(False, "timeout", f"exceeded {limits.timeout}s")
+        if outcome["status"] == "output":
+            return ExecResult(False, "failed", f"killed: its output reached {limits.file_bytes} bytes")
         if outcome["status"] == "signal":
             return ExecResult(False, "failed", f"killed by {signal.Signals(outcome['signal']).name}")
         if outcome["code"] == 0:

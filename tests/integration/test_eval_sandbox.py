@@ -66,7 +66,7 @@ OTHER_ATTACKS = {
     "unshare_binary": "import subprocess\nsubprocess.run(['unshare', '-r', 'true'], check=True)",
     "remount_read_write": "import subprocess\nsubprocess.run(['mount', '-o', 'remount,rw', '/'], check=True)",
     "memory": "x = bytearray(8 << 30)",
-    "huge_output": "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)",
+    "huge_output": "while True:\n    try:\n        os.write(1, b'x' * 65536)\n    except OSError:\n        pass",
     "fork_bomb": "while True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
 }
 
@@ -189,6 +189,7 @@ def test_escape_attempts_leave_the_outside_untouched(visible_victim, tmp_path):
     assert all(by_task[f"escape/{n}"]["passed"] for n in ALLOWED), by_task
     assert by_task["escape/fork_bomb"]["result"] == "exceeded 5.0s"  # killed at its time limit, all of it
     assert by_task["escape/memory"]["result"] == "MemoryError"
+    assert by_task["escape/huge_output"]["result"] == f"killed: its output reached {16 << 20} bytes"
     # Real problems: the canonical solution passes and `return None` fails, so each scores 1/2.
     records = report["extra"]["samples"]
     assert [r["passed"] for r in records[:6]] == [True, False] * 3

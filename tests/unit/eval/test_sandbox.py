@@ -78,6 +78,10 @@ def test_memory_and_file_size_limits():
     assert run_program("x = bytearray(8 << 30)").detail == "MemoryError"
     result = run_program("open('big', 'wb').write(b'x' * (2 << 20))", limits=Limits(file_bytes=1 << 20))
     assert not result.passed and "File too large" in result.detail
+    # Writes past the limit fail; a program that keeps trying is killed, long before its time is up.
+    endless = "import os\nwhile True:\n    try:\n        os.write(1, b'x' * 65536)\n    except OSError:\n        pass"
+    result = run_program(endless, limits=Limits(file_bytes=1 << 20, timeout=60))
+    assert result.status == "failed" and result.detail == f"killed: its output reached {1 << 20} bytes"
 
 
 def test_nothing_the_program_started_outlives_it():
