@@ -17,6 +17,7 @@ import torch.distributed.checkpoint as dcp
 from meshtron.checkpoint.atomic import atomic_directory
 from meshtron.checkpoint.hf import SIDE_FILES, hf_token_config, load_hf_model, read_hf_config, save_hf_model
 from meshtron.checkpoint.integrity import record_checksums
+from meshtron.checkpoint.reader import single_process
 from meshtron.checkpoint.manager import COMMIT_MARKER, FORMAT, MANIFEST, TOKENIZER_DIR, read_chat_template
 from meshtron.checkpoint import load_for_inference, read_manifest, resolve_checkpoint
 from meshtron.errors import UserError
@@ -47,7 +48,8 @@ def hf_to_checkpoint(hf_dir: str | Path, output_dir: str | Path, dtype: torch.dt
     _, hf_cfg, _ = read_hf_config(hf_dir)
     model, args = load_hf_model(hf_dir, device="cpu", dtype=dtype)
     with atomic_directory(output_dir) as tmp:
-        dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp), no_dist=True)
+        with single_process():
+            dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp), no_dist=True)
         (tmp / TOKENIZER_DIR).mkdir()
         for name in SIDE_FILES:
             if (hf_dir / name).is_file():

@@ -9,6 +9,8 @@ removed by the next save. DCP stores each tensor with its global shape and the o
 shards, so a checkpoint loads at any parallel layout or world size.
 """
 
+import contextlib
+import errno
 import json
 import logging
 import re
@@ -27,9 +29,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
-from meshtron.checkpoint.reader import load_checkpoint, verify_checkpoint
+from meshtron.checkpoint.reader import first_cause, load_checkpoint, verify_checkpoint
 from meshtron.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -265,34 +268,53 @@ class CheckpointManager:
         """Write checkpoint step-`step` (asynchronously if configured); returns its directory."""
         self.wait()
         path = self.checkpoints_dir / f"step-{step}"
-        if _rank() == 0:
-            if path.exists():
-                shutil.rmtree(path)  # a leftover of an interrupted save of the same step
-            path.mkdir(parents=True)
-        _barrier()
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        from safetensors.torch import save_file
+        with self._reporting_failure(path):
+            if _rank() == 0:
+                if path.exists():
+                    shutil.rmtree(path)  # a leftover of an interrupted save of the same step
+                path.mkdir(parents=True)
+            _barrier()
+            rng = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state()
+            from safetensors.torch import save
 
-        save_file(rng, str(path / f"rng-rank{_rank()}.safetensors"))
-        if _rank() == 0:
-            self._write_manifest(path, step)
-        if self.async_save:
-            future = dcp.async_save(self.states, checkpoint_id=str(path), process_group=self._async_group)
-            self._pending = (future, path, step)
-        else:
-            dcp.save(self.states, checkpoint_id=str(path))
-            self._commit(path)
+            # Written by Python (not safetensors' own file writer), so a full disk is an OSError.
+            (path / f"rng-rank{_rank()}.safetensors").write_bytes(save(rng))
+            if _rank() == 0:
+                self._write_manifest(path, step)
+            if self.async_save:
+                future = dcp.async_save(self.states, checkpoint_id=str(path), process_group=self._async_group)
+                self._pending = (future, path, step)
+            else:
+                dcp.save(self.states, checkpoint_id=str(path))
+                self._commit(path)
         return path
 
     def wait(self) -> None:
         """Finish (and commit) a pending asynchronous save."""
         if self._pending is not None:
             future, path, _ = self._pending
-            future.result()
             self._pending = None
-            self._commit(path)
+            with self._reporting_failure(path):
+                future.result()
+                self._commit(path)
+
+    @contextlib.contextmanager
+    def _reporting_failure(self, path: Path):
+        """A save that fails to write (disk full, read-only) ends in one line naming the checkpoint; the
+        previous checkpoints are untouched (nothing is pruned before a commit) and stay loadable."""
+        try:
+            yield
+        except (OSError, CheckpointException) as e:
+            error = first_cause(e) if isinstance(e, CheckpointException) else e
+            if not isinstance(error, OSError):
+                raise
+            previous = self.latest()
+            kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+            cause = "no space left on device" if error.errno == errno.ENOSPC else (error.strerror or str(error)).lower()
+            raise UserError(f"{cause} while saving checkpoint {path} ({error.filename or path}); {kept}; free space "
+                            "or fix the folder, then resume (checkpoint.resume = \"auto\")") from None
 
     def _commit(self, path: Path) -> None:
         from meshtron.checkpoint.integrity import record_checksums

@@ -13,6 +13,7 @@ reported by name instead of failing deep inside torch.
 `load_checkpoint` is the one way meshtron loads a DCP checkpoint.
 """
 
+import contextlib
 import io
 import os
 import pickle
@@ -141,13 +142,22 @@ def verify_checkpoint(checkpoint_dir: Path) -> None:
     SafeReader(checkpoint_dir).read_metadata()
 
 
+@contextlib.contextmanager
+def single_process(enabled: bool = True):
+    """Silence torch's warning that it assumes a single-process load or save: where meshtron asks
+    for one (`no_dist`), that is the intent, and the warning would only worry the user."""
+    with warnings.catch_warnings():
+        if enabled:
+            warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)", category=UserWarning)
+        yield
+
+
 def load_checkpoint(state_dict: dict, checkpoint_dir: str | os.PathLike, no_dist: bool = False) -> None:
     """`dcp.load` through SafeReader. A failure on any rank is raised as the UserError that caused it.
 
     `no_dist`: this process reads the whole checkpoint itself (torch's warning that it assumes so is
     silenced: here it is the intent)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+    with single_process(no_dist):
         reader = SafeReader(checkpoint_dir)
         # Read and check the metadata here, so that its errors are raised as they are (torch would
         # log them with a traceback and retry with a rank-local file).
@@ -155,10 +165,10 @@ def load_checkpoint(state_dict: dict, checkpoint_dir: str | os.PathLike, no_dist
         try:
             dcp.load(state_dict, storage_reader=reader, no_dist=no_dist)
         except CheckpointException as e:
-            raise _cause(e) from None
+            raise first_cause(e) from None
 
 
-def _cause(e: CheckpointException) -> BaseException:
+def first_cause(e: CheckpointException) -> BaseException:
     """The first rank's own error (a UserError or an OSError) out of DCP's per-rank wrapper."""
     for rank in sorted(e.failures):
         error, _traceback = e.failures[rank]

@@ -6,11 +6,14 @@ light commands start without importing torch.
 """
 
 import argparse
+import errno
+import hashlib
 import importlib
 import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from meshtron import __version__
 from meshtron.errors import LaunchError, UserError
@@ -79,21 +82,47 @@ def main(argv: list[str] | None = None) -> None:
         code = args._module.run(args)
     except UserError as e:
         if not isinstance(e, LaunchError) or int(os.environ.get("RANK", "0")) == 0:
-            print(f"meshtron {args.command}: error: {e}", file=sys.stderr)
+            _report_once(f"meshtron {args.command}: error: {e}")
         code = 2
     except KeyboardInterrupt:
         print(f"meshtron {args.command}: interrupted", file=sys.stderr)
         code = 130
-    except Exception:
-        if not under_torchrun:
+    except Exception as e:
+        if isinstance(e, OSError) and e.errno in _FILE_SYSTEM_ERRORS:
+            # A folder that cannot be written (read-only, full, not ours) is the user's to fix.
+            _report_once(f"meshtron {args.command}: error: {e.strerror.lower()}: {e.filename}; choose a writable "
+                         "folder with free space")
+            code = 2
+        elif not under_torchrun:
             raise
-        # A failed rank (a dead peer, a bug) leaves like a finished one, so that torchrun sees its
-        # exit status and restarts the job rather than waiting on a teardown that hangs.
-        traceback.print_exc()
-        code = 1
+        else:
+            # A failed rank (a dead peer, a bug) leaves like a finished one, so that torchrun sees its
+            # exit status and restarts the job rather than waiting on a teardown that hangs.
+            traceback.print_exc()
+            code = 1
     if under_torchrun:
         _leave_distributed(code or 0)
     sys.exit(code or 0)
+
+
+_FILE_SYSTEM_ERRORS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM}
+
+
+def _report_once(line: str) -> None:
+    """Print an error line once per torchrun job, by the first rank that raises it (every rank
+    usually raises the same one): the ranks of a node share torchrun's attempt directory, where
+    the first to create a marker for the line prints it."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        digest = hashlib.sha256(line.encode()).hexdigest()[:16]
+        try:
+            marker = Path(error_file).parents[1] / f"meshtron-error-{digest}"
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        except OSError:
+            pass  # no shared directory: every rank prints
+    print(line, file=sys.stderr)
 
 
 def _leave_distributed(code: int) -> None:

@@ -159,3 +159,33 @@ def test_resume_from_a_named_damaged_checkpoint_names_the_file(run_train, tiny_c
         "--train.steps", "3", "--checkpoint.resume", str(step2), "--checkpoint.verify", "false"])
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{step2 / '__0_0.distcp'} is missing" in result.stderr.strip().splitlines()[-1]
+
+
+# `meshtron train` with a disk that is full for the checkpoint of step 4 (every write DCP opens there fails).
+FULL_DISK_AT_STEP_4 = """
+import errno, os, sys
+import torch.distributed.checkpoint.filesystem as fs
+real = fs.FileSystem.create_stream
+def full_disk(self, path, mode):
+    if "step-4" in str(path) and "w" in mode:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return real(self, path, mode)
+fs.FileSystem.create_stream = full_disk
+from meshtron.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(run_train, tiny_config, tmp_path):
+    overrides = ["--train.steps", "4", "--checkpoint.interval", "2", "--checkpoint.keep", "1"]
+    result = subprocess.run([sys.executable, "-c", FULL_DISK_AT_STEP_4, "train", str(tiny_config),
+                             "--train.output_dir", str(tmp_path), *overrides], capture_output=True, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    step2 = tmp_path / "checkpoints" / "step-2"
+    assert f"no space left on device while saving checkpoint {tmp_path / 'checkpoints' / 'step-4'}" in last
+    assert f"the previous checkpoint {step2} is intact" in last
+    resumed, records = run_train(tiny_config, tmp_path, overrides=overrides)
+    assert "resuming from" in resumed.stderr and "step-2" in resumed.stderr
+    assert [r["step"] for r in records] == [1, 2, 3, 4]

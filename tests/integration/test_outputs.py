@@ -41,3 +41,35 @@ def test_eval_keeps_an_existing_report(tiny_llama_dir, tmp_path):
     report.write_text("{}")
     result = meshtron("eval", "--model", tiny_llama_dir, "--tasks", "boolq", "--output", report)
     assert refused(result, "report.json", "--force") and report.read_text() == "{}"
+
+
+def test_no_single_process_warning_on_convert_and_generate_from_a_checkpoint(tiny_llama_dir, tiny_native_dir,
+                                                                            tmp_path):
+    """torch warns that it assumes a single-process load (or save); meshtron asks for exactly that."""
+    results = [meshtron("convert", "--input", tiny_llama_dir, "--output", tmp_path / "native"),
+               meshtron("convert", "--input", tiny_native_dir, "--output", tmp_path / "hf"),
+               meshtron("generate", "--model", tiny_native_dir, "--prompt", "Hi", "--max-new-tokens", "2")]
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "assuming the intent" not in result.stderr and "UserWarning" not in result.stderr
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only file system (a tmpfs mounted ro); needs root, skipped elsewhere."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a read-only file system needs root")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_an_output_on_a_read_only_file_system_is_one_line(tiny_native_dir, read_only_dir, tmp_path):
+    result = meshtron("convert", "--input", tiny_native_dir, "--output", read_only_dir / "hf")
+    assert refused(result, "read-only file system", str(read_only_dir))
+    (tmp_path / "c.toml").write_text('[model]\nname_or_path = "llama:debug"\n[data]\nmock = true\n'
+                                     '[train]\nsteps = 1\nglobal_batch_size = 2\nmicro_batch_size = 2\nseq_length = 16\n')
+    result = meshtron("train", tmp_path / "c.toml", "--train.output_dir", read_only_dir / "run")
+    assert refused(result, "read-only file system", str(read_only_dir / "run"))
