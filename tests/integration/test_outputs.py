@@ -73,3 +73,13 @@ def test_an_output_on_a_read_only_file_system_is_one_line(tiny_native_dir, read_
                                      '[train]\nsteps = 1\nglobal_batch_size = 2\nmicro_batch_size = 2\nseq_length = 16\n')
     result = meshtron("train", tmp_path / "c.toml", "--train.output_dir", read_only_dir / "run")
     assert refused(result, "read-only file system", str(read_only_dir / "run"))
+
+
+def test_score_never_writes_over_its_input_and_keeps_an_existing_output(tiny_llama_dir, tmp_path):
+    data = tmp_path / "responses.jsonl"
+    data.write_text('{"prompt": "Hi", "response": "Hello"}\n')
+    result = meshtron("score", "--model", tiny_llama_dir, "--input", data, "--output", data, "--force")
+    assert refused(result, "is, contains or lies inside the input") and data.read_text().startswith('{"prompt"')
+    (tmp_path / "scored.jsonl").write_text("earlier\n")
+    result = meshtron("score", "--model", tiny_llama_dir, "--input", data, "--output", tmp_path / "scored.jsonl")
+    assert refused(result, "scored.jsonl", "--force") and (tmp_path / "scored.jsonl").read_text() == "earlier\n"
