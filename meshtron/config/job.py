@@ -118,6 +118,13 @@ class TrainConfig:
     sample_max_new_tokens: int = 40
     """Number of tokens the end-of-run sample generates."""
 
+    sample_temperature: float = 0.0
+    """Temperature of the end-of-run sample; 0 is greedy decoding. Sampling draws from a generator
+    seeded with train.seed, so a run's sample is reproducible."""
+
+    sample_top_k: int = 0
+    """The end-of-run sample draws only among this many most likely tokens (0: all of them)."""
+
     max_skipped_steps: int = 3
     """A step whose loss or gradient norm is not finite on some rank is skipped (not applied on any
     rank, counted as skipped_steps in metrics.jsonl); after this many skipped steps in a row the run

@@ -188,7 +188,8 @@ def validate(cfg: JobConfig) -> None:
         section, name = key.split(".")
         _check_positive(getattr(getattr(cfg, section), name), key)
     for key in ("lr.warmup_steps", "lr.min_lr", "optim.weight_decay", "optim.grad_clip", "checkpoint.interval",
-                "checkpoint.keep", "recompute.num_layers", "train.eval_interval", "data.num_workers", "train.sample_max_new_tokens"):
+                "checkpoint.keep", "recompute.num_layers", "train.eval_interval", "data.num_workers", "train.sample_max_new_tokens",
+                "train.sample_temperature", "train.sample_top_k"):
         section, name = key.split(".")
         _check_positive(getattr(getattr(cfg, section), name), key, allow_zero=True)
     _validate_optimizer(cfg)

@@ -655,9 +655,9 @@ class Trainer:
         loaded = load_for_generation(str(self.run_dir), dtype="float32", device=torch.device("cpu"))
         prompt = self.config.train.sample_prompt
         prompt_ids = loaded.tokenizer(prompt)["input_ids"]
-        # Greedy: deterministic, and for a small model trained for minutes the most readable.
-        params = SamplingParams(max_new_tokens=self.config.train.sample_max_new_tokens, temperature=0.0,
-                                stop_token_ids=loaded.stop_token_ids)
+        t = self.config.train
+        params = SamplingParams(max_new_tokens=t.sample_max_new_tokens, temperature=t.sample_temperature,
+                                top_k=t.sample_top_k, seed=t.seed, stop_token_ids=loaded.stop_token_ids)
         new_ids = generate(loaded.model, [prompt_ids], params)[0]
         text = prompt + loaded.tokenizer.decode(new_ids, skip_special_tokens=True)
         (self.run_dir / "sample.txt").write_text(text + "\n")

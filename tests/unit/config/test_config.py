@@ -59,6 +59,7 @@ def test_async_key_maps_to_a_python_field(tmp_path):
         ("", ["--optim.momentum", "1"], "optim.momentum must be in [0, 1)"),
         ("", ["--optim.lr", "1e-3", "--lr.min_lr", "1e-2"], "lr.min_lr (0.01) is above the peak optim.lr"),
         ("", ["--train.max_skipped_steps", "0"], "train.max_skipped_steps must be > 0"),
+        ("", ["--train.sample_temperature", "-1"], "train.sample_temperature must be >= 0"),
         ("", ["--train.loss_spike_factor", "0.5"], "train.loss_spike_factor must be > 1 (or 0 to disable)"),
     ],
 )
