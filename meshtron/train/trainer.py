@@ -303,9 +303,12 @@ class Trainer:
         else:
             loss_sum = torch.zeros((), device=self.device)
             for i, batch in enumerate(batches):
-                if self.dims.fsdp_enabled:
-                    # Reduce gradients once per step, after the last micro-batch.
-                    self.model.set_requires_gradient_sync(i == len(batches) - 1)
+                if self.dims.dp_replicate > 1:
+                    # Gradients are reduce-scattered after every micro-batch, so that a rank holds only its
+                    # shard of them between micro-batches (not the whole model's unsharded gradients, which
+                    # FSDP keeps while sync is off); under HSDP only the all-reduce across replicas waits
+                    # for the last micro-batch.
+                    self.model.set_requires_all_reduce(i == len(batches) - 1)
                 loss_sum += self.forward_backward(batch, scale).float()
         self.timer.phase("optimizer")
         self._settle_gradients()

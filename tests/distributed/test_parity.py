@@ -1,5 +1,6 @@
 """Loss parity: every parallel layout trains like one process on the same data and init.
-(FSDP, DDP, HSDP, TP with and without sequence parallel, FSDP x TP, gradient accumulation.)
+(FSDP, DDP, HSDP, TP with and without sequence parallel, FSDP x TP, gradient accumulation on one
+process and under FSDP and DDP.)
 
 Tiny llama:debug model, mock data with packed documents and a varying number of loss tokens
 per sample, 5 AdamW steps in float32 at a high lr (so that differences would grow). Tolerance:
@@ -37,8 +38,11 @@ def reference(run_train, tiny_config, tmp_path_factory):
         (2, ["--parallel.tp", "2", "--parallel.dp_shard", "1", "--parallel.sequence_parallel", "false"]),
         (4, ["--parallel.dp_shard", "2", "--parallel.tp", "2"]),
         (4, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "2", "--train.micro_batch_size", "1"]),
+        # Two accumulated micro-batches: reduce-scattered after each (FSDP), all-reduced after the last (DDP).
+        (2, ["--parallel.dp_shard", "2", "--train.micro_batch_size", "1"]),
+        (2, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "1", "--train.micro_batch_size", "1"]),
     ],
-    ids=["fsdp2", "ddp2", "tp2-sp", "tp2-no-sp", "fsdp2xtp2", "hsdp2x2"],
+    ids=["fsdp2", "ddp2", "tp2-sp", "tp2-no-sp", "fsdp2xtp2", "hsdp2x2", "fsdp2-accum2", "ddp2-accum2"],
 )
 def test_parallel_layout_matches_single_process(run_train, reference, tiny_config, tmp_path, nproc, layout):
     _, records = run_train(tiny_config, tmp_path, nproc=nproc, overrides=layout)

@@ -1,0 +1,29 @@
+"""Gradient accumulation under FSDP holds only sharded gradients between micro-batches.
+
+With gradient sync off for all but the last micro-batch, FSDP2 keeps every unit's unsharded
+gradient until the step ends (the whole model's gradients on every rank). Reduce-scattering
+after each micro-batch keeps a rank's peak near that of a step without accumulation. Measured
+by bench/bench_grad_accum_memory.py (torch's FSDPMemTracker: bytes of live tensors, deterministic)
+on a wide 7.1M-parameter model at dp_shard = 2, where the old way peaks 19% higher and this one 3%.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_grad_accum_memory.py"
+
+
+def test_four_micro_batches_peak_within_five_percent_of_one(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(BENCH),
+           "--micro-batches", "1", "4", "--output-dir", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    one, four = (json.loads(line) for line in result.stdout.splitlines() if line.startswith("{"))
+    assert (one["micro_batches"], four["micro_batches"]) == (1, 4)
+    # Between micro-batches a rank holds no unsharded gradient, and its peak is about a step's without accumulation.
+    assert four["peak_bytes"]["Unsharded Grad"] <= one["peak_bytes"]["Unsharded Grad"]
+    assert four["peak_bytes"]["Total"] <= 1.05 * one["peak_bytes"]["Total"]
