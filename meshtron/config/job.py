@@ -354,6 +354,29 @@ class ProfileConfig:
 
 
 @dataclass
+class FTConfig:
+    enable: bool = False
+    """Replica fault tolerance with torchft (pip install 'meshtron[ft]'): this job is one replica
+    group among ft.num_replica_groups that train together; a dead group does not stop the others,
+    and a replacement heals from a live one. See docs/training.md, Operations."""
+
+    lighthouse: str = ""
+    """Address of the torchft lighthouse (http://HOST:29510); empty: $TORCHFT_LIGHTHOUSE."""
+
+    replica_group: int = 0
+    """This job's replica group, 0 .. num_replica_groups - 1 (its share of the data)."""
+
+    num_replica_groups: int = 1
+    """How many replica groups train together (the data is split over them)."""
+
+    min_replicas: int = 1
+    """The fewest replica groups a step commits with."""
+
+    timeout_s: float = 60.0
+    """How long collectives between replica groups, quorum and healing may take."""
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -367,3 +390,4 @@ class JobConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    ft: FTConfig = field(default_factory=FTConfig)

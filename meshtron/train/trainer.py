@@ -90,7 +90,7 @@ class Trainer:
         self.data_loader = build_data_loader(
             config, data_kind=self.recipe.data_kind, default_handler=self.recipe.default_handler,
             vocab_size=self.model_args.vocab_size, tokenizer_dir=self.source.tokenizer_dir,
-            dp_rank=self.meshes.dp.get_local_rank(), dp_size=self.dims.dp_size, config_dir=config_dir,
+            **self._data_shard(), config_dir=config_dir,
         )
         self.eval_dataset = None
         if config.data.eval_paths:
@@ -106,6 +106,7 @@ class Trainer:
         self.grad_scaler = self._build_grad_scaler()
         self.state = TrainState()
         self.checkpointer = self._build_checkpointer()
+        self.ft = self._build_ft()
         self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main, tensorboard=config.log.tensorboard,
                                      total_steps=config.train.steps)
         self.guard = StepGuard(max_skipped_steps=config.train.max_skipped_steps,
@@ -122,6 +123,22 @@ class Trainer:
         torch.manual_seed(self.config.train.seed)
         if self.config.train.deterministic:
             torch.use_deterministic_algorithms(True)
+
+    def _data_shard(self) -> dict:
+        """This rank's share of the data: its data-parallel rank and size, over the replica groups
+        of torchft ([ft]) too."""
+        dp_rank, dp_size = self.meshes.dp.get_local_rank(), self.dims.dp_size
+        ft = self.config.ft
+        if ft.enable:
+            return {"dp_rank": ft.replica_group * dp_size + dp_rank, "dp_size": ft.num_replica_groups * dp_size}
+        return {"dp_rank": dp_rank, "dp_size": dp_size}
+
+    def _build_ft(self):
+        if not self.config.ft.enable:
+            return None
+        from meshtron.train.ft import ReplicaGroupFT
+
+        return ReplicaGroupFT(self.config.ft, self.checkpointer.states, self.device)
 
     def _grad_accum_steps(self) -> int:
         t = self.config.train
@@ -290,8 +307,9 @@ class Trainer:
                 loss.backward()
         return _local(loss_sum.detach())
 
-    def train_step(self) -> dict:
-        """One optimizer step over `grad_accum_steps` micro-batches; returns its metrics."""
+    def train_step(self) -> dict | None:
+        """One optimizer step over `grad_accum_steps` micro-batches; returns its metrics (None when torchft
+        dropped the step)."""
         batches = [{k: v.to(self.device) for k, v in next(self.data_iter).items()}
                    for _ in range(self.grad_accum_steps)]
         units = torch.stack([self.recipe.num_loss_units(b) for b in batches]).sum().to(torch.float32)
@@ -311,6 +329,9 @@ class Trainer:
                     self.model.set_requires_all_reduce(i == len(batches) - 1)
                 loss_sum += self.forward_backward(batch, scale).float()
         self.timer.phase("optimizer")
+        if self.ft is not None and not self.ft.average_gradients(self.model.parameters()):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None  # a peer replica group failed during the step: it is dropped
         self._settle_gradients()
         if self.pipeline is not None:
             self._sync_tied_embedding()
@@ -427,9 +448,15 @@ class Trainer:
         watchdog = self._start_watchdog()
         with self._stop_on_signals():
             while self.state.step < cfg.train.steps:
+                if self.ft is not None:
+                    self.ft.step_begins()  # may heal this replica group: the step count too
                 step = self.state.step + 1
                 profiler.step_begins(step)
                 metrics = self._guarded_train_step(step, saved_step)
+                if metrics is None:
+                    self.timer.end()
+                    log.warning("step %d dropped: a replica group failed during it; repeating it", step)
+                    continue
                 self.state.step = step
                 self.state.tokens_seen += cfg.train.global_batch_size * cfg.train.seq_length
                 if self.guard.diverged:
@@ -454,6 +481,8 @@ class Trainer:
                     break
         if watchdog is not None:
             watchdog.stop()
+        if self.ft is not None:
+            self.ft.shutdown()
         if self.state.step >= cfg.train.steps and cfg.checkpoint.save_final and saved_step != self.state.step:
             self._save_checkpoint(self.state.step)
         self.checkpointer.wait()
