@@ -29,7 +29,7 @@ from meshtron.errors import UserError
 
 METADATA_FILE = ".metadata"
 
-# (module, name) that DCP's own metadata pickles reference (torch 2.4 - 2.13).
+# (module, name) that DCP's own metadata pickles reference (as torch 2.13 writes them; older releases a subset).
 _METADATA_CLASSES = {
     ("torch.distributed.checkpoint.metadata", name)
     for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
