@@ -38,13 +38,11 @@ def init_tp_mesh() -> tuple[DeviceMesh | None, torch.device | None]:
 def join_process_group() -> torch.device:
     """This process's device (its local GPU, else the CPU) and the torchrun process group on it
     (NCCL on GPUs, gloo on CPU)."""
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    from meshtron.parallel.dims import device_binding, local_device
+
+    device = local_device()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **device_binding(device))
     return device
 
 

@@ -7,13 +7,40 @@ Flattened views: `dp` (dp_replicate x dp_shard: who sees different data) and `dp
 (one node, fastest links); dp_replicate is outer so that HSDP replicates across nodes.
 """
 
+import os
 from dataclasses import dataclass
 
+import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from meshtron.errors import UserError
 
 AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+def gpu_index(local_rank: int, device_count: int) -> int:
+    """The GPU of the process with this local rank among the GPUs it sees.
+
+    A launcher may show every process all of the node's GPUs (then it takes the one of its local
+    rank) or only its own (CUDA_VISIBLE_DEVICES set per process, as Slurm's --gpus-per-task does:
+    then each process sees one GPU, index 0, whatever its local rank).
+    """
+    return local_rank % device_count
+
+
+def local_device() -> torch.device:
+    """This process's device, made current: its GPU (see gpu_index), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", gpu_index(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()))
+    torch.cuda.set_device(device)
+    return device
+
+
+def device_binding(device: torch.device) -> dict:
+    """init_process_group's device_id for a GPU: the group binds to it (NCCL connects eagerly on it,
+    not on whatever device is current when the first collective runs)."""
+    return {"device_id": device} if device.type == "cuda" else {}
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from meshtron.lora.layers import apply_lora, count_parameters, init_lora, mark_t
 from meshtron.models.common.args import ModelArgs
 from meshtron.models.registry import build_model, get_flavor
 from meshtron.parallel import Meshes, ParallelDims, parallelize
+from meshtron.parallel.dims import device_binding, local_device
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +42,14 @@ def init_distributed(deterministic: bool) -> torch.device:
     if torch.cuda.is_available():
         # The NCCL flight recorder: a ring of the last collectives, dumped by the hang watchdog.
         os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        backend = "cpu:gloo,cuda:nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
+    device = local_device()
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         if "RANK" in os.environ:
-            dist.init_process_group(backend, **_restart_scoped_store())
+            dist.init_process_group(backend, **_restart_scoped_store(), **device_binding(device))
         else:
             # Not under torchrun: a one-process group, so that one code path (mesh, DCP) serves all runs.
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **device_binding(device))
     return device
 
 

@@ -4,6 +4,7 @@ import pytest
 
 from meshtron.errors import UserError
 from meshtron.parallel import ParallelDims
+from meshtron.parallel.dims import gpu_index
 
 
 def test_dp_shard_takes_the_rest_of_the_world():
@@ -37,3 +38,14 @@ def test_heads_not_divisible_by_tp():
     with pytest.raises(UserError, match=r"seq_length \(30\) is not divisible by parallel.tp = 4"):
         dims.check_model(num_heads=8, num_kv_heads=4, ffn_dim=64, vocab_size=128, seq_length=30, sequence_parallel=True)
     dims.check_model(num_heads=8, num_kv_heads=4, ffn_dim=64, vocab_size=128, seq_length=30, sequence_parallel=False)
+
+
+@pytest.mark.parametrize(
+    "local_rank, device_count, index",
+    [(0, 8, 0), (7, 8, 7),  # every process sees the node's 8 GPUs
+     (0, 1, 0), (5, 1, 0),  # each process sees only its own GPU (CUDA_VISIBLE_DEVICES per process)
+     (5, 4, 1)],  # 2 processes per GPU
+)
+def test_gpu_index_is_the_local_rank_among_the_gpus_the_process_sees(local_rank, device_count, index):
+    assert gpu_index(local_rank, device_count) == index
+
