@@ -47,7 +47,9 @@ class FaultDrill:
     hang_at: int = 0
     raise_at: int = 0
     slow_s: float = 0.0
+    private_run_dir: bool = False
     applies: bool = False  # whether this rank is the one picked
+    rank: int = 0
 
     @classmethod
     def from_env(cls, rank: int) -> "FaultDrill":
@@ -59,8 +61,17 @@ class FaultDrill:
             hang_at=int(env.get("MESHTRON_FAULT_HANG_AT_STEP", 0)) if first_launch else 0,
             raise_at=int(env.get("MESHTRON_FAULT_RAISE_AT_STEP", 0)) if first_launch else 0,
             slow_s=float(env.get("MESHTRON_FAULT_SLOW_S", 0)),
+            private_run_dir=env.get("MESHTRON_FAULT_PRIVATE_RUN_DIR") == "1",
             applies=picked == "all" or int(picked) == rank,
+            rank=rank,
         )
+
+    def run_dir(self, path: Path) -> Path:
+        """The run directory this rank sees: with MESHTRON_FAULT_PRIVATE_RUN_DIR=1 a directory of its own
+        (PATH-rankR), as a node-local disk would give it."""
+        if self.private_run_dir and self.applies:
+            return path.with_name(f"{path.name}-rank{self.rank}")
+        return path
 
     def before_step(self, step: int) -> None:
         """Called as `step` starts, inside its data phase."""

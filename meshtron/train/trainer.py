@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import logging
 import signal
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,8 @@ from meshtron.train.optim import build_optimizer, clip_grad_norm
 from meshtron.train.recipes import build_recipe
 
 log = logging.getLogger(__name__)
+
+RUN_TOKEN = ".run-token"  # written by rank 0 at start-up; every rank must read it back
 
 
 @dataclass
@@ -68,17 +71,16 @@ class Trainer:
     def __init__(self, config: JobConfig, config_dir: Path | None = None):
         self.config = config
         self.device = init_distributed(config.train.deterministic)
+        self.drill = FaultDrill.from_env(dist.get_rank())
         self._set_determinism()
         p = config.parallel
         self.dims = ParallelDims.resolve(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp,
                                          world_size=dist.get_world_size(), pp=p.pp, cp=p.cp, ep=p.ep)
         self.meshes = self.dims.build_mesh(self.device.type)
         self.grad_accum_steps = self._grad_accum_steps()
-        self.run_dir = Path(config.train.output_dir)
+        self.run_dir = self.drill.run_dir(Path(config.train.output_dir))
         self.is_main = dist.get_rank() == 0
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.toml").write_text(to_toml(config))
+        self._prepare_run_dir()
 
         self.source = resolve_model_source(config)
         check_context_length(config, self.source)
@@ -115,7 +117,6 @@ class Trainer:
         self.timer = StepTimer(self.device)
         self.stragglers = StragglerMonitor(config.log.straggler_fraction)
         self.last_good = LastGoodState(self.optimizer)
-        self.drill = FaultDrill.from_env(dist.get_rank())
 
     # ---- construction helpers ------------------------------------------------------------
 
@@ -139,6 +140,31 @@ class Trainer:
         from meshtron.train.ft import ReplicaGroupFT
 
         return ReplicaGroupFT(self.config.ft, self.checkpointer.states, self.device)
+
+    def _prepare_run_dir(self) -> None:
+        """Rank 0 creates the run directory and writes a fresh token into it; every rank must read that
+        token back. Ranks on several nodes write their checkpoint shards into this one directory, so it
+        must be one shared filesystem: a node-local path would leave each node with part of every
+        checkpoint."""
+        token_file = self.run_dir / RUN_TOKEN
+        token = [None]
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(to_toml(self.config))
+            token[0] = uuid.uuid4().hex
+            token_file.write_text(token[0])
+        dist.broadcast_object_list(token, src=0)
+        sees = token_file.is_file() and token_file.read_text() == token[0]
+        seen_by = [None] * dist.get_world_size()
+        dist.all_gather_object(seen_by, sees)
+        blind = [rank for rank, ok in enumerate(seen_by) if not ok]
+        if blind:
+            raise UserError(
+                f"rank(s) {', '.join(map(str, blind))} do not see the run directory rank 0 created "
+                f"(train.output_dir = {self.config.train.output_dir}: the file {RUN_TOKEN} rank 0 wrote there is "
+                "missing or different on them); with several nodes, put train.output_dir on a filesystem every "
+                "node mounts at the same path"
+            )
 
     def _grad_accum_steps(self) -> int:
         t = self.config.train
@@ -233,9 +259,21 @@ class Trainer:
         if resume == "none":
             return None
         if resume == "auto":
+            # Rank 0 chooses for all: ranks choosing on their own could pick different checkpoints (a
+            # directory listing cached differently on another node).
             from meshtron.checkpoint.manager import latest_loadable
 
-            return latest_loadable(self.run_dir / "checkpoints")
+            choice = [(None, None)]  # (checkpoint, error)
+            if self.is_main:
+                try:
+                    choice[0] = (latest_loadable(self.run_dir / "checkpoints"), None)
+                except UserError as e:
+                    choice[0] = (None, str(e))
+            dist.broadcast_object_list(choice, src=0)
+            checkpoint, error = choice[0]
+            if error is not None:
+                raise UserError(error)
+            return checkpoint
         from meshtron.checkpoint.manager import resolve_checkpoint
 
         return resolve_checkpoint(resume)
