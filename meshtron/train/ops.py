@@ -14,6 +14,7 @@ Kill, hang and raise fire on the first launch only (TORCHELASTIC_RESTART_COUNT u
 job restarted by torchrun runs through the step that failed.
 """
 
+import datetime
 import faulthandler
 import logging
 import os
@@ -258,8 +259,6 @@ class LastGoodState:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, timeout_s: float = 60.0):
-        import datetime
-
         self.updating = False
         self._timeout = datetime.timedelta(seconds=timeout_s)
         self._group = dist.new_group(backend="gloo") if dist.get_world_size() > 1 else None
