@@ -100,6 +100,7 @@ class Transformer(nn.Module):
         document_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         num_last: int | None = None,
+        head=None,
     ) -> torch.Tensor:
         """tokens: (B, S) ids (or (B, S, E) hidden states on a stage without the embedding).
 
@@ -108,6 +109,9 @@ class Transformer(nn.Module):
         id. Returns logits (B, S, V), or hidden states on a stage without the head. With
         `num_last`, only the last `num_last` positions go through the final norm and head:
         generation needs one position's logits, and the head is the largest matmul of a prefill.
+        With `head`, returns `head(final hidden states, lm_head)` instead of the logits: a loss
+        runs the head itself, chunk by chunk (meshtron.train.losses), inside this forward so
+        that FSDP still gathers and reduces the head's weight.
         """
         h = self.embed(tokens) if self.embed is not None else tokens
         B, S = h.shape[:2]
@@ -127,7 +131,9 @@ class Transformer(nn.Module):
             h = h[:, -num_last:]
         if self.norm is not None:
             h = self.norm(h)
-        return self.lm_head(h) if self.lm_head is not None else h
+        if self.lm_head is None:
+            return h
+        return head(h, self.lm_head) if head is not None else self.lm_head(h)
 
     def _masks(self, S, offset, document_ids, cache, device) -> dict:
         key_valid = cache.key_valid if cache is not None else None

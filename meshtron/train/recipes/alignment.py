@@ -13,16 +13,17 @@ no-grad pass over the data before training ("precomputed": no reference model wh
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from meshtron.align.losses import bradley_terry_loss, dpo_loss, preference_metrics, prm_loss, simpo_loss
 from meshtron.errors import UserError
+from meshtron.train.losses import head_token_nll
 from meshtron.train.recipes.base import Recipe
 
 log = logging.getLogger(__name__)
@@ -32,15 +33,11 @@ REFERENCE_KEYS = ("chosen_ref_logps", "rejected_ref_logps")
 
 
 def token_logps(model: nn.Module, input_ids, labels, document_ids, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-prob of the labelled tokens per row, and their count.
-
-    cross_entropy(reduction="none") also runs on vocabulary-sharded logits under loss_parallel."""
-    logits = model(input_ids, position_ids=position_ids, document_ids=document_ids)
-    B, S = labels.shape
-    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none")
-    nll = nll.full_tensor() if hasattr(nll, "full_tensor") else nll
-    mask = labels != IGNORE
-    return -(nll.view(B, S) * mask).sum(-1), mask.sum(-1)
+    """Summed log-prob of the labelled tokens per row, and their count; the head and the loss run
+    together, chunked over tokens (meshtron.train.losses)."""
+    nll = model(input_ids, position_ids=position_ids, document_ids=document_ids,
+                head=functools.partial(head_token_nll, labels_BS=labels))
+    return -nll.sum(-1), (labels != IGNORE).sum(-1)
 
 
 def _pair_forward(model: nn.Module, batch: dict) -> tuple[torch.Tensor, ...]:

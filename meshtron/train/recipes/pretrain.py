@@ -7,7 +7,9 @@ each document unless data.reset_position_ids is false.
 import torch
 from torch import nn
 
-from meshtron.train.losses import num_loss_tokens, token_cross_entropy_sum
+import functools
+
+from meshtron.train.losses import head_cross_entropy_sum, num_loss_tokens, token_cross_entropy_sum
 from meshtron.train.recipes.base import Recipe
 
 
@@ -21,7 +23,8 @@ class PretrainRecipe(Recipe):
 
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         args, kwargs, target = self.pipeline_inputs(batch)
-        return self.pipeline_loss(model(*args, **kwargs), target)
+        # The head and the loss run together, chunked over tokens (meshtron.train.losses).
+        return model(*args, **kwargs, head=functools.partial(head_cross_entropy_sum, labels_BS=target))
 
     supports_pipeline = True
 
