@@ -39,6 +39,8 @@ from meshtron.train.recipes import build_recipe
 
 log = logging.getLogger(__name__)
 
+# The end-of-run sample reloads the final model whole, in float32, on rank 0's CPU (12 GB at this size).
+SAMPLE_MAX_PARAMS = 3_000_000_000
 RUN_TOKEN = ".run-token"  # written by rank 0 at start-up; every rank must read it back
 
 
@@ -65,6 +67,15 @@ def _accepts(fn, name: str) -> bool:
 def _shard(t: torch.Tensor) -> torch.Tensor:
     """This rank's piece of a (possibly distributed) tensor, as a view to update in place."""
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def sample_skip_reason(num_params: int) -> str | None:
+    """Why the end-of-run sample is skipped for a model this large (None: it is written)."""
+    if num_params <= SAMPLE_MAX_PARAMS:
+        return None
+    return (f"the model's {num_params / 1e9:.1f}B parameters would be reloaded whole on rank 0's CPU in float32 "
+            f"({num_params * 4 / 1e9:.0f} GB); generate from the final checkpoint with "
+            "`torchrun --nproc-per-node N -m meshtron generate --model OUTPUT_DIR --prompt ...` instead")
 
 
 class Trainer:
@@ -711,7 +722,11 @@ class Trainer:
             if png is not None:
                 log.info("loss curve: %s", png)
         if self.config.train.sample_prompt:
-            self._write_sample()
+            skip = sample_skip_reason(self.model_args.num_params())
+            if skip:
+                log.warning("no sample: %s", skip)
+            else:
+                self._write_sample()
 
     def _write_sample(self) -> None:
         from meshtron.checkpoint.manager import list_checkpoints
