@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.checkpoint import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.stateful import Stateful
 
 from meshtron.checkpoint.reader import first_cause, load_checkpoint, verify_checkpoint
@@ -226,6 +227,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def staging_buffer() -> DefaultStager:
+    """The stager of asynchronous saves: copies the state into host memory it keeps from one save to the
+    next (pinned on GPUs, for fast device-to-host copies). Without it, each save allocates a fresh,
+    pageable copy of the whole state (DCP's default)."""
+    return DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False,
+                                        use_async_staging=False, use_non_blocking_copy=False))
+
+
 class CheckpointManager:
     """Saves and loads the states of a run under `run_dir/checkpoints`.
 
@@ -245,6 +254,7 @@ class CheckpointManager:
         # A background save runs its collectives while training runs its own: give it a gloo group
         # of its own so that the two never interleave on one communicator.
         self._async_group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        self._stager = staging_buffer() if async_save else None
 
     def latest(self) -> Path | None:
         found = list_checkpoints(self.checkpoints_dir)
@@ -284,7 +294,9 @@ class CheckpointManager:
             if _rank() == 0:
                 self._write_manifest(path, step)
             if self.async_save:
-                future = dcp.async_save(self.states, checkpoint_id=str(path), process_group=self._async_group)
+                # Staged into the buffer of the previous save: its write has finished (wait() above).
+                future = dcp.async_save(self.states, checkpoint_id=str(path), process_group=self._async_group,
+                                        async_stager=self._stager)
                 self._pending = (future, path, step)
             else:
                 dcp.save(self.states, checkpoint_id=str(path))
