@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = [pytest.mark.slow, pytest.mark.smollm2]
+pytestmark = [pytest.mark.acceptance, pytest.mark.smollm2]
 
 
 def train(config: str, out: Path, smollm2_dir, *overrides) -> list[dict]:

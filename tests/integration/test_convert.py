@@ -67,7 +67,7 @@ def test_convert_refuses_a_wrong_direction(trained_run, tmp_path):
 
 
 @pytest.mark.smollm2
-@pytest.mark.slow
+@pytest.mark.acceptance
 def test_smollm2_round_trip_keeps_every_tensor_and_the_tokenizer(smollm2_dir, tmp_path):
     from safetensors.torch import load_file
 

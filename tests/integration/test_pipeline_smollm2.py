@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = [pytest.mark.slow, pytest.mark.smollm2]
+pytestmark = [pytest.mark.acceptance, pytest.mark.smollm2]
 COMMON = ["--train.steps", "2", "--data.eval_paths", "[]", "--log.plot", "false", "--train.micro_batch_size", "1"]
 
 

@@ -15,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 @pytest.mark.smollm2
 def test_sft_full_lowers_held_out_loss(smollm2_dir, tmp_path):
     cmd = [sys.executable, "-m", "meshtron", "train", str(REPO / "configs" / "smollm2" / "sft_full.toml"),
