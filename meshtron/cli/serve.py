@@ -23,6 +23,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-tokens", type=int, default=1024,
                         help="the most tokens a request may ask for, and the default when it asks for none")
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests generated together at most")
+    parser.add_argument("--kv-cache-gb", type=float, default=None,
+                        help="memory for the KV cache of the running requests; bounds the batch below "
+                             "--max-batch-size when smaller (default: no bound but --max-batch-size)")
     parser.add_argument("--api-key", default=None,
                         help="clients must send it as 'Authorization: Bearer KEY' (default: $MESHTRON_API_KEY; "
                              "prefer the variable, a flag shows in the process list)")
@@ -39,7 +42,7 @@ def run(args) -> int:
     from meshtron.infer.loading import load_for_generation
 
     for flag, value in (("--max-tokens", args.max_tokens), ("--max-batch-size", args.max_batch_size),
-                        ("--max-model-len", args.max_model_len or 1)):
+                        ("--max-model-len", args.max_model_len or 1), ("--kv-cache-gb", args.kv_cache_gb or 1)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
     api_key = args.api_key or os.environ.get("MESHTRON_API_KEY") or None
@@ -52,7 +55,9 @@ def run(args) -> int:
         raise UserError(f"--max-model-len {args.max_model_len} is above the model's context of {model_len}")
     limits = ServerLimits(max_model_len=args.max_model_len or model_len, max_tokens=args.max_tokens)
     name = args.served_model_name or Path(args.model).resolve().name
-    app = build_app(loaded, name, limits, max_batch_size=args.max_batch_size, api_key=api_key)
+    kv_cache_bytes = int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else None
+    app = build_app(loaded, name, limits, max_batch_size=args.max_batch_size, api_key=api_key,
+                    kv_cache_bytes=kv_cache_bytes)
     log.info("serving %r at http://%s:%d/v1 (context %d tokens, max_tokens %d)",
              name, args.host, args.port, limits.max_model_len, limits.max_tokens)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

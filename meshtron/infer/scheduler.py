@@ -1,22 +1,42 @@
-"""A generation scheduler for concurrent requests: one worker thread owns the model.
+"""Continuous batching for concurrent requests: one worker thread owns the model.
 
-Requests wait in a queue. Each round the worker takes the oldest waiting request and, with
-it, up to `max_batch_size - 1` other waiting requests that sample the same way (same
-temperature, top-k, top-p, penalty, stop strings, number of logprobs), and generates them as one left-padded
-batch; each row keeps its own token limit. A request with a seed runs alone, because its
-tokens must not depend on what else shares the batch. Greedy rows give the same tokens
-batched as alone. A cancelled request (its client went away) is dropped while it waits and
-stops at the next step once running.
+Requests join the running batch at the next decode step and leave it as soon as they are done;
+each keeps its own sampling parameters, seed, stop rules, token limit and stream. A joining
+request is prefilled alone (exactly its solo prefill), and its keys and values are copied into a
+free row ("slot") of one shared KV cache; every decode step then runs all running rows at once.
+
+The shared cache is written column by column (all rows at the same column, `KVCache.offset`). A
+row's tokens end at that column and start wherever its prompt was placed; `key_valid` hides the
+columns before its start and those of free rows. When the columns run out, every row is shifted
+left by the columns that no running row uses (also once those are half the columns written, as
+attention reads them all); a prompt longer than the columns written so far
+shifts every row right to make room. The cache's rows (slots) are bounded by `max_batch_size` and
+by a memory budget for the cache; a request that finds no free slot waits. Greedy requests give
+the same tokens as alone. Beam search runs alone between decode steps. A cancelled request (its
+client went away) is dropped while it waits and leaves at the next step once running.
 """
 
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from meshtron.infer.generation import Completion, SamplingParams, TokenLogprob, generate_text
+import torch
+
+from meshtron.infer.generation import (
+    Completion,
+    SamplingParams,
+    TokenLogprob,
+    _device,
+    _logprob_entries,
+    generate_text,
+    next_tokens,
+    process_logits,
+)
+from meshtron.infer.streaming import IncrementalDecoder
 
 log = logging.getLogger(__name__)
 
@@ -30,73 +50,257 @@ class Request:
     result: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)  # set when the client is gone
 
-    def batch_key(self) -> tuple:
-        p = self.params
-        alone = id(self) if p.seed is not None or p.num_beams > 1 else None
-        return (p.temperature, p.top_k, p.top_p, p.repetition_penalty, tuple(p.stop_strings), p.logprobs, alone)
+
+@dataclass
+class _Running:
+    """A request in a slot: its sampling state and what it has produced."""
+
+    request: Request
+    decoder: IncrementalDecoder
+    generator: torch.Generator | None
+    seen: torch.Tensor | None  # (1, V) tokens seen, for the repetition penalty
+    position: int  # the position id of the next token fed to the model
+    next_token: int = -1  # sampled, not yet fed to the model
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class Stats:
+    """What /metrics reports: running and waiting requests, generated tokens and their rate, and
+    the time from a request's arrival to its first token."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.running = self.waiting = 0
+        self.requests_done = self.tokens = 0
+        self.busy_s = 0.0  # time the worker spent generating
+        self.ttft_sum_s = 0.0
+        self.ttft_count = 0
+        self.last_ttft_s = 0.0
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {
+                "requests_running": self.running, "requests_waiting": self.waiting,
+                "requests_finished_total": self.requests_done, "generated_tokens_total": self.tokens,
+                "generation_tokens_per_second": self.tokens / self.busy_s if self.busy_s else 0.0,
+                "time_to_first_token_seconds_mean": self.ttft_sum_s / self.ttft_count if self.ttft_count else 0.0,
+                "time_to_first_token_seconds_last": self.last_ttft_s,
+            }
 
 
 class Scheduler:
-    def __init__(self, model, tokenizer, pad_id: int, max_batch_size: int = 8):
+    def __init__(self, model, tokenizer, pad_id: int, max_batch_size: int = 8, max_len: int | None = None,
+                 kv_cache_bytes: int | None = None):
+        """`max_len`: the most tokens (prompt + generated) of one request, the cache's columns
+        (default: the model's max_seq_len). `kv_cache_bytes`: a memory budget for the shared
+        cache; it bounds the slots below `max_batch_size` when smaller."""
         self.model = model
         self.tokenizer = tokenizer
         self.pad_id = pad_id
-        self.max_batch_size = max_batch_size
-        self._queue: queue.Queue[Request] = queue.Queue()
-        self._waiting: list[Request] = []
+        self.columns = max_len or model.args.max_seq_len
+        self.slots = max(1, min(max_batch_size, kv_cache_bytes // self._row_bytes()) if kv_cache_bytes
+                         else max_batch_size)
+        self.stats = Stats()
+        self.device = _device(model)
+        self._queue: queue.Queue[tuple[float, Request]] = queue.Queue()
+        self._waiting: list[tuple[float, Request]] = []
+        self._rows: list[_Running | None] = [None] * self.slots
+        self._cache = None
         self._thread = threading.Thread(target=self._loop, name="meshtron-generate", daemon=True)
         self._thread.start()
 
+    def _row_bytes(self) -> int:
+        """Bytes of one slot of the cache: keys and values of every layer over all columns."""
+        a = self.model.args
+        dtype = next(self.model.parameters()).dtype
+        return 2 * a.num_layers * a.num_kv_heads * a.head_dim * self.columns * dtype.itemsize
+
     def submit(self, request: Request) -> Future:
-        self._queue.put(request)
+        self._queue.put((time.perf_counter(), request))
         return request.result
+
+    # The worker ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
-            if not self._waiting:
-                self._waiting.append(self._queue.get())
-            while True:
-                try:
-                    self._waiting.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            key = self._waiting[0].batch_key()
-            batch = [r for r in self._waiting if r.batch_key() == key][: self.max_batch_size]
-            self._waiting = [r for r in self._waiting if all(r is not b for b in batch)]
-            batch = [r for r in batch if self._start(r)]
-            if batch:
-                self._run(batch)
+            self._take_arrivals(block=not any(self._rows))
+            start = time.perf_counter()
+            try:
+                with torch.no_grad():
+                    self._admit()
+                    if any(self._rows):
+                        self._decode_step()
+            except Exception as e:  # the server must keep serving; the requests involved get the error
+                log.exception("generation failed")
+                self._fail_all(e)
+            with self.stats.lock:
+                self.stats.busy_s += time.perf_counter() - start
+                self.stats.running = sum(r is not None for r in self._rows)
+                self.stats.waiting = len(self._waiting)
 
-    @staticmethod
-    def _start(request: Request) -> bool:
-        """Mark a request running (its future can no longer be cancelled); False for one whose
-        client went away while it waited."""
-        if request.cancelled.is_set():
-            request.result.cancel()
-        return request.result.set_running_or_notify_cancel()
+    def _take_arrivals(self, block: bool) -> None:
+        if block and not self._waiting:
+            self._waiting.append(self._queue.get())
+        while True:
+            try:
+                self._waiting.append(self._queue.get_nowait())
+            except queue.Empty:
+                return
 
-    def _run(self, batch: list[Request]) -> None:
-        limits = [r.params.max_new_tokens for r in batch]
-        params = replace(batch[0].params, max_new_tokens=max(limits))
+    def _admit(self) -> None:
+        """Start waiting requests in arrival order while slots are free."""
+        while self._waiting and None in self._rows:
+            arrived, request = self._waiting.pop(0)
+            if request.cancelled.is_set():
+                request.result.cancel()
+            if not request.result.set_running_or_notify_cancel():
+                continue  # its client went away while it waited
+            if request.params.num_beams > 1:
+                self._run_alone(request)
+            else:
+                self._join(request, arrived)
 
-        def on_text(row: int, chunk: str) -> None:
-            if batch[row].on_text is not None:
-                batch[row].on_text(chunk)
-
-        def on_logprob(row: int, entry: TokenLogprob) -> None:
-            if batch[row].on_logprob is not None:
-                batch[row].on_logprob(entry)
-
+    def _run_alone(self, request: Request) -> None:
         try:
-            completions: list[Completion] = generate_text(
-                self.model, self.tokenizer, [r.prompt_ids for r in batch], params,
-                pad_id=self.pad_id, max_new_tokens=limits, on_text=on_text,
-                cancelled=lambda row: batch[row].cancelled.is_set(), on_logprob=on_logprob,
-            )
-        except Exception as e:  # the server must keep serving; the requests get the error
-            log.exception("generation failed for a batch of %d", len(batch))
-            for r in batch:
-                r.result.set_exception(e)
+            completion = generate_text(self.model, self.tokenizer, [request.prompt_ids], request.params,
+                                       pad_id=self.pad_id)[0]
+        except Exception as e:
+            request.result.set_exception(e)
             return
-        for r, c in zip(batch, completions):
-            r.result.set_result(c)
+        request.result.set_result(completion)
+
+    def _join(self, request: Request, arrived: float) -> None:
+        """Prefill the request alone, copy its keys and values into a free slot, sample its first token."""
+        p = request.params
+        prompt = torch.tensor([request.prompt_ids], device=self.device)
+        L = prompt.shape[1]
+        if L + p.max_new_tokens > self.columns:
+            request.result.set_exception(ValueError(
+                f"prompt ({L} tokens) plus max_new_tokens ({p.max_new_tokens}) exceeds the {self.columns} tokens "
+                "a request may hold"))
+            return
+        solo = self.model.new_cache(1, L, device=self.device)
+        logits = self.model(prompt, cache=solo, num_last=1)[:, -1]
+        if self._cache is None:
+            self._cache = self._new_cache(solo)
+        cache = self._cache
+        if cache.offset < L:
+            self._shift(L - cache.offset)
+        row = self._rows.index(None)
+        cache.key_valid[row] = False
+        cache.key_valid[row, cache.offset - L : cache.offset] = True
+        for layer in range(len(cache.k)):
+            cache.k[layer][row, :, cache.offset - L : cache.offset] = solo.k[layer][0]
+            cache.v[layer][row, :, cache.offset - L : cache.offset] = solo.v[layer][0]
+        seen = None
+        if p.repetition_penalty != 1.0:
+            seen = torch.zeros((1, self.model.args.vocab_size), dtype=torch.bool, device=self.device)
+            seen[0, prompt[0]] = True
+        generator = torch.Generator(device=self.device).manual_seed(p.seed) if p.seed is not None else None
+        running = _Running(request, IncrementalDecoder(self.tokenizer, p.stop_token_ids, p.stop_strings),
+                           generator, seen, position=L)
+        self._rows[row] = running
+        with self.stats.lock:
+            elapsed = time.perf_counter() - arrived
+            self.stats.ttft_sum_s += elapsed
+            self.stats.ttft_count += 1
+            self.stats.last_ttft_s = elapsed
+        if p.max_new_tokens == 0:
+            self._finish(row)
+            return
+        self._sample(row, logits)
+
+    def _new_cache(self, solo):
+        """The shared cache, its buffers shaped like a solo prefill's (dtype, device, local heads)."""
+        cache = self.model.new_cache(self.slots, self.columns, device=self.device)
+        cache.key_valid[:] = False
+        for layer, (k, v) in enumerate(zip(solo.k, solo.v)):
+            _, G, _, D = k.shape
+            cache.k[layer] = torch.zeros((self.slots, G, self.columns, D), dtype=k.dtype, device=k.device)
+            cache.v[layer] = torch.zeros((self.slots, G, self.columns, D), dtype=v.dtype, device=v.device)
+        return cache
+
+    def _shift(self, by: int) -> None:
+        """Move every row's columns right (by > 0) or left (by < 0); the columns moved in are unused."""
+        cache = self._cache
+        for buffers in (cache.k, cache.v):
+            for layer, t in enumerate(buffers):
+                buffers[layer] = torch.roll(t, by, dims=2)
+        cache.key_valid = torch.roll(cache.key_valid, by, dims=1)
+        if by > 0:
+            cache.key_valid[:, :by] = False
+        else:
+            cache.key_valid[:, by:] = False
+        cache.offset += by
+
+    def _decode_step(self) -> None:
+        """Feed every running row its sampled token, one column for all, and sample the next ones."""
+        cache = self._cache
+        # Attention reads every column up to the offset: drop the unused leading ones once they are
+        # half of them (or when the columns run out; a request never spans all, so some are unused).
+        unused = int(cache.key_valid.any(0).nonzero()[0])
+        if unused and (cache.offset == self.columns or unused * 2 >= cache.offset):
+            self._shift(-unused)
+        rows = [i for i, r in enumerate(self._rows) if r is not None]
+        tokens = torch.full((self.slots, 1), self.pad_id, dtype=torch.long)
+        positions = torch.zeros((self.slots, 1), dtype=torch.long)
+        for i in rows:
+            tokens[i, 0], positions[i, 0] = self._rows[i].next_token, self._rows[i].position
+            self._rows[i].position += 1
+        active = torch.zeros(self.slots, dtype=torch.bool)
+        active[rows] = True
+        cache.key_valid[:, cache.offset] = active.to(self.device)
+        logits = self.model(tokens.to(self.device), position_ids=positions.to(self.device), cache=cache)[:, -1]
+        for i in rows:
+            self._sample(i, logits[i : i + 1])
+
+    def _sample(self, row: int, logits_1V: torch.Tensor) -> None:
+        """Choose the row's next token with its own parameters and stream it; finish the row when done."""
+        r = self._rows[row]
+        p = r.request.params
+        token = int(next_tokens(process_logits(logits_1V, p, r.seen), p, r.generator)[0])
+        if r.seen is not None:
+            r.seen[0, token] = True
+        stop = token in p.stop_token_ids
+        if not stop:
+            r.token_ids.append(token)
+            if p.logprobs is not None:
+                entry = _logprob_entries(torch.tensor([token], device=logits_1V.device),
+                                         logits_1V.float().log_softmax(-1), p.logprobs)[0]
+                r.logprobs.append(entry)
+                if r.request.on_logprob is not None:
+                    r.request.on_logprob(entry)
+        chunk = r.decoder.push(token)
+        if chunk and r.request.on_text is not None:
+            r.request.on_text(chunk)
+        with self.stats.lock:
+            self.stats.tokens += 1
+        r.next_token = token
+        if stop or r.decoder.stopped or len(r.token_ids) >= p.max_new_tokens or r.request.cancelled.is_set():
+            self._finish(row)
+
+    def _finish(self, row: int) -> None:
+        """Complete the row's request and free its slot."""
+        r = self._rows[row]
+        self._rows[row] = None
+        self._cache.key_valid[row] = False
+        chunk = r.decoder.finish()
+        if chunk and r.request.on_text is not None:
+            r.request.on_text(chunk)
+        p = r.request.params
+        stopped = r.decoder.stopped or len(r.token_ids) < p.max_new_tokens
+        # Tokens after a stop string belong to no text; the completion keeps those the text came from,
+        # as generate_text does.
+        r.request.result.set_result(Completion(r.token_ids, r.decoder.text, "stop" if stopped else "length",
+                                               r.logprobs if p.logprobs is not None else None))
+        with self.stats.lock:
+            self.stats.requests_done += 1
+
+    def _fail_all(self, error: Exception) -> None:
+        for i, r in enumerate(self._rows):
+            if r is not None:
+                self._rows[i] = None
+                if not r.request.result.done():
+                    r.request.result.set_exception(error)
+        self._cache = None  # rebuilt by the next request

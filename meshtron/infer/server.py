@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP API over a loaded model: /v1/chat/completions, /v1/completions
 (whole responses, or server-sent events with `stream`, with `logprobs` as OpenAI defines them),
-/v1/models and /health.
+/v1/models, /health and /metrics (Prometheus text).
 
 Requests are validated before they reach the model; every client error is a 4xx response
 with an OpenAI-shaped body ({"error": {"message", "type", "param", "code"}}), so the server
@@ -20,7 +20,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Header
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from meshtron.infer.generation import Completion, SamplingParams, TokenLogprob
@@ -98,10 +98,11 @@ class CompletionRequest(_Sampling):
 
 
 def build_app(loaded: LoadedModel, model_name: str, limits: ServerLimits, max_batch_size: int = 8,
-              api_key: str | None = None) -> FastAPI:
+              api_key: str | None = None, kv_cache_bytes: int | None = None) -> FastAPI:
     from meshtron.infer.loading import pad_token_id
 
-    scheduler = Scheduler(loaded.model, loaded.tokenizer, pad_token_id(loaded.tokenizer), max_batch_size)
+    scheduler = Scheduler(loaded.model, loaded.tokenizer, pad_token_id(loaded.tokenizer), max_batch_size,
+                          max_len=limits.max_model_len, kv_cache_bytes=kv_cache_bytes)
     tokenizer = loaded.tokenizer
     created = int(time.time())
     app = FastAPI(title="meshtron", version="0.1.0")
@@ -130,6 +131,12 @@ def build_app(loaded: LoadedModel, model_name: str, limits: ServerLimits, max_ba
     @app.get("/health")
     async def health():
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        """Prometheus text: running and waiting requests, tokens/s while generating, time to first token."""
+        lines = [f"meshtron_{name} {value}" for name, value in scheduler.stats.snapshot().items()]
+        return PlainTextResponse("\n".join(lines) + "\n")
 
     @v1.get("/models")
     async def models():

@@ -243,6 +243,15 @@ def test_twenty_concurrent_requests_match_direct_generation(server, direct):
     assert got == expected
 
 
+def test_metrics_report_requests_tokens_and_time_to_first_token(server):
+    reply = _client(server).completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=3, temperature=0)
+    metrics = dict(line.split() for line in httpx.get(f"{server}/metrics").text.splitlines())
+    assert metrics["meshtron_requests_running"] == "0" and metrics["meshtron_requests_waiting"] == "0"
+    assert int(metrics["meshtron_generated_tokens_total"]) >= reply.usage.completion_tokens > 0
+    assert float(metrics["meshtron_generation_tokens_per_second"]) > 0
+    assert float(metrics["meshtron_time_to_first_token_seconds_last"]) > 0
+
+
 @pytest.mark.parametrize(
     "body, fragment",
     [

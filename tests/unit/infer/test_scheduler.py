@@ -1,4 +1,4 @@
-"""The serving scheduler: batched requests with their own limits equal generation alone, and a
+"""The serving scheduler: continuously batched requests with their own limits equal generation alone, and a
 cancelled request stops (running) or never starts (waiting)."""
 
 import threading
@@ -45,7 +45,7 @@ def test_a_cancelled_request_stops_and_a_waiting_one_never_starts():
         first_chunk.set()
 
     running.on_text = on_text
-    seeded = Request([5, 6], SamplingParams(max_new_tokens=5, temperature=1.0, seed=1))  # runs alone, after
+    seeded = Request([5, 6], SamplingParams(max_new_tokens=5, temperature=1.0, seed=1))  # dropped before it joins
     seeded.cancelled.set()
     done = scheduler.submit(running)
     waiting = scheduler.submit(seeded)
@@ -53,3 +53,42 @@ def test_a_cancelled_request_stops_and_a_waiting_one_never_starts():
     assert first_chunk.is_set() and len(completion.token_ids) == 1  # stopped at the step that was cancelled
     with pytest.raises(CancelledError):
         waiting.result(timeout=60)
+
+
+def test_requests_joining_and_leaving_the_running_batch_match_generation_alone():
+    """Requests arrive while others run (each joins at the next decode step), leave at their own
+    limits, and sample their own way; a small cache forces the rows to be shifted both ways."""
+    m = _model()
+    scheduler = Scheduler(m, LetterTokenizer(), pad_id=0, max_batch_size=3, max_len=24)
+    specs = [([5, 6, 7], SamplingParams(max_new_tokens=12)),
+             ([9, 10], SamplingParams(max_new_tokens=3)),
+             ([3] * 11, SamplingParams(max_new_tokens=9)),  # longer than the columns written so far
+             ([11, 12, 13, 14], SamplingParams(max_new_tokens=7, temperature=0.8, top_k=20, seed=3)),
+             ([8], SamplingParams(max_new_tokens=5, repetition_penalty=1.3)),
+             ([4, 4], SamplingParams(max_new_tokens=6, logprobs=2))]
+    streamed = {i: [] for i in range(len(specs))}
+    first_text = threading.Event()
+    futures = []
+    for i, (prompt, params) in enumerate(specs):
+        def on_text(chunk, i=i):
+            streamed[i].append(chunk)
+            first_text.set()
+        futures.append(scheduler.submit(Request(prompt, params, on_text=on_text)))
+        if i == 0:
+            first_text.wait(timeout=60)  # the others join a batch that is already decoding
+    got = [f.result(timeout=120) for f in futures]
+    alone = [generate_text(m, LetterTokenizer(), [p], params)[0] for p, params in specs]
+    assert [(c.token_ids, c.text, c.finish_reason) for c in got] == \
+        [(c.token_ids, c.text, c.finish_reason) for c in alone]
+    # Log-probabilities of a batched decode step differ from the solo step's in float32 rounding only.
+    assert [e.logprob for e in got[5].logprobs] == pytest.approx([e.logprob for e in alone[5].logprobs], abs=1e-5)
+    assert all("".join(streamed[i]) == c.text for i, c in enumerate(got))
+    stats = scheduler.stats.snapshot()
+    assert stats["requests_finished_total"] == len(specs) and stats["requests_running"] == 0
+    assert stats["generated_tokens_total"] >= sum(len(c.token_ids) for c in got)
+
+
+def test_a_memory_budget_bounds_the_batch():
+    m = _model()
+    one_row = Scheduler(m, LetterTokenizer(), pad_id=0, max_batch_size=8, max_len=32)._row_bytes()
+    assert Scheduler(m, LetterTokenizer(), pad_id=0, max_batch_size=8, max_len=32, kv_cache_bytes=3 * one_row).slots == 3
