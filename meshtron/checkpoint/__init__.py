@@ -15,7 +15,7 @@ from meshtron.checkpoint.manager import CheckpointManager, read_manifest, resolv
 from meshtron.checkpoint.reader import load_checkpoint
 from meshtron.errors import UserError
 from meshtron.models.common.args import ModelArgs
-from meshtron.models.registry import build_model
+from meshtron.models.registry import build_model, model_args_from_dict
 
 def _load_lora_base(model: nn.Module, manifest: dict, checkpoint_dir: Path) -> None:
     base = manifest.get("base_model") or {}
@@ -36,15 +36,17 @@ def _load_lora_base(model: nn.Module, manifest: dict, checkpoint_dir: Path) -> N
 __all__ = ["CheckpointManager", "load_for_inference", "load_model_weights", "read_manifest", "resolve_checkpoint"]
 
 
-def load_model_weights(model: nn.Module, checkpoint_dir: Path, base_only: bool = False) -> None:
+def load_model_weights(model: nn.Module, checkpoint_dir: Path, base_only: bool = False) -> set[str]:
     """Load only the model weights of a checkpoint into a materialized (possibly parallelized) model;
-    `base_only` leaves the model's LoRA adapters alone."""
+    `base_only` leaves the model's LoRA adapters alone. Returns the names of the parameters loaded."""
     from meshtron.checkpoint.manager import ModelState
 
     if read_manifest(checkpoint_dir).get("lora"):
         raise UserError(f"{checkpoint_dir} is a LoRA checkpoint (adapters only); start from its base model, or "
                         "merge it first: meshtron convert --input RUN --output DIR --to hf --merge-lora")
-    load_checkpoint({"model": ModelState(model, part="base" if base_only else "all")}, checkpoint_dir)
+    state = ModelState(model, part="base" if base_only else "all")
+    load_checkpoint({"model": state}, checkpoint_dir)
+    return set(state.state_dict())
 
 
 def load_for_inference(
@@ -53,7 +55,7 @@ def load_for_inference(
     """(model in eval mode, its ModelArgs, the checkpoint's tokenizer directory or None)."""
     checkpoint_dir = resolve_checkpoint(path)
     manifest = read_manifest(checkpoint_dir)
-    args = ModelArgs.from_dict(manifest["model_args"])
+    args = model_args_from_dict(manifest["model_args"], f"{checkpoint_dir}/manifest.json model_args")
     model = build_model(args, device="meta")
     lora = manifest.get("lora")
     if lora:

@@ -1,9 +1,11 @@
 """Hugging Face directories: read a config into `ModelArgs`, stream safetensors weights into a
-model tensor by tensor, and write a model back as a directory transformers loads unchanged.
+model through the family's state-dict adapter, and write a model back as a directory
+transformers loads unchanged.
 
-Only safetensors are read or written (no pickle). Tensors are loaded one at a time, so peak
-host memory is one tensor beyond the model itself; a parameter that is a DTensor receives
-only its own shard.
+Only safetensors are read or written (no pickle). Tensors are read one at a time and converted
+group by group (models/common/adapter.py), so peak host memory is one tensor group beyond the
+model itself; a parameter that is a DTensor receives only its own shard. Which head a model has
+(tied, score, language model) is the adapter's business, not this file's.
 """
 
 import json
@@ -36,8 +38,6 @@ SIDE_FILES = (
     "chat_template.json",
     "generation_config.json",
 )
-# Buffers some checkpoints carry that we recompute.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def read_hf_config(path: str | os.PathLike) -> tuple[FamilySpec, object, ModelArgs]:
@@ -60,13 +60,6 @@ def read_hf_config(path: str | os.PathLike) -> tuple[FamilySpec, object, ModelAr
     if any(a.endswith("ForSequenceClassification") for a in raw.get("architectures") or []):
         args.num_labels = cfg.num_labels  # a reward model: the `score` head
     return spec, cfg, args
-
-
-SCORE_HEAD = "score.weight"  # transformers' *ForSequenceClassification head
-
-
-def _to_hf(spec: FamilySpec, args: ModelArgs, name: str) -> str:
-    return SCORE_HEAD if args.num_labels and name == "lm_head.weight" else spec.to_hf_key(name)
 
 
 def hf_dtype(cfg) -> torch.dtype | None:
@@ -102,10 +95,8 @@ def _open_safetensors(file: Path):
                         "download or convert it again") from None
 
 
-def iter_hf_tensors(path: Path, spec: FamilySpec, score_head: bool = False) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """Yield (our name, HF name, tensor) one at a time, file by file.
-
-    With `score_head` (a reward model), a `score` head is ours and a language-model head is skipped."""
+def iter_hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) one at a time, file by file."""
     by_file: dict[Path, list[str]] = {}
     for key, file in weight_files(path).items():
         by_file.setdefault(file, []).append(key)
@@ -114,51 +105,38 @@ def iter_hf_tensors(path: Path, spec: FamilySpec, score_head: bool = False) -> I
             raise UserError(f"{file} is listed in {INDEX_FILE} but missing")
         with _open_safetensors(file) as f:
             for hf_key in keys:
-                if hf_key.endswith(_IGNORED_SUFFIXES) or (score_head and hf_key == "lm_head.weight"):
-                    continue
-                if hf_key == SCORE_HEAD:
-                    if not score_head:
-                        continue  # a reward model's head is of no use to a language model
-                    yield "lm_head.weight", hf_key, f.get_tensor(hf_key)
-                    continue
-                try:
-                    ours = spec.from_hf_key(hf_key)
-                except KeyError:
-                    raise UserError(f"{file.name}: unexpected tensor {hf_key!r} for a {spec.name} model") from None
-                yield ours, hf_key, f.get_tensor(hf_key)
+                yield hf_key, f.get_tensor(hf_key)
 
 
 @torch.no_grad()
-def load_hf_weights(model: nn.Module, path: str | os.PathLike, spec: FamilySpec) -> None:
-    """Copy every tensor of an HF directory into `model`'s (materialized) parameters."""
+def load_hf_weights(model: nn.Module, path: str | os.PathLike, spec: FamilySpec) -> set[str]:
+    """Copy the tensors of an HF directory into `model`'s (materialized) parameters; returns the
+    names of the parameters it wrote (the others are for `init_weights`: adapters, a new score head)."""
     path = Path(path)
     params = dict(model.named_parameters(remove_duplicate=False))
+    adapter = spec.adapter(model.args)
     loaded = set()
-    args = getattr(model, "args", None)
-    score_head = bool(args is not None and args.num_labels)
-    for name, hf_key, tensor in iter_hf_tensors(path, spec, score_head):
-        if name == "embed.weight" and name not in params and "lm_head.weight" in params and args.tie_embeddings:
-            name = "lm_head.weight"  # the last pipeline stage's copy of a tied embedding
-        if name not in params:
-            continue  # e.g. a tensor for layers this pipeline stage does not hold
-        param = params[name]
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise UserError(
-                f"tensor {hf_key} in {path} has shape {tuple(tensor.shape)}, "
-                f"but the config implies {tuple(param.shape)}"
-            )
-        _copy_into(param, tensor)
-        loaded.add(name)
-    # A tied head is the embedding; a new score head (a reward model from a language model) starts fresh.
-    tied = {"lm_head.weight"} if args is not None and (args.tie_embeddings or args.num_labels) else set()
-    if score_head and SCORE_HEAD in weight_files(path):
-        tied = set()
+    try:
+        for name, tensor in adapter.from_hf(iter_hf_tensors(path)):
+            for target in adapter.head_aliases(name):
+                if target not in params:
+                    continue  # e.g. a tensor for layers this pipeline stage does not hold
+                param = params[target]
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise UserError(f"tensor {adapter.hf_name(name)} in {path} has shape {tuple(tensor.shape)}, "
+                                    f"but the config implies {tuple(param.shape)}")
+                _copy_into(param, tensor)
+                loaded.add(target)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
     # LoRA adapters are not part of a base checkpoint.
-    missing = sorted(n for n in set(params) - loaded - tied if ".lora_A." not in n and ".lora_B." not in n)
+    missing = sorted(n for n in set(params) - loaded
+                     if not adapter.optional(n) and ".lora_A." not in n and ".lora_B." not in n)
     if missing:
-        shown = ", ".join(spec.to_hf_key(m) for m in missing[:5])
+        shown = ", ".join(adapter.hf_name(m) for m in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise UserError(f"{path} is missing tensors: {shown}{more}")
+    return loaded
 
 
 def _copy_into(param: torch.Tensor, full: torch.Tensor) -> None:
@@ -179,8 +157,7 @@ def load_hf_model(
     model = build_model(args, device="meta")
     model.to_empty(device=device)
     model.to(dtype)
-    model.init_buffers()
-    load_hf_weights(model, path, spec)
+    model.init_weights(skip=load_hf_weights(model, path, spec))
     model.eval()
     return model, args
 
@@ -207,11 +184,9 @@ def save_hf_model(
     output_dir = Path(output_dir)
     with atomic_directory(output_dir) as tmp:
         tensors = {}
-        for name, t in state_dict.items():
-            if name == "lm_head.weight" and args.tie_embeddings and not args.num_labels:
-                continue
+        for name, t in spec.adapter(args).to_hf(state_dict).items():
             t = t.detach().to("cpu")
-            tensors[_to_hf(spec, args, name)] = (t.to(dtype) if dtype is not None else t).contiguous()
+            tensors[name] = (t.to(dtype) if dtype is not None else t).contiguous()
         out_dtype = dtype or next(iter(tensors.values())).dtype
         _write_shards(tensors, tmp, max_shard_bytes, save_file)
         cfg = spec.hf_config_from_args(args)

@@ -89,8 +89,7 @@ def _load_hf(root: Path, device: torch.device, dtype: torch.dtype, tp_mesh) -> n
     parallelize_for_inference(model, tp_mesh)
     model.to_empty(device=device)
     model.to(dtype)
-    model.init_buffers()
-    load_hf_weights(model, root, spec)
+    model.init_weights(skip=load_hf_weights(model, root, spec))
     return model
 
 

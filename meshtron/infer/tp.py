@@ -53,10 +53,11 @@ def close_tp(tp_mesh: DeviceMesh | None) -> None:
 
 def parallelize_for_inference(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Shard `model` (on the meta device, or materialized: then each rank keeps its shard) in place."""
+    from meshtron.models.registry import get_family
     from meshtron.parallel.tp import apply_tp
 
     check_tp_size(model.args, tp_mesh.size())
-    apply_tp(model, tp_mesh, sequence_parallel=False)
+    apply_tp(model, get_family(model.args.family).plan, tp_mesh, sequence_parallel=False)
     model.register_forward_hook(_gather_logits)
 
 

@@ -18,8 +18,8 @@ from meshtron.models.common.args import ModelArgs
 from meshtron.models.registry import get_family
 
 
-def _hf_module(spec, name: str) -> str:
-    return spec.to_hf_key(f"{name}.weight")[: -len(".weight")]
+def _hf_module(adapter, name: str) -> str:
+    return adapter.hf_name(f"{name}.weight")[: -len(".weight")]
 
 
 def save_peft_adapter(model: nn.Module, args: ModelArgs, config: LoRAConfig, output_dir: str | os.PathLike,
@@ -27,17 +27,17 @@ def save_peft_adapter(model: nn.Module, args: ModelArgs, config: LoRAConfig, out
     """Write the adapters of `model` (unsharded) as a PEFT LoRA adapter directory, atomically."""
     from safetensors.torch import save_file
 
-    spec = get_family(args.family)
+    adapter = get_family(args.family).adapter(args)
     tensors, modules = {}, set()
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
-            hf = _hf_module(spec, name)
+            hf = _hf_module(adapter, name)
             modules.add(hf.rsplit(".", 1)[-1])
             tensors[f"base_model.model.{hf}.lora_A.weight"] = module.lora_A.weight.detach().cpu().contiguous()
             tensors[f"base_model.model.{hf}.lora_B.weight"] = module.lora_B.weight.detach().cpu().contiguous()
         if config.bias != "none" and isinstance(module, nn.Linear) and module.bias is not None:
             if module.bias.requires_grad:
-                tensors[f"base_model.model.{_hf_module(spec, name)}.bias"] = module.bias.detach().cpu().contiguous()
+                tensors[f"base_model.model.{_hf_module(adapter, name)}.bias"] = module.bias.detach().cpu().contiguous()
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

@@ -46,6 +46,12 @@ class LoRALinear(nn.Linear):
     scaling: float
     lora_enabled: bool
 
+    def init_weights(self, init) -> None:
+        """The adapters (the base weight is its owner's): A Kaiming-uniform (as nn.Linear and PEFT), B zeros."""
+        # Drawn from this layer's generator (not lora_A's), as adapters were before modules initialized themselves.
+        init.uniform_(self.lora_A.weight, "lora_A.weight", 1.0 / self.lora_A.weight.shape[1] ** 0.5, init.prefix)
+        init.fill_(self.lora_B.weight, "lora_B.weight", 0.0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
         if not self.lora_enabled:
@@ -69,7 +75,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Attach adapters to the targeted linears in place and freeze everything else.
 
     Returns the names of the adapted modules. Works on a model on the meta device (adapters are
-    created there too and initialized by `init_lora`) or on a materialized one.
+    created there too and initialized with the model, `init_weights`) or on a materialized one.
     """
     validate_lora(config)
     targets = target_names(config)
@@ -116,19 +122,13 @@ def _convert(linear: nn.Linear, config: LoRAConfig) -> None:
 
 @torch.no_grad()
 def init_lora(model: nn.Module, seed: int | None = None) -> None:
-    """A: Kaiming-uniform (as nn.Linear and PEFT), B: zeros."""
-    from meshtron.models.common.transformer import module_generator
+    """(Re)initialize the adapters of `model` (seeded by their names; the base stays as it is)."""
+    from meshtron.models.common.init import ParamInit
 
     named = [("", model)] if isinstance(model, LoRALinear) else model.named_modules()
     for name, module in named:
         if isinstance(module, LoRALinear):
-            # Seeded by name, so a pipeline stage draws what the whole model draws for its layers.
-            gen = module_generator(seed, name)
-            a = module.lora_A.weight
-            bound = 1.0 / a.shape[1] ** 0.5
-            values = torch.empty(a.shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
-            a.copy_(values.to(a.dtype))
-            module.lora_B.weight.zero_()
+            module.init_weights(ParamInit(seed).at(name))
 
 
 def set_lora_enabled(model: nn.Module, enabled: bool) -> None:

@@ -40,7 +40,17 @@ def get_flavor(name: str) -> ModelArgs:
     spec = get_family(family)
     if flavor not in spec.flavors:
         raise UserError(f"unknown flavor {name!r}; {family} flavors: {', '.join(spec.flavors)}")
-    return ModelArgs.from_dict(spec.flavors[flavor].to_dict())
+    return spec.args_cls.from_dict(spec.flavors[flavor].to_dict())
+
+
+def model_args_from_dict(d: dict, where: str) -> ModelArgs:
+    """The args a manifest (or any `to_dict` output) describes, in its family's args class; strict:
+    a field the family does not know is a user error naming it and `where` it came from."""
+    spec = get_family(d.get("family", ModelArgs.family))
+    try:
+        return spec.args_cls.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 def build_model(args: ModelArgs, device: str | torch.device = "meta") -> nn.Module:

@@ -14,14 +14,16 @@ from torch import nn
 
 from meshtron.parallel.dims import AXES, Meshes, ParallelDims
 from meshtron.parallel.fsdp import apply_fsdp
+from meshtron.parallel.plan import ParallelPlan
 from meshtron.parallel.recompute import apply_recompute
 from meshtron.parallel.tp import apply_tp
 
-__all__ = ["AXES", "Meshes", "ParallelDims", "parallelize"]
+__all__ = ["AXES", "Meshes", "ParallelDims", "ParallelPlan", "parallelize"]
 
 
 def parallelize(
     model: nn.Module,
+    plan: ParallelPlan,
     dims: ParallelDims,
     meshes: Meshes,
     *,
@@ -34,13 +36,13 @@ def parallelize(
     reshard_after_forward: bool = True,
 ) -> nn.Module:
     if dims.tp_enabled:
-        apply_tp(model, meshes.tp, sequence_parallel)
-    apply_recompute(model, recompute_mode, recompute_layers)
+        apply_tp(model, plan, meshes.tp, sequence_parallel)
+    apply_recompute(model, plan, recompute_mode, recompute_layers)
     if compile_blocks:
         # In place (nn.Module.compile), so parameter names stay free of an `_orig_mod.` prefix;
         # per block, so that FSDP's per-block hooks stay outside the compiled regions.
-        for block in model.layers.values():
+        for block in plan.blocks_of(model):
             block.compile()
     if dims.fsdp_enabled:
-        apply_fsdp(model, meshes.fsdp, param_dtype, reduce_dtype, reshard_after_forward)
+        apply_fsdp(model, plan, meshes.fsdp, param_dtype, reduce_dtype, reshard_after_forward)
     return model

@@ -1,6 +1,6 @@
 """FSDP2 (`fully_shard`) over the data-parallel axes: FSDP, HSDP and DDP in one code path.
 
-Each transformer block is one FSDP unit; the root unit holds the embedding, final norm and
+Each block of the family's plan is one FSDP unit; the root unit holds the embedding, final norm and
 output head (so that tied embedding and head stay in one unit). On a 1-D mesh (dp_shard)
 this is FSDP/ZeRO-3; on a 2-D mesh (dp_replicate, dp_shard) it is HSDP, and with a shard
 degree of 1 it is DDP (parameters replicated, gradients all-reduced).
@@ -12,8 +12,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
 
+from meshtron.parallel.plan import ParallelPlan
 
-def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
+
+def apply_fsdp(model: nn.Module, plan: ParallelPlan, dp_mesh: DeviceMesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
                reshard_after_forward: bool = True) -> None:
     """Wrap blocks, then the root. param_dtype is the compute dtype; reduce_dtype that of gradient reduction.
 
@@ -31,7 +33,7 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, 
             return Shard(1)
         return None
 
-    blocks = list(model.layers.values())
+    blocks = plan.blocks_of(model)
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again right away by backward: keep them gathered.
         fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy,

@@ -117,8 +117,7 @@ def holds_split_head(part: nn.Module) -> bool:
     from the same values, its gradient summed with the embedding's every step (Megatron-LM's
     treatment of shared embeddings), and checkpointed under the embedding's optimizer state.
     """
-    args = part.args
-    return bool(args.tie_embeddings and not args.num_labels and part.embed is None and part.lm_head is not None)
+    return part.args.head_is_tied and part.embed is None and part.lm_head is not None
 
 
 def prune_to_stage(model: nn.Module, layers: tuple[int, ...], *, first: bool, last: bool) -> nn.Module:

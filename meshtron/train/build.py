@@ -20,11 +20,11 @@ from torch.distributed.tensor.experimental import implicit_replication
 from meshtron.assets import EXAMPLE_MODEL, resolve_model_dir
 from meshtron.config import JobConfig
 from meshtron.errors import UserError
-from meshtron.lora.layers import apply_lora, count_parameters, init_lora, mark_trainable, quantize_base_nf4
 from meshtron.models.common.args import ModelArgs
-from meshtron.models.registry import build_model, get_flavor
+from meshtron.models.registry import build_model, get_family, get_flavor, model_args_from_dict
 from meshtron.parallel import Meshes, ParallelDims, parallelize
 from meshtron.parallel.dims import device_binding, local_device
+from meshtron.train.converters import build_converters
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _apply_arg_overrides(args: ModelArgs, overrides: dict) -> ModelArgs:
             hint = f"; did you mean {close[0]!r}?" if close else f"; fields: {', '.join(fields)}"
             raise UserError(f"model.args: unknown field {key!r}{hint}")
     try:
-        return ModelArgs.from_dict({**fields, **overrides})
+        return type(args).from_dict({**fields, **overrides})
     except ValueError as e:
         raise UserError(f"model.args: {e}") from None
 
@@ -116,7 +116,8 @@ def resolve_model_source(config: JobConfig) -> ModelSource:
         checkpoint = resolve_checkpoint(path)
         manifest = read_manifest(checkpoint)
         own_tokenizer = checkpoint / manifest["tokenizer"] if manifest.get("tokenizer") else None
-        return ModelSource("checkpoint", ModelArgs.from_dict(manifest["model_args"]), checkpoint,
+        args = model_args_from_dict(manifest["model_args"], f"{checkpoint}/manifest.json model_args")
+        return ModelSource("checkpoint", args, checkpoint,
                            tokenizer_dir or own_tokenizer, manifest.get("hf_config_extra", {}))
     if ":" not in name:
         raise UserError(f"model.name_or_path {name!r} is neither a directory nor a flavor (family:name, e.g. "
@@ -170,33 +171,37 @@ class StageSpec:
 
 def build_parallel_model(config: JobConfig, source: ModelSource, dims: ParallelDims, meshes: Meshes,
                          device: torch.device, load_weights: bool, stage: StageSpec | None = None) -> nn.Module:
-    """Meta build -> (keep one pipeline stage) -> parallelize -> materialize -> initialize (seeded,
-    layout-independent) -> load weights."""
+    """The build order, written once:
+
+    1. build on the meta device (no memory);
+    2. keep one pipeline stage's layers (with pipeline parallel);
+    3. converters change the structure (LoRA adapters; see train/converters.py);
+    4. parallelize: TP, recompute, compile, FSDP (after step 7 for a converter that needs the whole
+       weights: QLoRA);
+    5. materialize (`to_empty`);
+    6. load the source's weights (an HF directory or a checkpoint), streaming into the shards;
+    7. initialize what was not loaded, seeded and layout-independent (everything, for a flavor;
+       adapters or a new score head otherwise): pretrained weights are never drawn first;
+    8. converters' step on the loaded model (QLoRA quantizes the base).
+    """
     args = source.args
     dims.check_model(args.num_heads, args.num_kv_heads, args.ffn_dim, args.vocab_size, config.train.seq_length,
                      config.parallel.sequence_parallel)
     compute, master = precision(config)
+    converters = build_converters(config, source.kind, dims.dp_shard)
     model = build_model(args, device="meta")
     if stage is not None:
         from meshtron.parallel.pipeline import prune_to_stage
 
         prune_to_stage(model, stage.layers, first=stage.first, last=stage.last)
     model.to(master)
-    lora = config.lora if config.lora.rank > 0 else None
-    if lora is not None and source.kind == "flavor":
-        raise UserError("LoRA fine-tunes a pretrained model: set model.name_or_path to a Hugging Face directory or a "
-                        "meshtron checkpoint (or lora.rank = 0 for full training)")
-    if lora is not None:
-        apply_lora(model, lora)  # adapters on the meta device; the base is frozen
-        trainable, total = count_parameters(model)
-        log.info("LoRA rank %d on %s: %s trainable parameters of %s (%.2f%%)", lora.rank, ",".join(lora.targets),
-                 f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    # QLoRA quantizes the loaded base weights, so it parallelizes (FSDP) a materialized model.
-    quantized = lora is not None and bool(lora.quantize_base)
+    for converter in converters:
+        converter.convert(model)
+    late = any(c.needs_full_weights for c in converters)
 
     def _parallelize():
         parallelize(
-            model, dims, meshes,
+            model, get_family(args.family).plan, dims, meshes,
             sequence_parallel=config.parallel.sequence_parallel,
             recompute_mode=config.recompute.mode,
             recompute_layers=config.recompute.num_layers,
@@ -209,36 +214,35 @@ def build_parallel_model(config: JobConfig, source: ModelSource, dims: ParallelD
             from meshtron.parallel.pipeline import add_boundary_hooks
 
             add_boundary_hooks(model, meshes.tp, config.parallel.sequence_parallel, first=stage.first, last=stage.last)
-        if lora is not None:
-            mark_trainable(model, lora)
+        for converter in converters:
+            converter.after_parallelize(model)
 
-    if not quantized:
+    if not late:
         _parallelize()
     model.to_empty(device=device)
+    loaded = _load_weights(model, source, converters) if load_weights else set()
     # Every rank draws the full tensors from one seeded CPU generator and keeps its shard
     # (implicit_replication treats the drawn tensor as replicated), so the initial weights are
     # the same at every parallel layout.
     with implicit_replication():
-        model.init_weights(seed=config.train.seed)
-        if lora is not None:
-            init_lora(model, seed=config.train.seed)
-    _load_weights(model, source, load_weights, lora)
-    if quantized:
-        quantize_base_nf4(model, num_shards=dims.dp_shard)
+        model.init_weights(seed=config.train.seed, skip=frozenset(loaded))
+    for converter in converters:
+        converter.after_load(model)
+    if late:
         _parallelize()
     model.train()
     return model
 
 
-def _load_weights(model: nn.Module, source: ModelSource, load_weights: bool, lora) -> None:
-    args = source.args
-    if load_weights and source.kind == "hf":
+def _load_weights(model: nn.Module, source: ModelSource, converters: list) -> set[str]:
+    """The source's weights into the materialized model; returns the names of the parameters loaded."""
+    if source.kind == "hf":
         from meshtron.checkpoint.hf import load_hf_weights
-        from meshtron.models.registry import get_family
 
-        load_hf_weights(model, source.path, get_family(args.family))
-    elif load_weights and source.kind == "checkpoint":
+        return load_hf_weights(model, source.path, get_family(source.args.family))
+    if source.kind == "checkpoint":
         from meshtron.checkpoint import load_model_weights
 
         # A base checkpoint holds no adapters: load the base weights only.
-        load_model_weights(model, source.path, base_only=lora is not None)
+        return load_model_weights(model, source.path, base_only=bool(converters))
+    return set()

@@ -230,7 +230,7 @@ class Trainer:
     def _tied_embedding_group(self):
         """With tied embeddings split over stages: the group of the two ranks holding the first and the
         last stage at each data/tensor-parallel coordinate (None where this rank holds neither, or both)."""
-        if not (self.model_args.tie_embeddings and not self.model_args.num_labels) or self.pipeline.schedule == "zbv":
+        if not self.model_args.head_is_tied or self.pipeline.schedule == "zbv":
             return None  # zbv puts the first and the last stage on the same rank
         ranks = self.meshes.world.mesh
         mine = None

@@ -43,6 +43,12 @@ class ModelArgs:
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
 
+    @property
+    def head_is_tied(self) -> bool:
+        """Whether the output head is the embedding matrix: the one place this rule is decided (a score
+        head never is)."""
+        return self.tie_embeddings and not self.num_labels
+
     def layer_uses_window(self, layer_id: int) -> bool:
         if self.sliding_window is None:
             return False
@@ -62,7 +68,7 @@ class ModelArgs:
         mlp = 3 * self.dim * self.ffn_dim + (2 * self.ffn_dim + self.dim if self.mlp_bias else 0)
         per_layer = attn + mlp + 2 * self.dim
         total = self.num_layers * per_layer + self.dim
-        head = self.num_labels * self.dim if self.num_labels else (0 if self.tie_embeddings else self.vocab_size * self.dim)
+        head = self.num_labels * self.dim if self.num_labels else (0 if self.head_is_tied else self.vocab_size * self.dim)
         if include_embedding:
             total += self.vocab_size * self.dim + head
         else:
@@ -74,5 +80,13 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
+        """The args of a dict written by `to_dict` (a manifest, a flavor with overrides).
+
+        Strict: a field this release does not know is an error, never silently dropped (a
+        manifest from a newer model layer would otherwise build a different model)."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model args field(s) {', '.join(map(repr, unknown))} for the "
+                             f"{d.get('family', cls.family)} family; known fields: {', '.join(sorted(known))}")
+        return cls(**d)

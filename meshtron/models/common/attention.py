@@ -6,11 +6,14 @@ Head counts are read from the projected tensors, not from the args, so that a
 tensor-parallel plan that shards the projections by heads needs no change here.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from meshtron.models.common.args import ModelArgs
+from meshtron.models.common.init import ParamInit
 from meshtron.models.common.layers import RMSNorm
 from meshtron.models.common.rope import apply_rotary
 
@@ -85,6 +88,12 @@ def build_attention_mask(
     return mask[:, None]
 
 
+def residual_std(args: ModelArgs) -> float:
+    """The init std of projections that write into the residual stream (attention out, MLP down): scaled
+    by 1/sqrt(2 * num_layers) as in Megatron-LM, so the stream's variance does not grow with depth."""
+    return args.init_std / math.sqrt(2 * args.num_layers)
+
+
 class SDPA(nn.Module):
     """The attention core, a module of its own so that selective recompute can wrap it."""
 
@@ -112,6 +121,12 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.core = SDPA()
+        self.std, self.out_std = args.init_std, residual_std(args)
+
+    def init_weights(self, init: ParamInit) -> None:
+        for name in ("q_proj", "k_proj", "v_proj"):
+            init.linear(getattr(self, name), name, self.std)
+        init.linear(self.o_proj, "o_proj", self.out_std)
 
     def forward(self, x_BSE, cos, sin, masks: dict, cache: KVCache | None = None) -> torch.Tensor:
         B, S, _ = x_BSE.shape

@@ -1,49 +1,30 @@
-"""Hugging Face adapter pieces shared by the dense families: the state-dict key map and the
+"""Hugging Face adapter pieces shared by the dense families: their tensor groups and the
 translation between a transformers config and `ModelArgs`.
 
-Our RoPE uses the same rotate-half layout as Hugging Face checkpoints, so tensors map one to
-one by name; no permutation is needed.
+Our RoPE uses the same rotate-half layout as Hugging Face checkpoints, so the dense families'
+tensors map one to one by name; no permutation is needed.
 """
 
-import re
-
+from meshtron.models.common.adapter import StateDictAdapter, TensorGroup
 from meshtron.models.common.args import ModelArgs
 
-# (ours, hf) name patterns; {i} is a layer index.
-_KEY_PATTERNS = [
-    ("embed.weight", "model.embed_tokens.weight"),
-    ("norm.weight", "model.norm.weight"),
-    ("lm_head.weight", "lm_head.weight"),
-    ("layers.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
-    ("layers.{i}.mlp_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
-    ("layers.{i}.attn.{rest}", "model.layers.{i}.self_attn.{rest}"),
-    ("layers.{i}.mlp.{rest}", "model.layers.{i}.mlp.{rest}"),
+# (ours, hf) name templates; {i} is a layer index, {rest} any suffix.
+DENSE_GROUPS = [
+    TensorGroup((ours,), (hf,))
+    for ours, hf in [
+        ("embed.weight", "model.embed_tokens.weight"),
+        ("norm.weight", "model.norm.weight"),
+        ("lm_head.weight", "lm_head.weight"),
+        ("layers.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+        ("layers.{i}.mlp_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+        ("layers.{i}.attn.{rest}", "model.layers.{i}.self_attn.{rest}"),
+        ("layers.{i}.mlp.{rest}", "model.layers.{i}.mlp.{rest}"),
+    ]
 ]
 
 
-def _compile(pattern: str) -> re.Pattern:
-    escaped = re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{rest\}", r"(?P<rest>.+)")
-    return re.compile(f"^{escaped}$")
-
-
-_TO_HF = [(_compile(ours), hf) for ours, hf in _KEY_PATTERNS]
-_FROM_HF = [(_compile(hf), ours) for ours, hf in _KEY_PATTERNS]
-
-
-def _translate(key: str, table) -> str:
-    for pattern, template in table:
-        m = pattern.match(key)
-        if m:
-            return template.format(**m.groupdict())
-    raise KeyError(key)
-
-
-def to_hf_key(key: str) -> str:
-    return _translate(key, _TO_HF)
-
-
-def from_hf_key(key: str) -> str:
-    return _translate(key, _FROM_HF)
+def dense_adapter(args: ModelArgs) -> StateDictAdapter:
+    return StateDictAdapter(args, DENSE_GROUPS, args.family)
 
 
 def rope_from_hf(cfg) -> tuple[float, dict | None]:

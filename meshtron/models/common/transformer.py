@@ -11,14 +11,12 @@ names stay stable when a pipeline stage keeps only some of them; a stage without
 embedding takes hidden states as input, one without the head returns hidden states.
 """
 
-import math
-import zlib
-
 import torch
 from torch import nn
 
 from meshtron.models.common.args import ModelArgs
-from meshtron.models.common.attention import Attention, KVCache, build_attention_mask
+from meshtron.models.common.attention import Attention, KVCache, build_attention_mask, residual_std
+from meshtron.models.common.init import ParamInit, init_model
 from meshtron.models.common.layers import RMSNorm, SwiGLU
 from meshtron.models.common.rope import RotaryEmbedding
 
@@ -29,7 +27,7 @@ class TransformerBlock(nn.Module):
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
         self.attn = Attention(args, layer_id)
         self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
-        self.mlp = SwiGLU(args.dim, args.ffn_dim, bias=args.mlp_bias)
+        self.mlp = SwiGLU(args.dim, args.ffn_dim, bias=args.mlp_bias, std=args.init_std, out_std=residual_std(args))
 
     def forward(self, x_BSE, cos, sin, masks, cache=None):
         h = x_BSE + self.attn(self.attn_norm(x_BSE), cos, sin, masks, cache)
@@ -58,35 +56,29 @@ class Transformer(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        if self.args.tie_embeddings and not self.args.num_labels and self.embed is not None and self.lm_head is not None:
+        if self.args.head_is_tied and self.embed is not None and self.lm_head is not None:
             self.lm_head.weight = self.embed.weight
 
-    @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
-        """Initialize every parameter and buffer in place (after `to_empty`).
+    def init_weights(self, seed: int | None = None, skip: frozenset[str] = frozenset()) -> None:
+        """Initialize every parameter (each module its own, see `models.common.init`) and the buffers,
+        in place, after `to_empty`. `skip`: names already loaded, left as they are.
 
-        Normal(0, init_std) for projections and embeddings; the projections that write into the
-        residual stream (o_proj, down_proj) are scaled by 1/sqrt(2 * num_layers) as in Megatron-LM.
-        With a seed, every module's values depend only on the seed and the module's name.
+        Normal(0, init_std) for projections and embeddings, the residual-stream writers scaled down,
+        norms at one. With a seed, every module's values depend only on the seed and its name.
         """
-        std = self.args.init_std
-        out_std = std / math.sqrt(2 * self.args.num_layers)
-        for name, module in self.named_modules():
-            # One generator per module, seeded by its name: a pipeline stage holding some of the
-            # layers draws for them exactly what the whole model draws.
-            # A tied head (its own parameter on a pipeline stage without the embedding) draws the embedding's values.
-            tied_head = name == "lm_head" and self.args.tie_embeddings and not self.args.num_labels
-            gen = module_generator(seed, "embed" if tied_head else name)
-            if isinstance(module, nn.Linear):
-                s = out_std if name.endswith(("o_proj", "down_proj")) else std
-                _normal_(module.weight, s, gen)
-                if module.bias is not None:
-                    module.bias.zero_()
-            elif isinstance(module, nn.Embedding):
-                _normal_(module.weight, std, gen)
-            elif isinstance(module, RMSNorm):
-                module.reset_parameters()
+        init_model(self, seed, frozenset(skip))
         self.init_buffers()
+
+    def init_own_weights(self, init: ParamInit) -> None:
+        """The embedding and the head (the blocks' modules initialize themselves)."""
+        if self.embed is not None:
+            init.normal_(self.embed.weight, "embed.weight", self.args.init_std)
+        if self.lm_head is not None and self.lm_head.weight is not getattr(self.embed, "weight", None):
+            # A tied head held apart from the embedding (a pipeline stage without it) draws the embedding's values.
+            seed_module = "embed" if self.args.head_is_tied else None
+            init.normal_(self.lm_head.weight, "lm_head.weight", self.args.init_std, seed_module)
+        elif self.lm_head is not None:
+            init.claimed.add("lm_head.weight")
 
     def init_buffers(self) -> None:
         """Recompute non-persistent buffers (RoPE frequencies) after `to_empty` and re-tie weights."""
@@ -147,18 +139,3 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int, device=None) -> KVCache:
         return KVCache(self.args.num_layers, batch_size, max_len, device=device)
-
-
-def module_generator(seed: int | None, name: str) -> torch.Generator | None:
-    """A CPU generator seeded by `seed` and a module name (None without a seed)."""
-    if seed is None:
-        return None
-    return torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-
-
-def _normal_(t: torch.Tensor, std: float, gen: torch.Generator | None) -> None:
-    if gen is None:
-        nn.init.normal_(t, 0.0, std)
-    else:
-        # Draw on CPU so that a seed gives the same weights on any device.
-        t.copy_(torch.empty(t.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))

@@ -1,0 +1,75 @@
+"""The dense decoder's parallelize plan (tensor + sequence parallel as data, recompute and FSDP units).
+
+Attention heads and MLP columns are split Megatron-style: q/k/v and gate/up column-wise, o/down
+row-wise. The embedding is split over the vocabulary (row-wise) and the output head over the
+vocabulary too (column-wise); its logits stay sharded so that the loss runs under `loss_parallel`
+without gathering a (B, S, V) tensor. A score head (`num_labels`, e.g. a reward model's one
+output) has too few rows to split: it is replicated and reads the gathered stream.
+
+With sequence parallel the residual stream between blocks is a DTensor sharded on the sequence
+dimension (dim 1): norms run on a slice of the tokens, and the row-wise projections
+reduce-scatter instead of all-reduce. The stream is kept as a DTensor so that the model still
+sees the global sequence length when it builds positions and masks.
+"""
+
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+)
+
+from meshtron.models.common.args import ModelArgs
+from meshtron.parallel.plan import ParallelPlan
+from meshtron.parallel.tp import ReplicatedHead
+
+# Attention takes (x, cos, sin, masks, cache); only x is distributed.
+_ATTN_EXTRA_INPUTS = (None, None, None, None)
+
+
+def dense_model_plan(args: ModelArgs, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    stream = Shard(1) if sequence_parallel else Replicate()
+    plan = {
+        "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=stream, use_local_output=not sequence_parallel),
+        "lm_head": (ReplicatedHead(stream) if args.num_labels
+                    else ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1), use_local_output=False)),
+    }
+    if sequence_parallel:
+        plan["norm"] = SequenceParallel()
+    return plan
+
+
+def dense_block_plan(args: ModelArgs, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    if not sequence_parallel:
+        return {
+            "attn.q_proj": ColwiseParallel(),
+            "attn.k_proj": ColwiseParallel(),
+            "attn.v_proj": ColwiseParallel(),
+            "attn.o_proj": RowwiseParallel(),
+            "mlp.gate_proj": ColwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(),
+        }
+    return {
+        "attn_norm": SequenceParallel(),
+        # Gather the sequence before attention; the projections then see local (full-sequence) tensors.
+        "attn": PrepareModuleInput(
+            input_layouts=(Shard(1), *_ATTN_EXTRA_INPUTS),
+            desired_input_layouts=(Replicate(), *_ATTN_EXTRA_INPUTS),
+            use_local_output=True,
+        ),
+        "attn.q_proj": ColwiseParallel(),
+        "attn.k_proj": ColwiseParallel(),
+        "attn.v_proj": ColwiseParallel(),
+        "attn.o_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+        "mlp_norm": SequenceParallel(),
+        "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True),
+        "mlp.gate_proj": ColwiseParallel(),
+        "mlp.up_proj": ColwiseParallel(),
+        "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+    }
+
+
+DENSE_PLAN = ParallelPlan(tp_model=dense_model_plan, tp_block=dense_block_plan)

@@ -1,0 +1,31 @@
+"""What `parallel/` needs to know about a model family: its parallelize plan, as data.
+
+Each family names one `ParallelPlan` in its registry entry; tp.py, recompute.py and fsdp.py apply
+whatever plan they are given, so a new family changes its plan, not the code that applies it.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+from torch.distributed.tensor.parallel import ParallelStyle
+
+TPPlan = Callable[[object, bool], dict[str, ParallelStyle]]  # (ModelArgs, sequence_parallel) -> plan
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    # Tensor (+ sequence) parallel styles of the modules outside the blocks, by name; a module a
+    # pipeline stage lacks is left out when applying.
+    tp_model: TPPlan
+    # The same for one block, names relative to the block.
+    tp_block: TPPlan
+    # The submodule of a block that selective recompute wraps (the largest activation: the scores).
+    recompute_unit: str = "attn.core"
+    # The container of the blocks. Each block gets the block plan, is a unit of full recompute and
+    # one FSDP unit; the root unit holds the rest (embedding, final norm and head together, so that a
+    # tied head stays in the embedding's unit).
+    blocks: str = "layers"
+
+    def blocks_of(self, model: nn.Module) -> list[nn.Module]:
+        return list(getattr(model, self.blocks).values())
