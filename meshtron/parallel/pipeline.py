@@ -11,11 +11,17 @@ Stages go to ranks in one of two ways:
 - V (zbv): rank r runs stages r and 2 pp - 1 - r, so the first and last stage share a rank.
 
 `PipelineLayout.resolve` checks a layout once and says what to change when it cannot run.
+`PipelineRunner` holds everything that exists only under pipeline parallel (the schedule, the
+tied head's gradient sync, priming, the grad-scaler hand-off); the Trainer calls it where it
+would run its plain micro-batch loop.
 """
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
@@ -182,3 +188,132 @@ def zbv_runs_on_gloo() -> bool:
     which gloo refuses; torch 2.13 hands them over in process."""
     major, minor = (int(x) for x in torch.__version__.split(".")[:2])
     return (major, minor) >= (2, 13)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class PipelineRunner:
+    """This rank's stages and the schedule that drives them, behind the calls of the plain loop.
+
+    `forward_backward_micro_batches(batches, loss_scale)` runs one step's micro-batches and returns
+    their summed, unscaled loss on every rank; `finish_gradients()` sums the tied embedding's
+    gradient with its head copy's; `evaluate(batches)` runs held-out batches in whole schedule
+    rounds; `prime()` sets the schedule up for training before a first evaluation. The recipe gives the stage inputs and
+    the last stage's loss (`pipeline_inputs`, `pipeline_loss`).
+    """
+
+    def __init__(self, layout: PipelineLayout, parts: list[nn.Module], stage_ids: list[int], meshes,
+                 device: torch.device, recipe, grad_scaler, train_context: Callable):
+        self.layout, self.recipe, self.grad_scaler = layout, recipe, grad_scaler
+        self.device, self.train_context = device, train_context
+        self.pp_group = meshes.pp.get_group()
+        self.model = StageParts(parts)
+        last = layout.num_stages - 1
+        self.has_first_stage, self.has_last_stage = 0 in stage_ids, last in stage_ids
+        # The last stage's copy of a tied embedding (clipped, but counted once in the norm).
+        self.head_copies = [part.lm_head.weight for part in parts if holds_split_head(part)]
+        self.tied_group = _tied_embedding_group(meshes.world.mesh, layout) if parts[0].args.head_is_tied else None
+        self.schedule, _ = build_schedule(layout, parts, stage_ids, self.pp_group, device, self._loss)
+        # Not keeping the last stage's logits saves their memory (the option is newer than torch 2.11).
+        takes = inspect.signature(self.schedule.step).parameters
+        self._step_options = {"return_outputs": False} if "return_outputs" in takes else {}
+        self._loss_scale = 1.0
+
+    def forward_backward_micro_batches(self, batches: list[dict[str, torch.Tensor]], loss_scale: float) -> torch.Tensor:
+        return self._run(batches, loss_scale, train=True)
+
+    def _run(self, batches: list[dict[str, torch.Tensor]], loss_scale: float, train: bool) -> torch.Tensor:
+        """The schedule cuts the concatenated batch back into the same micro-batches; the first stage
+        gets the token ids, every stage the positions and document ids, the last stage the labels."""
+        batch = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        if self.grad_scaler is not None:
+            # Only the last stage scales a loss, but every rank unscales its gradients: make sure each
+            # rank's scaler has its (lazily created) scale.
+            self.grad_scaler.scale(torch.zeros((), device=self.device))
+        args, kwargs, target = self.recipe.pipeline_inputs(batch)
+        args = args if self.has_first_stage else ()
+        target = target if self.has_last_stage else None
+        self._loss_scale = loss_scale
+        losses: list[torch.Tensor] = []  # per micro-batch, as the loss function returned them
+        with self.train_context():
+            if train:
+                self.schedule.step(*args, target=target, losses=losses, **self._step_options, **kwargs)
+            else:
+                self.schedule.eval(*args, target=target, losses=losses, **kwargs)
+        loss_sum = torch.zeros((), device=self.device)
+        if losses:
+            unscale = loss_scale * (self.grad_scaler.get_scale() if self.grad_scaler is not None and train else 1.0)
+            loss_sum = torch.stack([_full(l.detach()).float() for l in losses]).sum() / unscale
+        # Only the rank with the last stage computed the loss.
+        dist.all_reduce(loss_sum, group=self.pp_group)
+        return loss_sum
+
+    def _loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The schedule's loss function: a micro-batch's loss normalized for the whole step (as the
+        plain loop does), so the schedule must not rescale the gradients."""
+        loss = self.recipe.pipeline_loss(output, target) * self._loss_scale
+        if self.grad_scaler is not None and torch.is_grad_enabled():
+            loss = self.grad_scaler.scale(loss)
+        return loss
+
+    @torch.no_grad()
+    def finish_gradients(self) -> None:
+        """Sum the embedding's gradient and its head copy's (they are one parameter split over stages)."""
+        params = [part.embed.weight for part in self.model if part.embed is not None] + self.head_copies
+        local = [_local(param.grad) for param in params if param.grad is not None]
+        if len(local) == 2:  # both on this rank
+            local[0].add_(local[1])
+            local[1].copy_(local[0])
+        elif local and self.tied_group is not None:
+            dist.all_reduce(local[0], group=self.tied_group)
+
+    def prime(self, micro_batch_size: int, seq_length: int, ignore_index: int) -> None:
+        """One training pass of the schedule on a batch whose loss is zero; the caller drops the gradients.
+
+        Schedules set their stages up on first use; torch 2.11 sets them up for forward only when
+        that first use is an evaluation, and training then fails ("has gradients None"). Priming
+        with a training pass before the step-0 evaluation makes the setup the training one.
+        """
+        shape = (micro_batch_size, seq_length)
+        blank = {"input_ids": torch.zeros(shape, dtype=torch.long), "labels": torch.full(shape, ignore_index),
+                 "position_ids": torch.arange(seq_length).expand(shape),
+                 "document_ids": torch.zeros(shape, dtype=torch.long)}
+        batch = {k: v.to(self.device) for k, v in blank.items()}
+        self._run([batch] * self.layout.n_microbatches, 0.0, train=True)
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[dict[str, torch.Tensor]], ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, loss units) of held-out batches. The schedule takes a fixed number of
+        micro-batches, so the last round is filled up with copies whose labels are all ignored."""
+        n = self.layout.n_microbatches
+        while len(batches) % n:
+            filler = dict(batches[-1])
+            filler["labels"] = torch.full_like(filler["labels"], ignore_index)
+            batches.append(filler)
+        loss_sum = torch.zeros((), device=self.device)
+        units = torch.zeros((), device=self.device)
+        for start in range(0, len(batches), n):
+            group = [{k: v.to(self.device) for k, v in b.items()} for b in batches[start:start + n]]
+            loss_sum += self._run(group, 1.0, train=False)
+            units += sum(self.recipe.num_loss_units(b) for b in group)
+        return loss_sum, units
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _tied_embedding_group(world_ranks: torch.Tensor, layout: PipelineLayout):
+    """With the head tied to the embedding and the two on different stages: the group of the two ranks
+    holding the first and the last stage at each data/tensor-parallel coordinate (None where this
+    rank holds neither, or both)."""
+    if layout.schedule == "zbv":
+        return None  # zbv puts the first and the last stage on the same rank
+    mine = None
+    for first, last in zip(world_ranks[0].flatten().tolist(), world_ranks[-1].flatten().tolist()):
+        group = dist.new_group([first, last])  # every rank takes part in creating every group
+        if dist.get_rank() in (first, last):
+            mine = group
+    return mine

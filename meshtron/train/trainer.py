@@ -10,7 +10,6 @@ one big batch on one device, whatever the accumulation and data-parallel split.
 
 import contextlib
 import dataclasses
-import inspect
 import logging
 import signal
 import uuid
@@ -60,10 +59,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _accepts(fn, name: str) -> bool:
-    return name in inspect.signature(fn).parameters
-
-
 def _shard(t: torch.Tensor) -> torch.Tensor:
     """This rank's piece of a (possibly distributed) tensor, as a view to update in place."""
     return t.to_local() if isinstance(t, DTensor) else t
@@ -99,7 +94,7 @@ class Trainer:
         self.resume_from = self._find_resume_checkpoint()
         self.recipe = build_recipe(config)
         self.model_args = self.source.args = self.recipe.model_args(self.source.args)
-        self.pipeline = self._pipeline_layout()
+        layout = self._pipeline_layout()
         self.data_loader = build_data_loader(
             config, data_kind=self.recipe.data_kind, default_handler=self.recipe.default_handler,
             vocab_size=self.model_args.vocab_size, tokenizer_dir=self.source.tokenizer_dir,
@@ -112,11 +107,12 @@ class Trainer:
                 default_handler=self.recipe.default_handler, tokenizer_dir=self.source.tokenizer_dir,
                 config_dir=config_dir)
         # After the data, so that a bad data path fails before a large model is loaded.
-        self.model = self._build_model()
+        self.grad_scaler = self._build_grad_scaler()
+        self.pipeline = None  # the PipelineRunner under pipeline parallel
+        self.model = self._build_model(layout)
         self.recipe.setup(self)
         self.optimizer = build_optimizer(self.model, config.optim, self.device.type)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, config.lr, config.optim.lr, config.train.steps)
-        self.grad_scaler = self._build_grad_scaler()
         self.state = TrainState()
         self.checkpointer = self._build_checkpointer()
         self.ft = self._build_ft()
@@ -203,42 +199,24 @@ class Trainer:
             log.info(layout.describe())
         return layout
 
-    def _build_model(self) -> nn.Module:
-        """The parallelized model; under pipeline parallel, this rank's stages (StageParts) and their schedule."""
+    def _build_model(self, layout) -> nn.Module:
+        """The parallelized model; under pipeline parallel, this rank's stages (StageParts), driven by
+        the PipelineRunner."""
         # A resume loads every weight from the checkpoint, but LoRA checkpoints hold only the adapters.
         load_weights = self.resume_from is None or self.config.lora.rank > 0
-        if self.pipeline is None:
+        if layout is None:
             return build_parallel_model(self.config, self.source, self.dims, self.meshes, self.device, load_weights)
-        from meshtron.parallel.pipeline import StageParts, build_schedule, holds_split_head
+        from meshtron.parallel.pipeline import PipelineRunner
         from meshtron.train.build import StageSpec
 
-        last = self.pipeline.num_stages - 1
-        stage_ids = self.pipeline.stages_of_rank(self.meshes.pp.get_local_rank())
+        last = layout.num_stages - 1
+        stage_ids = layout.stages_of_rank(self.meshes.pp.get_local_rank())
         parts = [build_parallel_model(self.config, self.source, self.dims, self.meshes, self.device, load_weights,
-                                      stage=StageSpec(self.pipeline.stage_layers[i], first=i == 0, last=i == last))
+                                      stage=StageSpec(layout.stage_layers[i], first=i == 0, last=i == last))
                  for i in stage_ids]
-        self.has_first_stage, self.has_last_stage = 0 in stage_ids, last in stage_ids
-        self.tied_group = self._tied_embedding_group()
-        # The last stage's copy of a tied embedding (clipped, but counted once in the norm).
-        self.head_copies = [part.lm_head.weight for part in parts if holds_split_head(part)]
-        self.schedule, _ = build_schedule(self.pipeline, parts, stage_ids, self.meshes.pp.get_group(), self.device,
-                                          self._pipeline_loss)
-        # Not keeping the last stage's logits saves their memory (the option is newer than torch 2.11).
-        self._step_options = {"return_outputs": False} if _accepts(self.schedule.step, "return_outputs") else {}
-        return StageParts(parts)
-
-    def _tied_embedding_group(self):
-        """With tied embeddings split over stages: the group of the two ranks holding the first and the
-        last stage at each data/tensor-parallel coordinate (None where this rank holds neither, or both)."""
-        if not self.model_args.head_is_tied or self.pipeline.schedule == "zbv":
-            return None  # zbv puts the first and the last stage on the same rank
-        ranks = self.meshes.world.mesh
-        mine = None
-        for first, last in zip(ranks[0].flatten().tolist(), ranks[-1].flatten().tolist()):
-            group = dist.new_group([first, last])  # every rank takes part in creating every group
-            if dist.get_rank() in (first, last):
-                mine = group
-        return mine
+        self.pipeline = PipelineRunner(layout, parts, stage_ids, self.meshes, self.device, self.recipe,
+                                       self.grad_scaler, self.train_context)
+        return self.pipeline.model
 
     @torch.no_grad()
     def _settle_gradients(self) -> None:
@@ -254,16 +232,6 @@ class Trainer:
             grad = param.grad
             if isinstance(grad, DTensor) and grad.placements != param.placements:
                 param.grad = grad.redistribute(param.device_mesh, param.placements)
-
-    def _sync_tied_embedding(self) -> None:
-        """Sum the embedding's gradient and its head copy's (they are one parameter split over stages)."""
-        params = [part.embed.weight for part in self.model if part.embed is not None] + self.head_copies
-        local = [_shard(param.grad) for param in params if param.grad is not None]
-        if len(local) == 2:  # both on this rank
-            local[0].add_(local[1])
-            local[1].copy_(local[0])
-        elif local and self.tied_group is not None:
-            dist.all_reduce(local[0], group=self.tied_group)
 
     def _find_resume_checkpoint(self) -> Path | None:
         resume = self.config.checkpoint.resume
@@ -356,6 +324,22 @@ class Trainer:
                 loss.backward()
         return _local(loss_sum.detach())
 
+    def forward_backward_micro_batches(self, batches: list[dict[str, torch.Tensor]], loss_scale: float) -> torch.Tensor:
+        """The plain micro-batch loop (the PipelineRunner has the same call); returns the summed loss."""
+        loss_sum = torch.zeros((), device=self.device)
+        for i, batch in enumerate(batches):
+            if self.dims.dp_replicate > 1:
+                # Gradients are reduce-scattered after every micro-batch, so that a rank holds only its
+                # shard of them between micro-batches (not the whole model's unsharded gradients, which
+                # FSDP keeps while sync is off); under HSDP only the all-reduce across replicas waits
+                # for the last micro-batch.
+                self.model.set_requires_all_reduce(i == len(batches) - 1)
+            loss_sum += self.forward_backward(batch, loss_scale).float()
+        return loss_sum
+
+    def finish_gradients(self) -> None:
+        """Nothing left to do after the plain loop (the pipeline sums a split tied head's gradients here)."""
+
     def train_step(self) -> dict | None:
         """One optimizer step over `grad_accum_steps` micro-batches; returns its metrics (None when torchft
         dropped the step)."""
@@ -365,28 +349,17 @@ class Trainer:
         self.timer.phase("forward_backward")
         units = self._dp_sum(units)
         scale = self.dims.dp_size / max(units.item(), 1.0)
-        if self.pipeline is not None:
-            loss_sum = self.pipeline_step(batches, scale)
-        else:
-            loss_sum = torch.zeros((), device=self.device)
-            for i, batch in enumerate(batches):
-                if self.dims.dp_replicate > 1:
-                    # Gradients are reduce-scattered after every micro-batch, so that a rank holds only its
-                    # shard of them between micro-batches (not the whole model's unsharded gradients, which
-                    # FSDP keeps while sync is off); under HSDP only the all-reduce across replicas waits
-                    # for the last micro-batch.
-                    self.model.set_requires_all_reduce(i == len(batches) - 1)
-                loss_sum += self.forward_backward(batch, scale).float()
+        runner = self.pipeline or self
+        loss_sum = runner.forward_backward_micro_batches(batches, scale)
         self.timer.phase("optimizer")
         if self.ft is not None and not self.ft.average_gradients(self.model.parameters()):
             self.optimizer.zero_grad(set_to_none=True)
             return None  # a peer replica group failed during the step: it is dropped
         self._settle_gradients()
-        if self.pipeline is not None:
-            self._sync_tied_embedding()
+        runner.finish_gradients()
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
-        pp_group, copies = (self.meshes.pp.get_group(), self.head_copies) if self.pipeline is not None else (None, [])
+        pp_group, copies = (self.pipeline.pp_group, self.pipeline.head_copies) if self.pipeline else (None, [])
         grad_norm = clip_grad_norm(list(self.model.parameters()), self.config.optim.grad_clip, pp_group, copies)
         lr = self.optimizer.param_groups[0]["lr"]
         loss = self._dp_sum(loss_sum) / max(units.item(), 1.0)
@@ -417,60 +390,6 @@ class Trainer:
             self.optimizer.step()
         return True
 
-    def pipeline_step(self, batches: list[dict[str, torch.Tensor]], loss_scale: float, train: bool = True) -> torch.Tensor:
-        """The micro-batches of one step through the pipeline schedule (forward and backward, or forward
-        only with train=False); returns their summed, unscaled loss on every rank.
-
-        The schedule cuts the concatenated batch back into the same micro-batches; the first stage
-        gets the token ids, every stage the positions and document ids, the last stage the labels.
-        """
-        batch = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
-        if self.grad_scaler is not None:
-            # Only the last stage scales a loss, but every rank unscales its gradients: make sure each
-            # rank's scaler has its (lazily created) scale.
-            self.grad_scaler.scale(torch.zeros((), device=self.device))
-        args, kwargs, target = self.recipe.pipeline_inputs(batch)
-        args = args if self.has_first_stage else ()
-        target = target if self.has_last_stage else None
-        self._pp_scale = loss_scale
-        losses: list[torch.Tensor] = []  # per micro-batch, as the loss function returned them
-        with self.train_context():
-            if train:
-                self.schedule.step(*args, target=target, losses=losses, **self._step_options, **kwargs)
-            else:
-                self.schedule.eval(*args, target=target, losses=losses, **kwargs)
-        loss_sum = torch.zeros((), device=self.device)
-        if losses:
-            unscale = loss_scale * (self.grad_scaler.get_scale() if self.grad_scaler is not None and train else 1.0)
-            loss_sum = torch.stack([_local(l.detach()).float() for l in losses]).sum() / unscale
-        # Only the rank with the last stage computed the loss.
-        dist.all_reduce(loss_sum, group=self.meshes.pp.get_group())
-        return loss_sum
-
-    def _prime_pipeline(self) -> None:
-        """One training pass of the schedule on a batch whose loss is zero, leaving no gradient.
-
-        Schedules set their stages up on first use; torch 2.11 sets them up for forward only when
-        that first use is an evaluation, and training then fails ("has gradients None"). Priming
-        with a training pass before the step-0 evaluation makes the setup the training one.
-        """
-        t = self.config.train
-        shape = (t.micro_batch_size, t.seq_length)
-        positions = torch.arange(t.seq_length).expand(shape)
-        blank = {"input_ids": torch.zeros(shape, dtype=torch.long), "labels": torch.full(shape, IGNORE_INDEX),
-                 "position_ids": positions, "document_ids": torch.zeros(shape, dtype=torch.long)}
-        batches = [{k: v.to(self.device) for k, v in blank.items()} for _ in range(self.pipeline.n_microbatches)]
-        self.pipeline_step(batches, 0.0)
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def _pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The schedule's loss function: a micro-batch's loss normalized for the whole step (as
-        forward_backward does), so the schedule must not rescale the gradients."""
-        loss = self.recipe.pipeline_loss(output, target) * self._pp_scale
-        if self.grad_scaler is not None and torch.is_grad_enabled():
-            loss = self.grad_scaler.scale(loss)
-        return loss
-
     def _recipe_metrics(self, units: torch.Tensor, prefix: str = "") -> dict[str, float]:
         """The recipe's summed metrics, summed over data-parallel ranks and divided by the global units."""
         return {f"{prefix}{k}": (self._dp_sum(v) / units.clamp(min=1)).item()
@@ -491,7 +410,8 @@ class Trainer:
         saved_step = self.state.step if self.resume_from is not None else None
         if self.eval_dataset is not None and self.state.step == 0:
             if self.pipeline is not None:
-                self._prime_pipeline()
+                self.pipeline.prime(cfg.train.micro_batch_size, cfg.train.seq_length, IGNORE_INDEX)
+                self.optimizer.zero_grad(set_to_none=True)
             self.metrics.log_eval(0, self.evaluate())
         profiler = self._build_profiler()
         watchdog = self._start_watchdog()
@@ -633,7 +553,9 @@ class Trainer:
         batches = one_pass(self.eval_dataset, self.config.train.micro_batch_size, self.meshes.dp.get_local_rank(),
                            self.dims.dp_size)
         if self.pipeline is not None:
-            return self._evaluate_pipeline(list(batches))
+            loss_sum, units = self.pipeline.evaluate(list(batches), IGNORE_INDEX)
+            units = self._dp_sum(units)
+            return {"eval_loss": (self._dp_sum(loss_sum) / units.clamp(min=1)).item()}
         for batch in batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self.train_context():
@@ -642,23 +564,6 @@ class Trainer:
         units = self._dp_sum(units)
         return {"eval_loss": (self._dp_sum(loss_sum) / units.clamp(min=1)).item(),
                 **self._recipe_metrics(units, prefix="eval_")}
-
-    def _evaluate_pipeline(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Held-out loss through the pipeline: the schedule takes a fixed number of micro-batches, so
-        the last group is filled up with copies whose labels are all ignored (they add nothing)."""
-        n = self.pipeline.n_microbatches
-        while len(batches) % n:
-            filler = dict(batches[-1])
-            filler["labels"] = torch.full_like(filler["labels"], IGNORE_INDEX)
-            batches.append(filler)
-        loss_sum = torch.zeros((), device=self.device)
-        units = torch.zeros((), device=self.device)
-        for start in range(0, len(batches), n):
-            group = [{k: v.to(self.device) for k, v in b.items()} for b in batches[start:start + n]]
-            loss_sum += self.pipeline_step(group, 1.0, train=False)
-            units += sum(self.recipe.num_loss_units(b) for b in group)
-        units = self._dp_sum(units)
-        return {"eval_loss": (self._dp_sum(loss_sum) / units.clamp(min=1)).item()}
 
     # ---- helpers of the loop ---------------------------------------------------------------
 
