@@ -31,6 +31,12 @@ class ModelConfig:
     lower `dtype` is mixed precision with fp32 master weights; equal to `dtype` is pure
     low-precision training (e.g. both bfloat16)."""
 
+    attention: str = "auto"
+    """Attention kernel, chosen per batch: auto (SDPA's causal fast path for rows without document
+    boundaries; packed documents through flex on GPU and varlen on CPU), sdpa (causal fast path,
+    else a dense mask), flex (FlexAttention block masks; GPU for training), varlen (one SDPA call
+    per document) or dense (a dense mask always)."""
+
 
 @dataclass
 class DataConfig:

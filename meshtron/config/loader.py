@@ -16,6 +16,7 @@ from pathlib import Path
 
 from meshtron.config.job import JobConfig
 from meshtron.errors import UserError
+from meshtron.models.common.masks import ATTENTION_BACKENDS
 
 RECIPES = ("pretrain", "sft", "dpo", "simpo", "rm", "prm")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -180,6 +181,7 @@ def validate(cfg: JobConfig) -> None:
     _check_choice(cfg.train.recipe, RECIPES, "train.recipe")
     _check_choice(cfg.model.dtype, DTYPES, "model.dtype")
     _check_choice(cfg.model.master_dtype, DTYPES, "model.master_dtype")
+    _check_choice(cfg.model.attention, ATTENTION_BACKENDS, "model.attention")
     _check_choice(cfg.optim.name, OPTIMIZERS, "optim.name")
     _check_choice(cfg.lr.schedule, SCHEDULES, "lr.schedule")
     _check_choice(cfg.recompute.mode, RECOMPUTE_MODES, "recompute.mode")

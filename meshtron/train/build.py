@@ -190,6 +190,7 @@ def build_parallel_model(config: JobConfig, source: ModelSource, dims: ParallelD
     compute, master = precision(config)
     converters = build_converters(config, source.kind, dims.dp_shard)
     model = build_model(args, device="meta")
+    model.set_attention(config.model.attention)
     if stage is not None:
         from meshtron.parallel.pipeline import prune_to_stage
 

@@ -43,6 +43,21 @@ CASES = {
              rope_parameters=dict(rope_theta=1000000.0, rope_type="yarn", factor=4.0,
                                   original_max_position_embeddings=64)),
     ),
+    "gemma2-softcap-window": (
+        "Gemma2Config",
+        # Caps low enough to bend these tiny models' scores and logits; the window on every other layer.
+        dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=6, attn_logit_softcapping=0.5,
+             final_logit_softcapping=0.3, attention_bias=True,
+             rope_parameters=dict(rope_theta=10000.0, rope_type="default")),
+    ),
+    "phi3-longrope-partial": (
+        "Phi3Config",
+        # 24 test tokens run past the original 16 positions: the long factors; a quarter of each head unrotated.
+        dict(original_max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+             rope_parameters=dict(rope_theta=10000.0, rope_type="longrope", partial_rotary_factor=0.75,
+                                  original_max_position_embeddings=16, short_factor=[1.0, 1.2, 1.5, 2.0, 3.0, 5.0],
+                                  long_factor=[1.0, 2.0, 4.0, 8.0, 16.0, 32.0])),
+    ),
     "qwen3-qknorm-yarn": (
         "Qwen3Config",
         dict(head_dim=32, attention_bias=False, tie_word_embeddings=False,
@@ -101,7 +116,8 @@ def test_packed_documents_match_separate_runs(case, tmp_path):
             start += n
 
 
-@pytest.mark.parametrize("case", ["llama-llama3rope-bias", "qwen2-window-yarn", "qwen3-qknorm-yarn"])
+@pytest.mark.parametrize("case", ["llama-llama3rope-bias", "qwen2-window-yarn", "qwen3-qknorm-yarn",
+                                  "gemma2-softcap-window", "phi3-longrope-partial"])
 def test_round_trip_identical_tensors(case, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -126,3 +142,19 @@ def test_round_trip_identical_tensors(case, tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded(tokens).logits, hf_model(tokens).logits)
     assert reloaded.config.model_type == hf_cfg.model_type
+
+
+@pytest.mark.parametrize("case", ["mistral-window-default", "gemma2-softcap-window", "phi3-longrope-partial"])
+def test_greedy_generation_matches_transformers(case, tmp_path):
+    from meshtron.infer.generation import SamplingParams, generate
+
+    hf_model, path = make_hf_model(case, tmp_path)
+    ours, _ = load_hf_model(path)
+    # Batched with left padding (the shorter prompt) and long enough to cross the sliding window.
+    prompts = [[5, 17, 42, 7, 99, 3, 250, 11], [8, 64, 21]]
+    got = generate(ours, prompts, SamplingParams(max_new_tokens=12, temperature=0.0))
+    for prompt, new in zip(prompts, got):
+        with torch.no_grad():
+            expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                         eos_token_id=None, pad_token_id=0)
+        assert new == expected[0, len(prompt):].tolist()

@@ -23,6 +23,7 @@ class ModelArgs:
     # Hugging Face `rope_parameters` minus rope_theta: {"rope_type": "linear"|"dynamic"|"llama3"|"yarn", ...};
     # None means plain RoPE.
     rope_scaling: dict | None = None
+    partial_rotary: float = 1.0  # the fraction of each head's dims that RoPE rotates (the first ones)
     qkv_bias: bool = False  # bias on q/k/v projections (qwen2; llama's attention_bias)
     out_bias: bool = False  # bias on the attention output projection (llama's attention_bias)
     mlp_bias: bool = False

@@ -1,5 +1,5 @@
-"""Grouped-query attention through torch SDPA, attention masks for packed documents and sliding
-windows, and the KV cache used for generation.
+"""Grouped-query attention (its kernel chosen per batch by models/common/masks.py) and the KV
+cache used for generation.
 
 Shapes: B batch, S query length, K key length, H query heads, G key/value heads, D head_dim.
 Head counts are read from the projected tensors, not from the args, so that a
@@ -9,12 +9,12 @@ tensor-parallel plan that shards the projections by heads needs no change here.
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from meshtron.models.common.args import ModelArgs
 from meshtron.models.common.init import ParamInit
 from meshtron.models.common.layers import RMSNorm
+from meshtron.models.common.masks import AttentionMask, attend
 from meshtron.models.common.rope import apply_rotary
 
 
@@ -56,60 +56,31 @@ class KVCache:
         self.v = [None if t is None else t[index] for t in self.v]
 
 
-def build_attention_mask(
-    q_len: int,
-    kv_len: int,
-    offset: int = 0,
-    document_ids: torch.Tensor | None = None,
-    key_valid: torch.Tensor | None = None,
-    window: int | None = None,
-    device=None,
-) -> torch.Tensor | None:
-    """Boolean mask (B or 1, 1, S, K), True where a query may attend; None means plain causal.
-
-    Query i sits in slot offset + i. A key is visible when it is not in the future, lies in the
-    same document (`document_ids`, (B, S), packed training without a cache), is a real token
-    (`key_valid`, (B, >=K)) and, with a window, fewer than `window` slots back.
-    """
-    if document_ids is None and key_valid is None and window is None and offset == 0 and q_len == kv_len:
-        return None
-    q_idx = torch.arange(offset, offset + q_len, device=device)[:, None]
-    k_idx = torch.arange(kv_len, device=device)[None, :]
-    mask = (k_idx <= q_idx)[None]  # (1, S, K)
-    if window is not None:
-        mask = mask & (k_idx > q_idx - window)[None]
-    if document_ids is not None:
-        assert offset == 0 and q_len == kv_len, "document masks apply to uncached forwards"
-        mask = mask & (document_ids[:, :, None] == document_ids[:, None, :])
-    if key_valid is not None:
-        mask = mask & key_valid[:, None, :kv_len]
-        # A left-padding query would otherwise see no key at all and turn the softmax into NaN.
-        mask = mask | (k_idx == q_idx)[None]
-    return mask[:, None]
-
-
 def residual_std(args: ModelArgs) -> float:
     """The init std of projections that write into the residual stream (attention out, MLP down): scaled
     by 1/sqrt(2 * num_layers) as in Megatron-LM, so the stream's variance does not grow with depth."""
     return args.init_std / math.sqrt(2 * args.num_layers)
 
 
-class SDPA(nn.Module):
-    """The attention core, a module of its own so that selective recompute can wrap it."""
+class AttentionCore(nn.Module):
+    """The attention core, a module of its own so that selective recompute can wrap it. The kernel is
+    chosen per batch from the mask description (see models/common/masks.py)."""
 
-    def forward(self, q_BHSD, k_BGKD, v_BGKD, mask) -> torch.Tensor:
-        enable_gqa = q_BHSD.shape[1] != k_BGKD.shape[1]
-        return F.scaled_dot_product_attention(
-            q_BHSD, k_BGKD, v_BGKD, attn_mask=mask, is_causal=mask is None, enable_gqa=enable_gqa
-        )
+    def __init__(self, window: int | None, scale: float | None = None, softcap: float | None = None):
+        super().__init__()
+        self.window, self.scale, self.softcap = window, scale, softcap
+
+    def forward(self, q_BHSD, k_BGKD, v_BGKD, mask: AttentionMask) -> torch.Tensor:
+        return attend(q_BHSD, k_BGKD, v_BGKD, mask, self.window, mask.backend, self.scale, self.softcap)
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int):
+    """GQA with RoPE; `scale` (default 1/sqrt(head_dim)) and `softcap` of the scores for families that set them."""
+
+    def __init__(self, args: ModelArgs, layer_id: int, scale: float | None = None, softcap: float | None = None):
         super().__init__()
         self.layer_id = layer_id
         self.head_dim = args.head_dim
-        self.use_window = args.layer_uses_window(layer_id)
         q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         self.q_proj = nn.Linear(args.dim, q_dim, bias=args.qkv_bias)
         self.k_proj = nn.Linear(args.dim, kv_dim, bias=args.qkv_bias)
@@ -120,7 +91,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        self.core = SDPA()
+        self.core = AttentionCore(args.sliding_window if args.layer_uses_window(layer_id) else None, scale, softcap)
         self.std, self.out_std = args.init_std, residual_std(args)
 
     def init_weights(self, init: ParamInit) -> None:
@@ -128,7 +99,7 @@ class Attention(nn.Module):
             init.linear(getattr(self, name), name, self.std)
         init.linear(self.o_proj, "o_proj", self.out_std)
 
-    def forward(self, x_BSE, cos, sin, masks: dict, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x_BSE, cos, sin, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
         B, S, _ = x_BSE.shape
         q = self.q_proj(x_BSE).view(B, S, -1, self.head_dim)
         k = self.k_proj(x_BSE).view(B, S, -1, self.head_dim)
@@ -139,5 +110,5 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)
-        out = self.core(q, k, v, masks["window" if self.use_window else "full"])
+        out = self.core(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))

@@ -27,26 +27,32 @@ def dense_adapter(args: ModelArgs) -> StateDictAdapter:
     return StateDictAdapter(args, DENSE_GROUPS, args.family)
 
 
-def rope_from_hf(cfg) -> tuple[float, dict | None]:
-    """(rope_theta, rope_scaling) from a transformers config (v5 `rope_parameters` or legacy fields)."""
+def rope_from_hf(cfg) -> tuple[float, dict | None, float]:
+    """(rope_theta, rope_scaling, partial rotary factor) from a transformers config (v5
+    `rope_parameters` or legacy fields)."""
     params = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
     theta = params.pop("rope_theta", None) or getattr(cfg, "rope_theta", None) or 10000.0
+    partial = float(params.pop("partial_rotary_factor", None) or getattr(cfg, "partial_rotary_factor", None) or 1.0)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
-        return float(theta), None
+        return float(theta), None, partial
     params["rope_type"] = rope_type
     params.pop("type", None)
-    return float(theta), params
+    if rope_type == "longrope":  # Phi-3 keeps the original context beside the rope parameters
+        params.setdefault("original_max_position_embeddings", cfg.original_max_position_embeddings)
+    return float(theta), params, partial
 
 
 def rope_to_hf(args: ModelArgs) -> dict:
     params = {"rope_theta": args.rope_theta, "rope_type": "default"}
+    if args.partial_rotary != 1.0:
+        params["partial_rotary_factor"] = args.partial_rotary
     params.update(args.rope_scaling or {})
     return params
 
 
 def dense_args_from_hf(cfg, family: str, *, qkv_bias: bool, out_bias: bool, qk_norm: bool) -> ModelArgs:
-    theta, scaling = rope_from_hf(cfg)
+    theta, scaling, partial = rope_from_hf(cfg)
     window = getattr(cfg, "sliding_window", None)
     layer_types = getattr(cfg, "layer_types", None)
     sliding_layers: tuple[int, ...] = ()
@@ -68,6 +74,7 @@ def dense_args_from_hf(cfg, family: str, *, qkv_bias: bool, out_bias: bool, qk_n
         max_seq_len=cfg.max_position_embeddings,
         rope_theta=theta,
         rope_scaling=scaling,
+        partial_rotary=partial,
         qkv_bias=qkv_bias,
         out_bias=out_bias,
         mlp_bias=bool(getattr(cfg, "mlp_bias", False)),

@@ -1,4 +1,5 @@
-"""Normalization and feed-forward layers of the dense decoder."""
+"""Normalization and feed-forward layers shared by the families: RMSNorm and its (1 + w) variant,
+and the gated MLP (SwiGLU, GeGLU)."""
 
 import torch
 import torch.nn.functional as F
@@ -29,14 +30,33 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(input_dtype)
 
 
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)).
+class OffsetRMSNorm(RMSNorm):
+    """RMSNorm scaled by (1 + w), w starting at zero, all in float32 before the cast back (Gemma)."""
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+
+    def init_weights(self, init: ParamInit) -> None:
+        init.fill_(self.weight, "weight", 0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).type_as(x)
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU with silu, GeGLU with gelu_tanh.
 
     `std` initializes gate and up; `out_std` the down projection, which writes into the residual stream."""
 
-    def __init__(self, dim: int, hidden_dim: int, bias: bool = False, std: float = 0.02, out_std: float = 0.02):
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False, std: float = 0.02, out_std: float = 0.02,
+                 activation: str = "silu"):
         super().__init__()
         self.std, self.out_std = std, out_std
+        self.act = ACTIVATIONS[activation]
         self.gate_proj = nn.Linear(dim, hidden_dim, bias=bias)
         self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
@@ -47,4 +67,4 @@ class SwiGLU(nn.Module):
         init.linear(self.down_proj, "down_proj", self.out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -1,7 +1,9 @@
 """Rotary position embedding with the scalings transformers implements for dense decoders.
 
 Supported `rope_type`s: default, linear, dynamic (NTK-aware, recomputed when a
-sequence runs past `max_seq_len`), llama3 and yarn. Frequencies and cos/sin are
+sequence runs past `max_seq_len`), llama3, yarn and longrope (Phi-3: per-frequency factors,
+the long ones once positions run past the original context). With `partial_rotary` < 1 only
+the first part of each head is rotated (Phi-4-mini, StableLM). Frequencies and cos/sin are
 computed in float32 and cast to the activation dtype, as transformers does, so
 that logits match it bit for bit in float32.
 
@@ -16,7 +18,7 @@ from torch import nn
 
 from meshtron.models.common.args import ModelArgs
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
 def _base_inv_freq(base: float, dim: int, device=None) -> torch.Tensor:
@@ -77,11 +79,29 @@ def _yarn_inv_freq(base: float, dim: int, params: dict, max_seq_len: int, device
     return inv_freq, attention_factor
 
 
+def _longrope_inv_freq(base: float, dim: int, params: dict, max_seq_len: int, seq_len: int | None, device=None):
+    original_max = params["original_max_position_embeddings"]
+    factor = params.get("factor") or max_seq_len / original_max
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original_max))
+    long = seq_len is not None and seq_len > original_max
+    factors = torch.tensor(params["long_factor" if long else "short_factor"], dtype=torch.float32, device=device)
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    return 1.0 / (factors * base**exponents), attention_factor
+
+
+def rotary_dim(args: ModelArgs) -> int:
+    """How many dims of each head RoPE rotates (all but with a partial rotary factor)."""
+    return int(args.head_dim * args.partial_rotary)
+
+
 def compute_inv_freq(args: ModelArgs, seq_len: int | None = None, device=None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and the cos/sin scaling factor for `args` (and, for dynamic, a sequence length)."""
+    """Inverse frequencies and the cos/sin scaling factor for `args` (and, for dynamic and longrope, a
+    sequence length)."""
     params = args.rope_scaling or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
-    dim = args.head_dim
+    dim = rotary_dim(args)
     base = args.rope_theta
     if rope_type == "default":
         return _base_inv_freq(base, dim, device), 1.0
@@ -96,6 +116,8 @@ def compute_inv_freq(args: ModelArgs, seq_len: int | None = None, device=None) -
         return _llama3_inv_freq(_base_inv_freq(base, dim, device), params), 1.0
     if rope_type == "yarn":
         return _yarn_inv_freq(base, dim, params, args.max_seq_len, device)
+    if rope_type == "longrope":
+        return _longrope_inv_freq(base, dim, params, args.max_seq_len, seq_len, device)
     raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
 
 
@@ -105,8 +127,11 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.is_dynamic = (args.rope_scaling or {}).get("rope_type") == "dynamic"
-        self.register_buffer("inv_freq", torch.empty(args.head_dim // 2), persistent=False)
+        rope_type = (args.rope_scaling or {}).get("rope_type")
+        # Frequencies that depend on the longest position of the input: past `switch_len`, recomputed.
+        self.switch_len = {"dynamic": args.max_seq_len,
+                           "longrope": (args.rope_scaling or {}).get("original_max_position_embeddings")}.get(rope_type)
+        self.register_buffer("inv_freq", torch.empty(rotary_dim(args) // 2), persistent=False)
         self.attention_scaling = 1.0
         self.reset_parameters()
 
@@ -123,10 +148,11 @@ class RotaryEmbedding(nn.Module):
         if self.inv_freq.dtype != torch.float32:  # the module was cast after initialization
             self.reset_parameters()
         inv_freq = self.inv_freq
-        if self.is_dynamic:
-            # NTK-aware scaling depends on the longest position seen; short inputs keep the original base.
+        if self.switch_len is not None:
+            # NTK-aware scaling (dynamic) and LongRoPE's long factors depend on the longest position seen;
+            # short inputs keep the original frequencies.
             seq_len = int(position_ids.max()) + 1
-            if seq_len > self.args.max_seq_len:
+            if seq_len > self.switch_len:
                 inv_freq, _ = compute_inv_freq(self.args, seq_len=seq_len, device=inv_freq.device)
         freqs = position_ids[..., None].float() * inv_freq.float()  # (B, S, head_dim/2)
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -141,6 +167,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q, k: (B, H, S, head_dim); cos, sin: (B, S, head_dim)."""
+    """q, k: (B, H, S, head_dim); cos, sin: (B, S, rotary dims). Dims past the rotary ones pass unchanged."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    n = cos.shape[-1]
+    if n == q.shape[-1]:
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+    def rotate(x):
+        return torch.cat([x[..., :n] * cos + rotate_half(x[..., :n]) * sin, x[..., n:]], dim=-1)
+
+    return rotate(q), rotate(k)

@@ -1,7 +1,7 @@
 """The dense decoder-only transformer behind the llama, mistral, qwen2 and qwen3 families.
 
 Architecture: token embedding -> N x [RMSNorm -> GQA attention (RoPE, optional q/k/v bias,
-optional per-head q/k RMSNorm, optional sliding window) -> residual -> RMSNorm -> SwiGLU MLP
+optional per-head q/k RMSNorm, optional sliding window) -> residual -> RMSNorm -> gated (SwiGLU) MLP
 -> residual] -> RMSNorm -> output head (optionally tied to the embedding).
 
 Single-device code: parallelism is applied from outside by `meshtron.parallel`. The model is
@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from meshtron.models.common.args import ModelArgs
-from meshtron.models.common.attention import Attention, KVCache, build_attention_mask, residual_std
+from meshtron.models.common.attention import Attention, KVCache, residual_std
 from meshtron.models.common.init import ParamInit, init_model
-from meshtron.models.common.layers import RMSNorm, SwiGLU
+from meshtron.models.common.layers import GatedMLP, RMSNorm
+from meshtron.models.common.masks import ATTENTION_BACKENDS, AttentionMask
 from meshtron.models.common.rope import RotaryEmbedding
 
 
@@ -27,10 +28,10 @@ class TransformerBlock(nn.Module):
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
         self.attn = Attention(args, layer_id)
         self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
-        self.mlp = SwiGLU(args.dim, args.ffn_dim, bias=args.mlp_bias, std=args.init_std, out_std=residual_std(args))
+        self.mlp = GatedMLP(args.dim, args.ffn_dim, bias=args.mlp_bias, std=args.init_std, out_std=residual_std(args))
 
-    def forward(self, x_BSE, cos, sin, masks, cache=None):
-        h = x_BSE + self.attn(self.attn_norm(x_BSE), cos, sin, masks, cache)
+    def forward(self, x_BSE, cos, sin, mask: AttentionMask, cache=None):
+        h = x_BSE + self.attn(self.attn_norm(x_BSE), cos, sin, mask, cache)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -45,15 +46,35 @@ def positions_from_documents(document_ids: torch.Tensor) -> torch.Tensor:
 
 
 class Transformer(nn.Module):
+    """The decoder. A family with other parts overrides the `make_*` builders (see gemma2)."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.embed = self.make_embedding(args)
         self.rope = RotaryEmbedding(args)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, i) for i in range(args.num_layers)})
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.lm_head = nn.Linear(args.dim, args.num_labels or args.vocab_size, bias=False)
+        self.layers = nn.ModuleDict({str(i): self.make_block(args, i) for i in range(args.num_layers)})
+        self.norm = self.make_norm(args)
+        self.lm_head = self.make_head(args)
+        self.attention = "auto"  # the attention backend (models/common/masks.py), a run setting, not an arg
         self.tie_weights()
+
+    def make_embedding(self, args: ModelArgs) -> nn.Module:
+        return nn.Embedding(args.vocab_size, args.dim)
+
+    def make_block(self, args: ModelArgs, layer_id: int) -> nn.Module:
+        return TransformerBlock(args, layer_id)
+
+    def make_norm(self, args: ModelArgs) -> nn.Module:
+        return RMSNorm(args.dim, args.norm_eps)
+
+    def make_head(self, args: ModelArgs) -> nn.Module:
+        return nn.Linear(args.dim, args.num_labels or args.vocab_size, bias=False)
+
+    def set_attention(self, backend: str) -> None:
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; choose from {', '.join(ATTENTION_BACKENDS)}")
+        self.attention = backend
 
     def tie_weights(self) -> None:
         if self.args.head_is_tied and self.embed is not None and self.lm_head is not None:
@@ -114,9 +135,10 @@ class Transformer(nn.Module):
             else:
                 position_ids = torch.arange(offset, offset + S, device=h.device).expand(B, S)
         cos, sin = self.rope(position_ids, h.dtype)
-        masks = self._masks(S, offset, document_ids, cache, h.device)
+        key_valid = cache.key_valid if cache is not None else None
+        mask = AttentionMask.for_batch(S, document_ids, offset, key_valid, self.attention)
         for layer in self.layers.values():
-            h = layer(h, cos, sin, masks, cache)
+            h = layer(h, cos, sin, mask, cache)
         if cache is not None:
             cache.advance(S)
         if num_last is not None:
@@ -126,16 +148,6 @@ class Transformer(nn.Module):
         if self.lm_head is None:
             return h
         return head(h, self.lm_head) if head is not None else self.lm_head(h)
-
-    def _masks(self, S, offset, document_ids, cache, device) -> dict:
-        key_valid = cache.key_valid if cache is not None else None
-        common = dict(
-            q_len=S, kv_len=offset + S, offset=offset, document_ids=document_ids, key_valid=key_valid, device=device
-        )
-        masks = {"full": build_attention_mask(**common)}
-        if self.args.sliding_window is not None:
-            masks["window"] = build_attention_mask(**common, window=self.args.sliding_window)
-        return masks
 
     def new_cache(self, batch_size: int, max_len: int, device=None) -> KVCache:
         return KVCache(self.args.num_layers, batch_size, max_len, device=device)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from meshtron.errors import UserError
-from meshtron.models.common.attention import build_attention_mask
+from meshtron.models.common.masks import build_attention_mask
 from meshtron.models.common.transformer import positions_from_documents
 from meshtron.models.registry import FAMILIES, build_model, family_for_model_type, flavor_names, get_flavor
 
@@ -29,10 +29,16 @@ def test_published_sizes_are_registered():
     assert round(get_flavor("qwen2:qwen2.5-7b").num_params() / 1e9, 2) == 7.62
     assert round(get_flavor("qwen3:qwen3-8b").num_params() / 1e9, 2) == 8.19
     assert round(get_flavor("llama:llama3.2-1b").num_params() / 1e9, 2) == 1.24
+    # Gemma-2 2B / 9B / 27B 2.61 / 9.24 / 27.23; Phi-3-mini 3.82, Phi-4-mini 3.84.
+    assert round(get_flavor("gemma2:gemma2-2b").num_params() / 1e9, 2) == 2.61
+    assert round(get_flavor("gemma2:gemma2-9b").num_params() / 1e9, 2) == 9.24
+    assert round(get_flavor("gemma2:gemma2-27b").num_params() / 1e9, 2) == 27.23
+    assert round(get_flavor("phi3:phi3-mini-4k").num_params() / 1e9, 2) == 3.82
+    assert round(get_flavor("phi3:phi4-mini").num_params() / 1e9, 2) == 3.84
 
 
 def test_unknown_model_type_lists_supported():
-    with pytest.raises(UserError, match="llama, mistral, qwen2, qwen3"):
+    with pytest.raises(UserError, match="gemma2, llama, mistral, phi3, qwen2, qwen3"):
         family_for_model_type("gpt2")
     with pytest.raises(UserError, match="debug"):
         get_flavor("llama:nope")

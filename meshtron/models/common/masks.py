@@ -1,0 +1,188 @@
+"""Attention masks described, not materialized, and the backends that turn a description into a
+kernel call.
+
+`AttentionMask` says what a batch may attend to: always causal, plus packed documents
+(`document_ids`, kept only when some row really has a boundary), padded keys (`key_valid`, left
+padding of batched prompts) and the slot of the first query (`offset`, with a KV cache). The
+per-layer parts (a sliding window) come from the layer. Backends (`ATTENTION_BACKENDS`):
+
+- `sdpa`: causal rows take SDPA's `is_causal` fast path (Flash on GPU); anything else a dense mask;
+- `flex`: FlexAttention block masks (`torch.nn.attention.flex_attention`), whose cost grows with
+  the unmasked blocks, i.e. with the documents' lengths, not S^2; compiled on GPU. torch has no
+  FlexAttention backward on CPU, so on CPU it serves forward-only passes;
+- `varlen`: one causal SDPA call per document (the variable-length path, on any device): cost
+  and memory grow with the sum of squared document lengths;
+- `dense`: the (B, 1, S, K) boolean mask, always (the fallback, and the reference in tests);
+- `auto`: causal fast path without boundaries; packed documents through `flex` on CUDA and
+  `varlen` elsewhere; a dense mask for what those cannot express (a cache, padding).
+
+Masks derived from a description (dense, block) are built once per forward and shared by the
+layers (cached on the description).
+"""
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "varlen", "dense")
+
+
+@dataclass
+class AttentionMask:
+    q_len: int
+    kv_len: int
+    offset: int = 0
+    document_ids: torch.Tensor | None = None  # (B, S), only with a boundary in some row
+    key_valid: torch.Tensor | None = None  # (B, >=K)
+    backend: str = "auto"  # one of ATTENTION_BACKENDS: the model's `attention` setting
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def for_batch(cls, q_len: int, document_ids: torch.Tensor | None = None, offset: int = 0,
+                  key_valid: torch.Tensor | None = None, backend: str = "auto") -> "AttentionMask":
+        """The description of one batch. Rows that are one document each need no document mask."""
+        if document_ids is not None and not bool((document_ids[:, 1:] != document_ids[:, :-1]).any()):
+            document_ids = None
+        return cls(q_len, offset + q_len, offset, document_ids, key_valid, backend)
+
+    @property
+    def is_causal(self) -> bool:
+        """Plain causal over the whole row: what SDPA's fast path computes."""
+        return (self.document_ids is None and self.key_valid is None and self.offset == 0
+                and self.q_len == self.kv_len)
+
+    def dense(self, window: int | None, device) -> torch.Tensor:
+        key = ("dense", window)
+        if key not in self._cache:
+            self._cache[key] = build_attention_mask(self.q_len, self.kv_len, self.offset, self.document_ids,
+                                                    self.key_valid, window, device)
+        return self._cache[key]
+
+    def block_mask(self, window: int | None, batch_size: int, device):
+        key = ("block", window)
+        if key not in self._cache:
+            self._cache[key] = _block_mask(self, window, batch_size, device)
+        return self._cache[key]
+
+
+def build_attention_mask(
+    q_len: int,
+    kv_len: int,
+    offset: int = 0,
+    document_ids: torch.Tensor | None = None,
+    key_valid: torch.Tensor | None = None,
+    window: int | None = None,
+    device=None,
+) -> torch.Tensor | None:
+    """Boolean mask (B or 1, 1, S, K), True where a query may attend; None means plain causal.
+
+    Query i sits in slot offset + i. A key is visible when it is not in the future, lies in the
+    same document (`document_ids`, (B, S), packed training without a cache), is a real token
+    (`key_valid`, (B, >=K)) and, with a window, fewer than `window` slots back.
+    """
+    if document_ids is None and key_valid is None and window is None and offset == 0 and q_len == kv_len:
+        return None
+    q_idx = torch.arange(offset, offset + q_len, device=device)[:, None]
+    k_idx = torch.arange(kv_len, device=device)[None, :]
+    mask = (k_idx <= q_idx)[None]  # (1, S, K)
+    if window is not None:
+        mask = mask & (k_idx > q_idx - window)[None]
+    if document_ids is not None:
+        assert offset == 0 and q_len == kv_len, "document masks apply to uncached forwards"
+        mask = mask & (document_ids[:, :, None] == document_ids[:, None, :])
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, :kv_len]
+        # A left-padding query would otherwise see no key at all and turn the softmax into NaN.
+        mask = mask | (k_idx == q_idx)[None]
+    return mask[:, None]
+
+
+def _block_mask(mask: AttentionMask, window: int | None, batch_size: int, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    assert mask.key_valid is None and mask.offset == 0, "block masks describe uncached, unpadded forwards"
+    docs = mask.document_ids
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        visible = kv_idx <= q_idx
+        if window is not None:
+            visible = visible & (kv_idx > q_idx - window)
+        if docs is not None:
+            visible = visible & (docs[b, q_idx] == docs[b, kv_idx])
+        return visible
+
+    rows = batch_size if docs is not None else None
+    return create_block_mask(mask_mod, rows, None, mask.q_len, mask.kv_len, device=device)
+
+
+def attend(q_BHSD: torch.Tensor, k_BGKD: torch.Tensor, v_BGKD: torch.Tensor, mask: AttentionMask,
+           window: int | None, backend: str, scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Scaled dot-product attention of q over k/v under `mask` (+ this layer's `window`), through `backend`.
+
+    `scale` replaces 1/sqrt(head_dim); `softcap` caps the scores at +-softcap with tanh (Gemma 2),
+    which SDPA cannot: then flex applies it as a score modification, and the other backends compute
+    the scores in eager math under the dense mask.
+    """
+    gqa = q_BHSD.shape[1] != k_BGKD.shape[1]
+    if softcap is not None and backend != "flex":
+        return _softcapped(q_BHSD, k_BGKD, v_BGKD, mask.dense(window, q_BHSD.device), scale, softcap)
+    if window is None and mask.is_causal and backend != "dense":
+        return F.scaled_dot_product_attention(q_BHSD, k_BGKD, v_BGKD, is_causal=True, scale=scale, enable_gqa=gqa)
+    if backend == "auto":
+        uncached = mask.key_valid is None and mask.offset == 0
+        backend = ("flex" if q_BHSD.is_cuda else "varlen") if uncached else "dense"
+    if backend == "flex":
+        block = mask.block_mask(window, q_BHSD.shape[0], q_BHSD.device)
+        score_mod = None
+        if softcap is not None:
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return softcap * torch.tanh(score / softcap)
+        return _flex_attention(q_BHSD.is_cuda)(q_BHSD, k_BGKD, v_BGKD, score_mod=score_mod, block_mask=block,
+                                               scale=scale, enable_gqa=gqa)
+    if backend == "varlen" and mask.key_valid is None and mask.offset == 0:
+        return _per_document(q_BHSD, k_BGKD, v_BGKD, mask.document_ids, window, gqa, scale)
+    return F.scaled_dot_product_attention(q_BHSD, k_BGKD, v_BGKD, attn_mask=mask.dense(window, q_BHSD.device),
+                                          scale=scale, enable_gqa=gqa)
+
+
+def _softcapped(q_BHSD, k_BGKD, v_BGKD, mask, scale, softcap) -> torch.Tensor:
+    """softmax(softcap * tanh(q k^T * scale / softcap) under `mask`) v, the softmax in float32."""
+    groups = q_BHSD.shape[1] // k_BGKD.shape[1]
+    k, v = k_BGKD.repeat_interleave(groups, dim=1), v_BGKD.repeat_interleave(groups, dim=1)
+    scores = q_BHSD @ k.transpose(-1, -2) * (scale if scale is not None else q_BHSD.shape[-1] ** -0.5)
+    scores = softcap * torch.tanh(scores / softcap)
+    if mask is None:
+        S, K = scores.shape[-2:]
+        mask = torch.ones(S, K, dtype=torch.bool, device=scores.device).tril(K - S)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_BHSD.dtype) @ v
+
+
+@functools.cache
+def _flex_attention(compiled: bool):
+    """FlexAttention, compiled into one fused kernel on GPU (eager it materializes the scores)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention) if compiled else flex_attention
+
+
+def _per_document(q_BHSD, k_BGKD, v_BGKD, document_ids, window, gqa, scale) -> torch.Tensor:
+    """One causal SDPA call per document of each row (a row is one document without `document_ids`)."""
+    B, _, S, _ = q_BHSD.shape
+    out = torch.empty_like(q_BHSD)
+    for b in range(B):
+        for start, end in _document_spans(document_ids[b] if document_ids is not None else None, S):
+            q, k, v = (t[b:b + 1, :, start:end] for t in (q_BHSD, k_BGKD, v_BGKD))
+            local = build_attention_mask(end - start, end - start, window=window, device=q.device)
+            out[b:b + 1, :, start:end] = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=local, is_causal=local is None, scale=scale, enable_gqa=gqa)
+    return out
+
+
+def _document_spans(row_ids: torch.Tensor | None, length: int) -> list[tuple[int, int]]:
+    if row_ids is None:
+        return [(0, length)]
+    starts = [0] + (torch.nonzero(row_ids[1:] != row_ids[:-1]).flatten() + 1).tolist()
+    return list(zip(starts, starts[1:] + [length]))
