@@ -4,7 +4,7 @@ Run under torchrun (gloo on CPU), one process per rank:
 
     torchrun --nproc-per-node 2 bench/bench_grad_accum_memory.py --micro-batches 1 4 --output-dir /tmp/accum
 
-A tiny-but-wide llama (8 layers, dim 256, ffn 2048, vocab 256: 7.1M parameters) at dp_shard = 2,
+A tiny-but-wide llama (8 layers, dim 256, ffn 2048, vocab 256: 14.3M parameters) at dp_shard = 2,
 micro-batch 1 x 16 tokens, so that parameters, gradients and optimizer states dominate, as they
 do for a large model. The memory is counted by torch's FSDPMemTracker (the bytes of live tensor
 storages by kind: sharded and unsharded parameters and gradients, optimizer states, activations,
@@ -76,9 +76,11 @@ def main() -> None:
     parser.add_argument("--output-dir", required=True, help="the run directory (a scratch directory)")
     args = parser.parse_args()
     for micro_batches in args.micro_batches:
-        metrics, peak = measure_step(build_trainer(micro_batches, f"{args.output_dir}/{micro_batches}"))
+        trainer = build_trainer(micro_batches, f"{args.output_dir}/{micro_batches}")
+        metrics, peak = measure_step(trainer)
         if dist.get_rank() == 0:
-            print(json.dumps({"micro_batches": micro_batches, "loss": metrics["loss"], "peak_bytes": peak}), flush=True)
+            print(json.dumps({"micro_batches": micro_batches, "loss": metrics["loss"], "peak_bytes": peak,
+                              "model_args": trainer.model_args.to_dict()}), flush=True)
     dist.destroy_process_group()
 
 

@@ -29,6 +29,7 @@ SUBCOMMANDS = {
     "eval": "evaluate a model on benchmarks (MMLU, C-Eval, BoolQ, BBH, AGIEval, HumanEval)",
     "score": "score responses in a JSONL file with a trained reward model",
     "checkpoint": "check a training checkpoint's files against the checksums in its manifest",
+    "plan": "memory per rank of a model flavor at a parallel layout (params, grads, optimizer, activations)",
 }
 
 

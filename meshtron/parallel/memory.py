@@ -1,0 +1,90 @@
+"""Memory per rank of a training run, computed from the model's shapes and the parallel layout.
+
+What each rank holds (AdamW, FSDP2 over dp_shard, tensor parallel with sequence parallel over tp,
+pipeline stages over pp, 1F1B schedule):
+
+- params, grads, optimizer: the master-dtype parameters, their gradients and AdamW's two moments,
+  each sharded over dp_shard x tp and split over pp (replicas under HSDP hold a full shard each);
+- gathered: FSDP's transient full copies of the largest unit (a block, or the embedding and head):
+  its parameters in the compute dtype, twice (one prefetched), and its unsharded gradient;
+- activations: what backward keeps per layer and token (measured on CPU by torch's MemTracker:
+  6 x dim + 2 x (q + kv widths) + 4 x ffn_dim + heads values, and 3.5 x dim outside the layers),
+  for the micro-batches a stage holds in flight (pp of them under 1F1B), split over tp by
+  sequence parallel; full recompute keeps only each layer's input, selective drops the attention
+  core's log-sum-exp (the attention itself keeps no score matrix: flash / memory-efficient kernels);
+- recomputed: under full recompute, one layer's activations while backward recomputes it;
+- logits: the head's output in the compute dtype and (below float32) its float32 copy for the loss.
+
+Not counted: the CUDA context and allocator fragmentation (add a few GB), communication buffers
+beyond the gathered unit, and frozen reference models (DPO).
+"""
+
+from dataclasses import dataclass
+
+from meshtron.models.common.args import ModelArgs
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+RECOMPUTE = ("none", "selective", "full")
+PARTS = ("params", "grads", "optimizer", "gathered", "activations", "recomputed", "logits")
+OUTSIDE_LAYERS = 3.5  # values per token per dim kept outside the layers (measured, see the module docstring)
+
+
+@dataclass(frozen=True)
+class Layout:
+    dp_shard: int = 1
+    dp_replicate: int = 1
+    tp: int = 1
+    pp: int = 1
+    micro_batch_size: int = 1
+    seq_length: int = 2048
+    recompute: str = "none"
+    compute_dtype: str = "bfloat16"
+    master_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute {self.recompute!r}: choose one of {', '.join(RECOMPUTE)}")
+        for dtype in (self.compute_dtype, self.master_dtype):
+            if dtype not in DTYPE_BYTES:
+                raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPE_BYTES)}")
+
+
+def activation_values_per_token(args: ModelArgs, recompute: str) -> float:
+    """Values one layer keeps for backward per token (see the module docstring)."""
+    q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    whole = 6 * args.dim + 2 * (q + kv) + 4 * args.ffn_dim + args.num_heads
+    if recompute == "full":
+        return args.dim  # the layer's input
+    if recompute == "selective":
+        return whole - args.num_heads  # the attention core's log-sum-exp (its output is o_proj's input)
+    return whole
+
+
+def memory_per_rank(args: ModelArgs, layout: Layout) -> dict[str, float]:
+    """Bytes per rank by part (PARTS) and their "total"."""
+    master, compute = DTYPE_BYTES[layout.master_dtype], DTYPE_BYTES[layout.compute_dtype]
+    params = args.num_params()
+    shard = params / (layout.dp_shard * layout.tp * layout.pp)
+    q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    block = args.dim * (2 * q + 2 * kv) + 3 * args.dim * args.ffn_dim
+    root = args.vocab_size * args.dim * (1 if args.tie_embeddings else 2)
+    unit = max(block, root) / layout.tp if layout.dp_shard * layout.dp_replicate > 1 else 0
+    tokens = layout.micro_batch_size * layout.seq_length
+    layers_held = args.num_layers / layout.pp * layout.pp  # a stage's layers x micro-batches in flight (1F1B)
+    per_layer = activation_values_per_token(args, layout.recompute) * tokens * compute / layout.tp
+    # Outside the layers: the embedding's output and the final norm's input and output.
+    activations = layers_held * per_layer + OUTSIDE_LAYERS * args.dim * tokens * compute / layout.tp
+    recomputed = 0.0
+    if layout.recompute == "full":  # one layer whole while backward recomputes it
+        recomputed = activation_values_per_token(args, "none") * tokens * compute / layout.tp
+    parts = {
+        "params": shard * master,
+        "grads": shard * master,
+        "optimizer": 2 * shard * master,
+        "gathered": unit * (2 * compute + master),
+        "activations": activations,
+        "recomputed": recomputed,
+        "logits": tokens * args.vocab_size / layout.tp * (compute + (4 if compute != 4 else 0)),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
