@@ -243,15 +243,21 @@ class Scheduler:
         if unused and (cache.offset == self.columns or unused * 2 >= cache.offset):
             self._shift(-unused)
         rows = [i for i, r in enumerate(self._rows) if r is not None]
-        tokens = torch.full((self.slots, 1), self.pad_id, dtype=torch.long)
-        positions = torch.zeros((self.slots, 1), dtype=torch.long)
+        # Slots are taken lowest first: the step runs the rows up to the last one in use, not all slots.
+        n = rows[-1] + 1
+        tokens = torch.full((n, 1), self.pad_id, dtype=torch.long)
+        positions = torch.zeros((n, 1), dtype=torch.long)
         for i in rows:
             tokens[i, 0], positions[i, 0] = self._rows[i].next_token, self._rows[i].position
             self._rows[i].position += 1
         active = torch.zeros(self.slots, dtype=torch.bool)
         active[rows] = True
         cache.key_valid[:, cache.offset] = active.to(self.device)
-        logits = self.model(tokens.to(self.device), position_ids=positions.to(self.device), cache=cache)[:, -1]
+        view = self.model.new_cache(n, self.columns, device=self.device)
+        view.k, view.v = [t[:n] for t in cache.k], [t[:n] for t in cache.v]  # views: writes land in the cache
+        view.key_valid, view.offset = cache.key_valid[:n], cache.offset
+        logits = self.model(tokens.to(self.device), position_ids=positions.to(self.device), cache=view)[:, -1]
+        cache.offset = view.offset
         for i in rows:
             self._sample(i, logits[i : i + 1])
 
