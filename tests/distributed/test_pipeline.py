@@ -51,7 +51,15 @@ def reference(run_train, tiny_config, tmp_path_factory):
 def test_pipeline_matches_single_process(run_train, reference, tiny_config, tmp_path, nproc, layout):
     result, records = run_train(tiny_config, tmp_path, nproc=nproc, overrides=[*PP2, *layout])
     assert losses(records) == pytest.approx(losses(reference), rel=RTOL)
-    assert grad_norms(records) == pytest.approx(grad_norms(reference), rel=1e-4)
+    norms, reference_norms = grad_norms(records), grad_norms(reference)
+    assert norms[0] == pytest.approx(reference_norms[0], rel=2e-5)
+    # Tensor parallel sums every row-parallel matmul (o_proj, down_proj) from per-rank partials, so
+    # float32 rounds differently in every layer, not only in the micro-batch sum. AdamW's first updates
+    # are +-lr per element whatever the gradient's size, so an element whose gradient is near zero can
+    # move by 2 lr on a rounding flip; at this test's high lr the grad norms of later steps drift by a
+    # few 1e-4 (3.5e-4 seen at step 5) while the losses still agree to RTOL.
+    later = 1e-3 if "--parallel.tp" in layout else 1e-4
+    assert norms[1:] == pytest.approx(reference_norms[1:], rel=later)
     assert "pipeline:" in result.stderr
 
 
