@@ -39,10 +39,9 @@ class StepProfiler:
         start = max(config.start_step, first_step)
         self.last_step = min(start + config.num_steps - 1, final_step)
         self.out_dir = run_dir / "profile" / f"step-{start}-{self.last_step}"
-        warmup = 1 if start > first_step else 0
-        self.first_step = start - warmup if config.enable and start <= self.last_step else -1
+        self._warmup = 1 if start > first_step else 0
+        self.first_step = start - self._warmup if config.enable and start <= self.last_step else -1
         self._profiler: profile | None = None
-        self._schedule = schedule(wait=0, warmup=warmup, active=self.last_step - start + 1, repeat=1)
 
     def step_begins(self, step: int) -> None:
         if step != self.first_step:
@@ -50,7 +49,10 @@ class StepProfiler:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         memory_on_cpu = self.config.memory_snapshot and self.device.type != "cuda"
         self._profiler = profile(
-            activities=activities, schedule=self._schedule, on_trace_ready=self._write,
+            activities=activities, on_trace_ready=self._write,
+            # Built only for a run that reaches the profiled steps: a shorter one would have none active.
+            schedule=schedule(wait=0, warmup=self._warmup, active=self.last_step - self.first_step - self._warmup + 1,
+                              repeat=1),
             # The CPU memory timeline is built from allocation events and their operators' shapes.
             record_shapes=self.config.record_shapes or memory_on_cpu, profile_memory=memory_on_cpu,
             with_stack=self.config.with_stack or memory_on_cpu,
