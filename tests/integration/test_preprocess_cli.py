@@ -132,9 +132,10 @@ def test_two_workers_write_the_same_bytes(tmp_path, capsys, smollm2_dir, handler
 
 
 def test_console_script_progress_and_summary(tmp_path, smollm2_dir):
-    (tmp_path / "corpus.txt").write_text("".join(f"Line {i} of a plain text corpus.\n" for i in range(200)))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "corpus.txt").write_text("".join(f"Line {i} of a plain text corpus.\n" for i in range(200)))
     result = subprocess.run(
-        [sys.executable, "-m", "meshtron", "preprocess", "--input", str(tmp_path), "--handler", "pretrain",
+        [sys.executable, "-m", "meshtron", "preprocess", "--input", str(tmp_path / "in"), "--handler", "pretrain",
          "--tokenizer", str(smollm2_dir), "--output-prefix", str(tmp_path / "out" / "c"), "--append-eod",
          "--workers", "2"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -182,7 +182,10 @@ def test_chat_logprobs_are_the_models_log_softmax(server, loaded, direct):
     stream = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=8, temperature=0,
                                             logprobs=True, top_logprobs=3, stream=True)
     streamed = [e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
-    assert [(e.token, e.logprob) for e in streamed] == [(c.token, c.logprob) for c in content]
+    # The same tokens; the values to float32 rounding, since under continuous batching each decode step
+    # may run in a batch of another size (other requests on the server) and matmuls round per shape.
+    assert [e.token for e in streamed] == [c.token for c in content]
+    assert [e.logprob for e in streamed] == pytest.approx([c.logprob for c in content], abs=1e-5)
     # Without top_logprobs: the chosen tokens only; without logprobs: none.
     plain = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=8, temperature=0,
                                            logprobs=True)
@@ -206,7 +209,7 @@ def test_completion_logprobs_are_the_models_log_softmax(server, loaded, direct):
     chunks = [json.loads(e[len("data: "):]) for e in events if e.startswith("data: {")]
     streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
     assert sum((s["tokens"] for s in streamed), []) == logprobs["tokens"]
-    assert sum((s["token_logprobs"] for s in streamed), []) == logprobs["token_logprobs"]
+    assert sum((s["token_logprobs"] for s in streamed), []) == pytest.approx(logprobs["token_logprobs"], abs=1e-5)
     assert sum((s["text_offset"] for s in streamed), []) == logprobs["text_offset"]
 
 
