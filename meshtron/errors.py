@@ -12,4 +12,4 @@ class UserError(ValueError):
 
 class LaunchError(UserError):
     """A launch that cannot work, found identically by every torchrun rank (e.g. a process count
-    the model cannot be split over); rank 0 alone prints it, so the user reads it once."""
+    the model cannot be split over); the first rank to raise it prints it, so the user reads it once."""

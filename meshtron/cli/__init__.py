@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 
 from meshtron import __version__
-from meshtron.errors import LaunchError, UserError
+from meshtron.errors import UserError
 
 SUBCOMMANDS = {
     "assets": "prepare the example model (SmolLM2-135M-Instruct) as a Hugging Face directory",
@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = args._module.run(args)
     except UserError as e:
-        if not isinstance(e, LaunchError) or int(os.environ.get("RANK", "0")) == 0:
-            _report_once(f"meshtron {args.command}: error: {e}")
+        # Every rank reports (the first rank to fail may be any of them: torchrun stops the others
+        # as soon as one leaves); _report_once prints a line once per job.
+        _report_once(f"meshtron {args.command}: error: {e}")
         code = 2
     except KeyboardInterrupt:
         print(f"meshtron {args.command}: interrupted", file=sys.stderr)
