@@ -58,6 +58,29 @@ CASES = {
                                   original_max_position_embeddings=16, short_factor=[1.0, 1.2, 1.5, 2.0, 3.0, 5.0],
                                   long_factor=[1.0, 2.0, 4.0, 8.0, 16.0, 32.0])),
     ),
+    "gemma3-qknorm-ropebases": (
+        "Gemma3TextConfig",
+        # Sliding, full, sliding: the two kinds rotate with different bases, the full one linearly scaled.
+        dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=6, attention_bias=True,
+             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+             pad_token_id=0, bos_token_id=1, eos_token_id=2,
+             rope_parameters={"full_attention": dict(rope_theta=1000000.0, rope_type="linear", factor=4.0),
+                              "sliding_attention": dict(rope_theta=100.0, rope_type="default")}),
+    ),
+    "glm4-interleaved-partial": (
+        "Glm4Config",
+        # Half of each head rotated, adjacent dims paired; gate_up fused in the checkpoint; linear scaling.
+        dict(head_dim=24, attention_bias=True, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+             eos_token_id=2, rope_parameters=dict(rope_theta=10000.0, rope_type="linear", factor=2.0,
+                                                  partial_rotary_factor=0.5)),
+    ),
+    "smollm3-nope-window": (
+        "SmolLM3Config",
+        # Layer 1 without RoPE, and (SmolLM3's default layer types) the window on that layer only.
+        dict(no_rope_layers=[1, 0, 1], use_sliding_window=True, sliding_window=6, attention_bias=True,
+             pad_token_id=0, bos_token_id=1, eos_token_id=2,
+             tie_word_embeddings=False, rope_parameters=dict(rope_theta=5000000.0, rope_type="default")),
+    ),
     "qwen3-qknorm-yarn": (
         "Qwen3Config",
         dict(head_dim=32, attention_bias=False, tie_word_embeddings=False,
@@ -117,7 +140,8 @@ def test_packed_documents_match_separate_runs(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["llama-llama3rope-bias", "qwen2-window-yarn", "qwen3-qknorm-yarn",
-                                  "gemma2-softcap-window", "phi3-longrope-partial"])
+                                  "gemma2-softcap-window", "phi3-longrope-partial", "smollm3-nope-window",
+                                  "gemma3-qknorm-ropebases", "glm4-interleaved-partial"])
 def test_round_trip_identical_tensors(case, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -144,7 +168,8 @@ def test_round_trip_identical_tensors(case, tmp_path):
     assert reloaded.config.model_type == hf_cfg.model_type
 
 
-@pytest.mark.parametrize("case", ["mistral-window-default", "gemma2-softcap-window", "phi3-longrope-partial"])
+@pytest.mark.parametrize("case", ["mistral-window-default", "gemma2-softcap-window", "phi3-longrope-partial",
+                                  "smollm3-nope-window", "gemma3-qknorm-ropebases", "glm4-interleaved-partial"])
 def test_greedy_generation_matches_transformers(case, tmp_path):
     from meshtron.infer.generation import SamplingParams, generate
 

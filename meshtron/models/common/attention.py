@@ -15,7 +15,7 @@ from meshtron.models.common.args import ModelArgs
 from meshtron.models.common.init import ParamInit
 from meshtron.models.common.layers import RMSNorm
 from meshtron.models.common.masks import AttentionMask, attend
-from meshtron.models.common.rope import apply_rotary
+from meshtron.models.common.rope import ROTARY_LAYOUTS, apply_rotary
 
 
 class KVCache:
@@ -75,11 +75,18 @@ class AttentionCore(nn.Module):
 
 
 class Attention(nn.Module):
-    """GQA with RoPE; `scale` (default 1/sqrt(head_dim)) and `softcap` of the scores for families that set them."""
+    """GQA with RoPE; `scale` (default 1/sqrt(head_dim)) and `softcap` of the scores for families that set them.
 
-    def __init__(self, args: ModelArgs, layer_id: int, scale: float | None = None, softcap: float | None = None):
+    `rotary`: which dims RoPE pairs ("half" or "interleaved", see models/common/rope.py), or None for
+    a layer without positions (SmolLM3's NoPE layers). `qk_norm`: the class of the per-head q/k norms
+    when `args.qk_norm` is set (Gemma 3 scales them by (1 + w))."""
+
+    def __init__(self, args: ModelArgs, layer_id: int, scale: float | None = None, softcap: float | None = None,
+                 rotary: str | None = "half", qk_norm: type[RMSNorm] = RMSNorm):
         super().__init__()
+        assert rotary is None or rotary in ROTARY_LAYOUTS, rotary
         self.layer_id = layer_id
+        self.rotary = rotary
         self.head_dim = args.head_dim
         q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         self.q_proj = nn.Linear(args.dim, q_dim, bias=args.qkv_bias)
@@ -87,8 +94,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, kv_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(q_dim, args.dim, bias=args.out_bias)
         if args.qk_norm:
-            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
-            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
+            self.q_norm = qk_norm(args.head_dim, args.norm_eps)
+            self.k_norm = qk_norm(args.head_dim, args.norm_eps)
         else:
             self.q_norm = self.k_norm = None
         self.core = AttentionCore(args.sliding_window if args.layer_uses_window(layer_id) else None, scale, softcap)
@@ -107,7 +114,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rotary(q, k, cos, sin)
+        if self.rotary is not None:
+            q, k = apply_rotary(q, k, cos, sin, self.rotary)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)
         out = self.core(q, k, v, mask)

@@ -27,10 +27,10 @@ def dense_adapter(args: ModelArgs) -> StateDictAdapter:
     return StateDictAdapter(args, DENSE_GROUPS, args.family)
 
 
-def rope_from_hf(cfg) -> tuple[float, dict | None, float]:
+def rope_from_hf(cfg, rope_parameters: dict | None = None) -> tuple[float, dict | None, float]:
     """(rope_theta, rope_scaling, partial rotary factor) from a transformers config (v5
-    `rope_parameters` or legacy fields)."""
-    params = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    `rope_parameters` or legacy fields), or from `rope_parameters` given apart (one kind of layer's)."""
+    params = dict(rope_parameters or getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
     theta = params.pop("rope_theta", None) or getattr(cfg, "rope_theta", None) or 10000.0
     partial = float(params.pop("partial_rotary_factor", None) or getattr(cfg, "partial_rotary_factor", None) or 1.0)
     rope_type = params.get("rope_type", params.get("type", "default"))
@@ -51,8 +51,10 @@ def rope_to_hf(args: ModelArgs) -> dict:
     return params
 
 
-def dense_args_from_hf(cfg, family: str, *, qkv_bias: bool, out_bias: bool, qk_norm: bool) -> ModelArgs:
-    theta, scaling, partial = rope_from_hf(cfg)
+def dense_args_from_hf(cfg, family: str, *, qkv_bias: bool, out_bias: bool, qk_norm: bool,
+                       rope_parameters: dict | None = None) -> ModelArgs:
+    """`rope_parameters`: the RoPE of the args when the config holds several (one per kind of layer)."""
+    theta, scaling, partial = rope_from_hf(cfg, rope_parameters)
     window = getattr(cfg, "sliding_window", None)
     layer_types = getattr(cfg, "layer_types", None)
     sliding_layers: tuple[int, ...] = ()

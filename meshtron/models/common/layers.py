@@ -1,5 +1,5 @@
-"""Normalization and feed-forward layers shared by the families: RMSNorm and its (1 + w) variant,
-and the gated MLP (SwiGLU, GeGLU)."""
+"""Normalization, feed-forward and embedding/head layers shared by the families: RMSNorm and its
+(1 + w) variant, the gated MLP (SwiGLU, GeGLU), Gemma's scaled embedding and soft-capped head."""
 
 import torch
 import torch.nn.functional as F
@@ -68,3 +68,23 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ScaledEmbedding(nn.Embedding):
+    """An embedding whose output is multiplied by sqrt(dim), rounded to the weight's dtype as Gemma does."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # A Python number (not a tensor) so that it also scales a tensor-parallel (DTensor) output.
+        return super().forward(tokens) * torch.tensor(self.embedding_dim**0.5, dtype=self.weight.dtype).item()
+
+
+class SoftcappedHead(nn.Linear):
+    """The output head with its logits capped at +-softcap by tanh. Not a plain nn.Linear, so the
+    chunked loss (meshtron.train.losses) runs this forward instead of reading the weight."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, softcap: float):
+        super().__init__(in_features, out_features, bias=bias)
+        self.softcap = softcap
+
+    def forward(self, h_BSE: torch.Tensor) -> torch.Tensor:
+        return self.softcap * torch.tanh(super().forward(h_BSE) / self.softcap)

@@ -42,6 +42,17 @@ def dense_model_plan(args: ModelArgs, sequence_parallel: bool) -> dict[str, Para
 
 
 def dense_block_plan(args: ModelArgs, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    return {**_dense_block_plan(sequence_parallel), **(_qk_norm_plan() if args.qk_norm else {})}
+
+
+def _qk_norm_plan() -> dict[str, ParallelStyle]:
+    """Per-head q/k norms see only this rank's heads (dim 2 of (B, S, heads, head_dim)): their weight is
+    replicated, and its gradient, a sum over all heads, is reduced over the tensor-parallel ranks."""
+    heads = SequenceParallel(sequence_dim=2, use_local_output=True)
+    return {"attn.q_norm": heads, "attn.k_norm": heads}
+
+
+def _dense_block_plan(sequence_parallel: bool) -> dict[str, ParallelStyle]:
     if not sequence_parallel:
         return {
             "attn.q_proj": ColwiseParallel(),
@@ -72,4 +83,14 @@ def dense_block_plan(args: ModelArgs, sequence_parallel: bool) -> dict[str, Para
     }
 
 
+def sandwich_block_plan(args: ModelArgs, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """The dense block plan, with the two extra norms of a sandwich block (models/common/transformer.py)
+    sequence-parallel too."""
+    plan = dense_block_plan(args, sequence_parallel)
+    if sequence_parallel:
+        plan.update({"post_attn_norm": SequenceParallel(), "post_mlp_norm": SequenceParallel()})
+    return plan
+
+
 DENSE_PLAN = ParallelPlan(tp_model=dense_model_plan, tp_block=dense_block_plan)
+SANDWICH_PLAN = ParallelPlan(tp_model=dense_model_plan, tp_block=sandwich_block_plan)

@@ -7,8 +7,10 @@ the first part of each head is rotated (Phi-4-mini, StableLM). Frequencies and c
 computed in float32 and cast to the activation dtype, as transformers does, so
 that logits match it bit for bit in float32.
 
-The rotation uses the "rotate half" layout of Hugging Face checkpoints, so no
-q/k weight permutation is needed on import or export.
+The rotation pairs dims the way a family's Hugging Face checkpoints do, so no q/k weight
+permutation is needed on import or export (nor on a PEFT adapter's export): "half" pairs dim j
+with dim j + n/2 (most families), "interleaved" pairs adjacent dims 2j and 2j + 1 (GLM-4).
+`RotaryPerLayerType` serves families whose kinds of layers rotate with different bases (Gemma 3).
 """
 
 import math
@@ -161,19 +163,53 @@ class RotaryEmbedding(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
 
+class RotaryPerLayerType(nn.Module):
+    """One RoPE table per kind of layer, each from its own args (base, scaling): Gemma 3's local
+    (sliding-window) layers rotate with a smaller base and without the global layers' scaling.
+    Returns (cos, sin) as dicts keyed by kind; each block picks its own."""
+
+    def __init__(self, args_by_kind: dict[str, ModelArgs]):
+        super().__init__()
+        self.kinds = nn.ModuleDict({kind: RotaryEmbedding(args) for kind, args in args_by_kind.items()})
+
+    def reset_parameters(self) -> None:
+        for rope in self.kinds.values():
+            rope.reset_parameters()
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[dict, dict]:
+        tables = {kind: rope(position_ids, dtype) for kind, rope in self.kinds.items()}
+        return {kind: cos for kind, (cos, _) in tables.items()}, {kind: sin for kind, (_, sin) in tables.items()}
+
+
+ROTARY_LAYOUTS = ("half", "interleaved")
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q, k: (B, H, S, head_dim); cos, sin: (B, S, rotary dims). Dims past the rotary ones pass unchanged."""
+def rotate_interleaved(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): each adjacent pair rotated by 90 degrees."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str = "half"):
+    """q, k: (B, H, S, head_dim); cos, sin: (B, S, rotary dims), each frequency twice (cat(f, f)).
+    Dims past the rotary ones pass unchanged. `layout`: which dims form a rotated pair (see the module
+    docstring)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rotate_pairs = rotate_half
+    if layout == "interleaved":
+        # Each frequency on two adjacent dims: (f0, f0, f1, f1, ...) from the first half of cat(f, f).
+        half = cos.shape[-1] // 2
+        cos, sin = cos[..., :half].repeat_interleave(2, dim=-1), sin[..., :half].repeat_interleave(2, dim=-1)
+        rotate_pairs = rotate_interleaved
     n = cos.shape[-1]
     if n == q.shape[-1]:
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        return q * cos + rotate_pairs(q) * sin, k * cos + rotate_pairs(k) * sin
 
     def rotate(x):
-        return torch.cat([x[..., :n] * cos + rotate_half(x[..., :n]) * sin, x[..., n:]], dim=-1)
+        return torch.cat([x[..., :n] * cos + rotate_pairs(x[..., :n]) * sin, x[..., n:]], dim=-1)
 
     return rotate(q), rotate(k)

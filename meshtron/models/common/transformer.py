@@ -23,16 +23,39 @@ from meshtron.models.common.rope import RotaryEmbedding
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int):
+    """Pre-norm block. `attn_options` go to `Attention` (a family's scale, soft-cap, rotary layout)."""
+
+    def __init__(self, args: ModelArgs, layer_id: int, **attn_options):
         super().__init__()
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attn = Attention(args, layer_id)
+        self.attn = Attention(args, layer_id, **attn_options)
         self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = GatedMLP(args.dim, args.ffn_dim, bias=args.mlp_bias, std=args.init_std, out_std=residual_std(args))
 
     def forward(self, x_BSE, cos, sin, mask: AttentionMask, cache=None):
         h = x_BSE + self.attn(self.attn_norm(x_BSE), cos, sin, mask, cache)
         return h + self.mlp(self.mlp_norm(h))
+
+
+class SandwichBlock(nn.Module):
+    """A norm before and after both attention and the MLP (Gemma 2 and 3, GLM-4): each sublayer's output
+    is normalized before it joins the residual stream. `norm` is the norm class, `activation` the gated
+    MLP's; `attn_options` go to `Attention`."""
+
+    def __init__(self, args: ModelArgs, layer_id: int, norm: type[RMSNorm] = RMSNorm, activation: str = "silu",
+                 **attn_options):
+        super().__init__()
+        self.attn_norm = norm(args.dim, args.norm_eps)
+        self.attn = Attention(args, layer_id, **attn_options)
+        self.post_attn_norm = norm(args.dim, args.norm_eps)
+        self.mlp_norm = norm(args.dim, args.norm_eps)
+        self.mlp = GatedMLP(args.dim, args.ffn_dim, bias=args.mlp_bias, std=args.init_std, out_std=residual_std(args),
+                            activation=activation)
+        self.post_mlp_norm = norm(args.dim, args.norm_eps)
+
+    def forward(self, x_BSE, cos, sin, mask: AttentionMask, cache=None):
+        h = x_BSE + self.post_attn_norm(self.attn(self.attn_norm(x_BSE), cos, sin, mask, cache))
+        return h + self.post_mlp_norm(self.mlp(self.mlp_norm(h)))
 
 
 def positions_from_documents(document_ids: torch.Tensor) -> torch.Tensor:
@@ -52,7 +75,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.embed = self.make_embedding(args)
-        self.rope = RotaryEmbedding(args)
+        self.rope = self.make_rope(args)
         self.layers = nn.ModuleDict({str(i): self.make_block(args, i) for i in range(args.num_layers)})
         self.norm = self.make_norm(args)
         self.lm_head = self.make_head(args)
@@ -61,6 +84,10 @@ class Transformer(nn.Module):
 
     def make_embedding(self, args: ModelArgs) -> nn.Module:
         return nn.Embedding(args.vocab_size, args.dim)
+
+    def make_rope(self, args: ModelArgs) -> nn.Module:
+        """The module that turns position ids into the (cos, sin) every block receives."""
+        return RotaryEmbedding(args)
 
     def make_block(self, args: ModelArgs, layer_id: int) -> nn.Module:
         return TransformerBlock(args, layer_id)

@@ -35,10 +35,16 @@ def test_published_sizes_are_registered():
     assert round(get_flavor("gemma2:gemma2-27b").num_params() / 1e9, 2) == 27.23
     assert round(get_flavor("phi3:phi3-mini-4k").num_params() / 1e9, 2) == 3.82
     assert round(get_flavor("phi3:phi4-mini").num_params() / 1e9, 2) == 3.84
+    # Gemma-3-1B 999,885,952 parameters; the text stack of Gemma-3-4B 3.88B (4.30B less its 0.42B vision
+    # tower); SmolLM3-3B 3.08B; GLM-4-9B-0414 9.40B.
+    assert get_flavor("gemma3:gemma3-1b").num_params() == 999_885_952
+    assert round(get_flavor("gemma3:gemma3-4b").num_params() / 1e9, 2) == 3.88
+    assert round(get_flavor("smollm3:smollm3-3b").num_params() / 1e9, 2) == 3.08
+    assert round(get_flavor("glm4:glm4-9b").num_params() / 1e9, 2) == 9.40  # GLM-4-9B-0414
 
 
 def test_unknown_model_type_lists_supported():
-    with pytest.raises(UserError, match="gemma2, llama, mistral, phi3, qwen2, qwen3"):
+    with pytest.raises(UserError, match="gemma2, gemma3_text, glm4, llama, mistral, phi3, qwen2, qwen3, smollm3"):
         family_for_model_type("gpt2")
     with pytest.raises(UserError, match="debug"):
         get_flavor("llama:nope")
