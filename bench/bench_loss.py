@@ -53,7 +53,7 @@ def one_step(variant: str, opts) -> dict:
     before = rss_bytes()
     start = time.perf_counter()
     if variant == "chunked":
-        loss = recipe.loss_sum(model, batch)  # the recipe's default: head and loss chunked
+        loss = recipe.loss_sum(model, recipe.prepare_batch(batch))  # the recipe's default: head and loss chunked
     else:
         loss = token_cross_entropy_sum(model(batch["input_ids"], position_ids=batch["position_ids"],
                                              document_ids=batch["document_ids"]), batch["labels"])

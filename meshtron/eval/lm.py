@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from meshtron.infer.generation import SamplingParams, generate
 from meshtron.infer.loading import LoadedModel
+from meshtron.models.common.masks import AttentionMask
 
 
 class EvalLM:
@@ -28,6 +29,12 @@ class EvalLM:
         self.device = next(self.model.parameters()).device
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else 0
+
+    def logits(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        """The logits of a batch of rows, each one causal sequence; padding, when rows differ in length,
+        comes after a row's tokens, where causality already hides it from them."""
+        mask = AttentionMask.for_batch(tokens_BS.shape[1], backend=self.model.attention)
+        return self.model(tokens_BS, mask=mask)
 
     def render(self, prompt: str) -> str:
         """The prompt as the model sees it: raw, or as one user turn of the chat template."""
@@ -68,7 +75,7 @@ class EvalLM:
         tokens = torch.full((len(seqs), width), self.pad_id, dtype=torch.long, device=self.device)
         for row, seq in enumerate(seqs):
             tokens[row, : len(seq)] = torch.tensor(seq, device=self.device)
-        logprobs = F.log_softmax(self.model(tokens).float(), dim=-1)
+        logprobs = F.log_softmax(self.logits(tokens).float(), dim=-1)
         out = []
         for row, ((ctx, cont), seq) in enumerate(zip(pairs, seqs)):
             n = len(cont)

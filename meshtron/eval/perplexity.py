@@ -45,7 +45,7 @@ def perplexity(lm: EvalLM, path: str, seq_length: int, limit: int | None, layout
             window = tokens[start : start + seq_length + 1].to(lm.device)
             if len(window) < 2:
                 break
-            logits = lm.model(window[None, :-1]).float()
+            logits = lm.logits(window[None, :-1]).float()
             nll += F.cross_entropy(logits[0], window[1:], reduction="sum").double().cpu()
             count += len(window) - 1
     if layout.dp_size > 1:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from meshtron.infer.streaming import IncrementalDecoder
+from meshtron.models.common.masks import AttentionMask
 
 
 @dataclass
@@ -106,6 +107,19 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[to
     return tokens.to(device), valid.to(device)
 
 
+def cached_inputs(model: nn.Module, cache, num_tokens: int, position_ids: torch.Tensor | None = None) -> dict:
+    """The keyword inputs of one cached forward of `num_tokens` per row: the cache, the step's mask
+    description (the cache's offset and padded slots, the model's attention setting) and the
+    position ids (continuing the cache's offset unless given)."""
+    mask = AttentionMask.for_batch(num_tokens, offset=cache.offset, key_valid=cache.key_valid,
+                                   backend=model.attention)
+    if position_ids is None:
+        B = cache.key_valid.shape[0]
+        position_ids = torch.arange(cache.offset, cache.offset + num_tokens, device=cache.key_valid.device)
+        position_ids = position_ids.expand(B, num_tokens)
+    return {"cache": cache, "mask": mask, "position_ids": position_ids}
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -145,7 +159,7 @@ def generate(
     active = torch.ones(B, dtype=torch.bool, device=device)
     next_pos = positions[:, -1:] + 1
 
-    logits = model(tokens, position_ids=positions, cache=cache, num_last=1)[:, -1]
+    logits = model(tokens, **cached_inputs(model, cache, L, positions), num_last=1)[:, -1]
     for i in range(params.max_new_tokens):
         step = next_tokens(process_logits(logits, params, seen), params, generator)
         step = torch.where(active, step, torch.full_like(step, pad_id))
@@ -161,7 +175,7 @@ def generate(
         # One host sync per step: the loop must know whether any row still runs.
         if i + 1 == params.max_new_tokens or not active.any():
             break
-        logits = model(step[:, None], position_ids=next_pos, cache=cache)[:, -1]
+        logits = model(step[:, None], **cached_inputs(model, cache, 1, next_pos))[:, -1]
         next_pos = next_pos + 1
 
     out = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(B)]
@@ -188,7 +202,8 @@ def beam_search(model: nn.Module, prompt: Sequence[int], params: SamplingParams)
         return []
     device = _device(model)
     cache = model.new_cache(1, len(prompt) + max_new, device=device)
-    logits = model(torch.tensor([list(prompt)], device=device), cache=cache, num_last=1)[:, -1]
+    logits = model(torch.tensor([list(prompt)], device=device), **cached_inputs(model, cache, len(prompt)),
+                   num_last=1)[:, -1]
     cache.reorder(torch.zeros(num_beams, dtype=torch.long, device=device))
     logits = logits.expand(num_beams, -1)
     stop_ids = torch.tensor(sorted(set(params.stop_token_ids)) or [-1], device=device)
@@ -219,7 +234,7 @@ def beam_search(model: nn.Module, prompt: Sequence[int], params: SamplingParams)
         if best_possible <= worst_kept:
             break
         cache.reorder(beam[keep])
-        logits = model(running[:, -1:], cache=cache)[:, -1]
+        logits = model(running[:, -1:], **cached_inputs(model, cache, 1))[:, -1]
     return _cut_at_stop(finished[0][1], params.stop_token_ids)
 
 

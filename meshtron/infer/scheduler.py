@@ -32,6 +32,7 @@ from meshtron.infer.generation import (
     TokenLogprob,
     _device,
     _logprob_entries,
+    cached_inputs,
     generate_text,
     next_tokens,
     process_logits,
@@ -181,7 +182,7 @@ class Scheduler:
                 "a request may hold"))
             return
         solo = self.model.new_cache(1, L, device=self.device)
-        logits = self.model(prompt, cache=solo, num_last=1)[:, -1]
+        logits = self.model(prompt, **cached_inputs(self.model, solo, L), num_last=1)[:, -1]
         if self._cache is None:
             self._cache = self._new_cache(solo)
         cache = self._cache
@@ -256,7 +257,8 @@ class Scheduler:
         view = self.model.new_cache(n, self.columns, device=self.device)
         view.k, view.v = [t[:n] for t in cache.k], [t[:n] for t in cache.v]  # views: writes land in the cache
         view.key_valid, view.offset = cache.key_valid[:n], cache.offset
-        logits = self.model(tokens.to(self.device), position_ids=positions.to(self.device), cache=view)[:, -1]
+        inputs = cached_inputs(self.model, view, 1, positions.to(self.device))
+        logits = self.model(tokens.to(self.device), **inputs)[:, -1]
         cache.offset = view.offset
         for i in rows:
             self._sample(i, logits[i : i + 1])

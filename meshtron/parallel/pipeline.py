@@ -225,9 +225,11 @@ class PipelineRunner:
         return self._run(batches, loss_scale, train=True)
 
     def _run(self, batches: list[dict[str, torch.Tensor]], loss_scale: float, train: bool) -> torch.Tensor:
-        """The schedule cuts the concatenated batch back into the same micro-batches; the first stage
-        gets the token ids, every stage the positions and document ids, the last stage the labels."""
-        batch = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        """The micro-batches are concatenated and prepared as one batch (`recipe.prepare_batch`); the
+        schedule cuts it, its mask description included, back into the same micro-batches. The first
+        stage gets the token ids, every stage the positions and its micro-batch's mask, the last stage
+        the labels."""
+        batch = self.recipe.prepare_batch({k: torch.cat([b[k] for b in batches]) for k in batches[0]})
         if self.grad_scaler is not None:
             # Only the last stage scales a loss, but every rank unscales its gradients: make sure each
             # rank's scaler has its (lazily created) scale.

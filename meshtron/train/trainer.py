@@ -312,8 +312,9 @@ class Trainer:
             stack.enter_context(torch.autocast(self.device.type, dtype=compute))
         return stack
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], loss_scale: float) -> torch.Tensor:
-        """Forward and backward one micro-batch; returns its (unscaled) summed loss."""
+    def forward_backward(self, batch: dict, loss_scale: float) -> torch.Tensor:
+        """Forward and backward one prepared micro-batch (`recipe.prepare_batch`); returns its (unscaled)
+        summed loss."""
         with self.train_context():
             with torch.profiler.record_function("forward"):
                 loss_sum = self.recipe.loss_sum(self.model, batch)
@@ -334,7 +335,7 @@ class Trainer:
                 # FSDP keeps while sync is off); under HSDP only the all-reduce across replicas waits
                 # for the last micro-batch.
                 self.model.set_requires_all_reduce(i == len(batches) - 1)
-            loss_sum += self.forward_backward(batch, loss_scale).float()
+            loss_sum += self.forward_backward(self.recipe.prepare_batch(batch), loss_scale).float()
         return loss_sum
 
     def finish_gradients(self) -> None:
@@ -557,7 +558,7 @@ class Trainer:
             units = self._dp_sum(units)
             return {"eval_loss": (self._dp_sum(loss_sum) / units.clamp(min=1)).item()}
         for batch in batches:
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch = self.recipe.prepare_batch({k: v.to(self.device) for k, v in batch.items()})
             with self.train_context():
                 loss_sum += _local(self.recipe.loss_sum(self.model, batch)).float()
             units += self.recipe.num_loss_units(batch)

@@ -16,8 +16,12 @@ per-layer parts (a sliding window) come from the layer. Backends (`ATTENTION_BAC
 - `auto`: causal fast path without boundaries; packed documents through `flex` on CUDA and
   `varlen` elsewhere; a dense mask for what those cannot express (a cache, padding).
 
-Masks derived from a description (dense, block) are built once per forward and shared by the
-layers (cached on the description).
+A description is built where a batch is prepared (the recipe's `prepare_batch` in training and
+evaluation, each cached step of generation) and handed to the model (`model(tokens, mask=...)`).
+What it derives (dense masks, block masks, document spans) is built on first use and then shared
+by every layer, and by every copy of the description: FSDP copies dataclass inputs for each module
+it wraps. Under pipeline parallel the schedule splits a step's description into its micro-batches'
+(the description is a pytree whose leaves are its tensors).
 """
 
 import functools
@@ -25,8 +29,22 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "varlen", "dense")
+
+
+class DerivedMasks:
+    """What one description derives, by key ("dense" / "block" / "spans", window). Not a container
+    that FSDP's input casting rebuilds, so every copy of the description shares it."""
+
+    def __init__(self):
+        self.built: dict[tuple, object] = {}
+
+    def get(self, key: tuple, build):
+        if key not in self.built:
+            self.built[key] = build()
+        return self.built[key]
 
 
 @dataclass
@@ -36,8 +54,8 @@ class AttentionMask:
     offset: int = 0
     document_ids: torch.Tensor | None = None  # (B, S), only with a boundary in some row
     key_valid: torch.Tensor | None = None  # (B, >=K)
-    backend: str = "auto"  # one of ATTENTION_BACKENDS: the model's `attention` setting
-    _cache: dict = field(default_factory=dict, repr=False)
+    backend: str = "auto"  # one of ATTENTION_BACKENDS: the run's `model.attention` setting
+    derived: DerivedMasks = field(default_factory=DerivedMasks, repr=False, compare=False)
 
     @classmethod
     def for_batch(cls, q_len: int, document_ids: torch.Tensor | None = None, offset: int = 0,
@@ -54,17 +72,29 @@ class AttentionMask:
                 and self.q_len == self.kv_len)
 
     def dense(self, window: int | None, device) -> torch.Tensor:
-        key = ("dense", window)
-        if key not in self._cache:
-            self._cache[key] = build_attention_mask(self.q_len, self.kv_len, self.offset, self.document_ids,
-                                                    self.key_valid, window, device)
-        return self._cache[key]
+        return self.derived.get(("dense", window), lambda: build_attention_mask(
+            self.q_len, self.kv_len, self.offset, self.document_ids, self.key_valid, window, device))
 
     def block_mask(self, window: int | None, batch_size: int, device):
-        key = ("block", window)
-        if key not in self._cache:
-            self._cache[key] = _block_mask(self, window, batch_size, device)
-        return self._cache[key]
+        return self.derived.get(("block", window), lambda: _block_mask(self, window, batch_size, device))
+
+    def document_spans(self) -> list[list[tuple[int, int]]] | None:
+        """(start, end) of each document of each row; None without `document_ids` (a row is one document)."""
+        return self.derived.get(("spans", None), lambda: _document_spans(self.document_ids, self.q_len))
+
+
+def _flatten(mask: AttentionMask):
+    return [mask.document_ids, mask.key_valid], (mask.q_len, mask.kv_len, mask.offset, mask.backend)
+
+
+def _unflatten(children, context) -> AttentionMask:
+    q_len, kv_len, offset, backend = context
+    return AttentionMask(q_len, kv_len, offset, children[0], children[1], backend)
+
+
+# A pytree, so that the pipeline schedule splits a step's description by rows like the step's tensors.
+pytree.register_pytree_node(AttentionMask, _flatten, _unflatten,
+                            serialized_type_name="meshtron.models.common.masks.AttentionMask")
 
 
 def build_attention_mask(
@@ -142,7 +172,7 @@ def attend(q_BHSD: torch.Tensor, k_BGKD: torch.Tensor, v_BGKD: torch.Tensor, mas
         return _flex_attention(q_BHSD.is_cuda)(q_BHSD, k_BGKD, v_BGKD, score_mod=score_mod, block_mask=block,
                                                scale=scale, enable_gqa=gqa)
     if backend == "varlen" and mask.key_valid is None and mask.offset == 0:
-        return _per_document(q_BHSD, k_BGKD, v_BGKD, mask.document_ids, window, gqa, scale)
+        return _per_document(q_BHSD, k_BGKD, v_BGKD, mask.document_spans(), window, gqa, scale)
     return F.scaled_dot_product_attention(q_BHSD, k_BGKD, v_BGKD, attn_mask=mask.dense(window, q_BHSD.device),
                                           scale=scale, enable_gqa=gqa)
 
@@ -168,12 +198,12 @@ def _flex_attention(compiled: bool):
     return torch.compile(flex_attention) if compiled else flex_attention
 
 
-def _per_document(q_BHSD, k_BGKD, v_BGKD, document_ids, window, gqa, scale) -> torch.Tensor:
-    """One causal SDPA call per document of each row (a row is one document without `document_ids`)."""
+def _per_document(q_BHSD, k_BGKD, v_BGKD, spans, window, gqa, scale) -> torch.Tensor:
+    """One causal SDPA call per document span of each row (`spans` None: a row is one document)."""
     B, _, S, _ = q_BHSD.shape
     out = torch.empty_like(q_BHSD)
     for b in range(B):
-        for start, end in _document_spans(document_ids[b] if document_ids is not None else None, S):
+        for start, end in spans[b] if spans is not None else [(0, S)]:
             q, k, v = (t[b:b + 1, :, start:end] for t in (q_BHSD, k_BGKD, v_BGKD))
             local = build_attention_mask(end - start, end - start, window=window, device=q.device)
             out[b:b + 1, :, start:end] = F.scaled_dot_product_attention(
@@ -181,8 +211,11 @@ def _per_document(q_BHSD, k_BGKD, v_BGKD, document_ids, window, gqa, scale) -> t
     return out
 
 
-def _document_spans(row_ids: torch.Tensor | None, length: int) -> list[tuple[int, int]]:
-    if row_ids is None:
-        return [(0, length)]
-    starts = [0] + (torch.nonzero(row_ids[1:] != row_ids[:-1]).flatten() + 1).tolist()
-    return list(zip(starts, starts[1:] + [length]))
+def _document_spans(document_ids: torch.Tensor | None, length: int) -> list[list[tuple[int, int]]] | None:
+    if document_ids is None:
+        return None
+    starts = [[0] for _ in range(document_ids.shape[0])]
+    # One host sync for the whole batch: the (row, column) of every change of id.
+    for row, col in torch.nonzero(document_ids[:, 1:] != document_ids[:, :-1]).tolist():
+        starts[row].append(col + 1)
+    return [list(zip(row, row[1:] + [length])) for row in starts]

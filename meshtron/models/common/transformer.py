@@ -141,12 +141,16 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         num_last: int | None = None,
         head=None,
+        mask: AttentionMask | None = None,
     ) -> torch.Tensor:
         """tokens: (B, S) ids (or (B, S, E) hidden states on a stage without the embedding).
 
-        position_ids: (B, S); defaults to positions restarting at each document (packed input)
-        or continuing the cache. document_ids: (B, S) ints; attention never crosses a change of
-        id. Returns logits (B, S, V), or hidden states on a stage without the head. With
+        mask: the batch's `AttentionMask`, built where the batch was prepared (a recipe's
+        `prepare_batch`, a generation step); every layer uses it and what it derives. Without one,
+        the model describes the batch itself from `document_ids` ((B, S) ints; attention never
+        crosses a change of id) and the cache, with its `attention` setting. position_ids: (B, S);
+        defaults to positions restarting at each document (packed input) or continuing the cache.
+        Returns logits (B, S, V), or hidden states on a stage without the head. With
         `num_last`, only the last `num_last` positions go through the final norm and head:
         generation needs one position's logits, and the head is the largest matmul of a prefill.
         With `head`, returns `head(final hidden states, lm_head)` instead of the logits: a loss
@@ -156,14 +160,20 @@ class Transformer(nn.Module):
         h = self.embed(tokens) if self.embed is not None else tokens
         B, S = h.shape[:2]
         offset = cache.offset if cache is not None else 0
+        if mask is None:
+            key_valid = cache.key_valid if cache is not None else None
+            mask = AttentionMask.for_batch(S, document_ids, offset, key_valid, self.attention)
+        elif document_ids is not None:
+            raise ValueError("give the batch's document_ids through its mask (AttentionMask.for_batch), not both")
+        elif (mask.q_len, mask.offset) != (S, offset):
+            raise ValueError(f"the mask describes {mask.q_len} queries from slot {mask.offset}, the forward has {S} "
+                             f"from slot {offset}; build it for this batch and cache")
         if position_ids is None:
-            if document_ids is not None:
-                position_ids = positions_from_documents(document_ids)
+            if mask.document_ids is not None:
+                position_ids = positions_from_documents(mask.document_ids)
             else:
                 position_ids = torch.arange(offset, offset + S, device=h.device).expand(B, S)
         cos, sin = self.rope(position_ids, h.dtype)
-        key_valid = cache.key_valid if cache is not None else None
-        mask = AttentionMask.for_batch(S, document_ids, offset, key_valid, self.attention)
         for layer in self.layers.values():
             h = layer(h, cos, sin, mask, cache)
         if cache is not None:

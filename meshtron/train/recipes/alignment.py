@@ -32,20 +32,18 @@ IGNORE = -100
 REFERENCE_KEYS = ("chosen_ref_logps", "rejected_ref_logps")
 
 
-def token_logps(model: nn.Module, input_ids, labels, document_ids, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-prob of the labelled tokens per row, and their count; the head and the loss run
-    together, chunked over tokens (meshtron.train.losses)."""
-    nll = model(input_ids, position_ids=position_ids, document_ids=document_ids,
+def token_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of the labelled tokens per row of a prepared batch, and their count; the head
+    and the loss run together, chunked over tokens (meshtron.train.losses)."""
+    labels = batch["labels"]
+    nll = model(batch["input_ids"], position_ids=batch["position_ids"], mask=batch["mask"],
                 head=functools.partial(head_token_nll, labels_BS=labels))
     return -nll.sum(-1), (labels != IGNORE).sum(-1)
 
 
 def _pair_forward(model: nn.Module, batch: dict) -> tuple[torch.Tensor, ...]:
     """(chosen logps, rejected logps, chosen lengths, rejected lengths) from one forward of both."""
-    def cat(key):
-        return torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], dim=0)
-
-    logps, lengths = token_logps(model, cat("input_ids"), cat("labels"), cat("document_ids"), cat("position_ids"))
+    logps, lengths = token_logps(model, batch)
     n = batch["chosen_input_ids"].shape[0]
     return logps[:n], logps[n:], lengths[:n], lengths[n:]
 
@@ -60,6 +58,13 @@ class PairwiseRecipe(Recipe):
 
     def num_loss_units(self, batch) -> torch.Tensor:
         return ((batch["chosen_labels"] != IGNORE).any(-1)).sum()
+
+    def prepare_batch(self, batch) -> dict:
+        """Chosen and rejected rows stacked into one model input (chosen first), prepared as one batch:
+        the model runs both in one forward."""
+        pair = {key: torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]])
+                for key in ("input_ids", "labels", "document_ids", "position_ids")}
+        return {**batch, **super().prepare_batch(pair)}
 
     def _record(self, metrics: dict[str, torch.Tensor]) -> None:
         for key, value in metrics.items():
@@ -109,7 +114,7 @@ def reference_logps(trainer, model: nn.Module, dataset) -> np.ndarray:
     for start in range(0, n, mbs * dp_size):
         positions = start + dp_rank + dp_size * np.arange(mbs)
         batch = collate([dataset[int(p) % n] for p in positions])
-        batch = {k: v.to(trainer.device) for k, v in batch.items()}
+        batch = trainer.recipe.prepare_batch({k: v.to(trainer.device) for k, v in batch.items()})
         with trainer.train_context():
             chosen, rejected, _, _ = _pair_forward(model, batch)
         mine = positions < n  # the last round's wrapped-around rows are computed, not kept
@@ -217,11 +222,11 @@ def last_token_index(document_ids: torch.Tensor) -> torch.Tensor:
     return (document_ids == document_ids[:, :1]).sum(-1) - 1
 
 
-def sequence_rewards(model: nn.Module, input_ids, document_ids, position_ids) -> torch.Tensor:
+def sequence_rewards(model: nn.Module, batch: dict) -> torch.Tensor:
     """The score head's value at each row's last real token (the reward model's output)."""
-    values = model(input_ids, position_ids=position_ids, document_ids=document_ids)
+    values = model(batch["input_ids"], position_ids=batch["position_ids"], mask=batch["mask"])
     values = values.full_tensor() if hasattr(values, "full_tensor") else values
-    last = last_token_index(document_ids)
+    last = last_token_index(batch["document_ids"])
     return values[torch.arange(values.shape[0], device=values.device), last, 0].float()
 
 
@@ -235,10 +240,7 @@ class RewardModelRecipe(PairwiseRecipe):
         return dataclasses.replace(args, num_labels=1)
 
     def loss_sum(self, model, batch) -> torch.Tensor:
-        def cat(key):
-            return torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], dim=0)
-
-        rewards = sequence_rewards(model, cat("input_ids"), cat("document_ids"), cat("position_ids"))
+        rewards = sequence_rewards(model, batch)
         n = batch["chosen_input_ids"].shape[0]
         chosen, rejected = rewards[:n], rewards[n:]
         losses = bradley_terry_loss(chosen, rejected, self.config.align.rm_margin)
@@ -279,7 +281,7 @@ class PRMRecipe(Recipe):
 
     def step_logits(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(good-minus-bad logit, label) at every labelled step position."""
-        logits = model(batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"])
+        logits = model(batch["input_ids"], position_ids=batch["position_ids"], mask=batch["mask"])
         logits = logits.full_tensor() if hasattr(logits, "full_tensor") else logits
         mask = batch["labels"] >= 0
         pair = logits[mask][:, list(self.token_ids)].float()

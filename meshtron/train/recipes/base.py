@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from meshtron.config import JobConfig
+from meshtron.models.common.masks import AttentionMask
 
 
 class Recipe:
@@ -23,6 +24,20 @@ class Recipe:
     def num_loss_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """How many units this micro-batch's loss sums over."""
         raise NotImplementedError
+
+    def prepare_batch(self, batch: dict[str, torch.Tensor]) -> dict:
+        """The batch as the model takes it: its position ids (restarting at each document unless
+        data.reset_position_ids is false) and the description of its attention mask (`mask`, with
+        the run's model.attention kernel), beside its tensors. Called once per batch by whatever
+        forms the model's batch (the micro-batch loop, the pipeline runner for a step's micro-batches
+        together, evaluation); `loss_sum` and `pipeline_inputs` take prepared batches."""
+        input_ids, document_ids = batch["input_ids"], batch["document_ids"]
+        B, S = input_ids.shape
+        position_ids = batch["position_ids"]
+        if not self.config.data.reset_position_ids:
+            position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
+        mask = AttentionMask.for_batch(S, document_ids, backend=self.config.model.attention)
+        return {**batch, "position_ids": position_ids, "mask": mask}
 
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward `batch` and return the summed loss (a scalar)."""

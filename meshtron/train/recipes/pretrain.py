@@ -1,7 +1,8 @@
 """Pretraining: next-token loss over packed documents.
 
-Attention never crosses a document boundary (the batch's document_ids); positions restart at
-each document unless data.reset_position_ids is false.
+Attention never crosses a document boundary (the batch's document_ids, described in its mask
+when the batch is prepared); positions restart at each document unless data.reset_position_ids
+is false.
 """
 
 import torch
@@ -29,14 +30,8 @@ class PretrainRecipe(Recipe):
     supports_pipeline = True
 
     def pipeline_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[tuple, dict, torch.Tensor]:
-        return ((batch["input_ids"],), {"position_ids": self.position_ids(batch), "document_ids": batch["document_ids"]},
-                batch["labels"])
+        return (batch["input_ids"],), {"position_ids": batch["position_ids"], "mask": batch["mask"]}, batch["labels"]
 
     def pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return token_cross_entropy_sum(output, target)
 
-    def position_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.config.data.reset_position_ids:
-            return batch["position_ids"]
-        B, S = batch["input_ids"].shape
-        return torch.arange(S, device=batch["input_ids"].device).expand(B, S)

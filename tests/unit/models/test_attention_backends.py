@@ -56,3 +56,69 @@ def test_unknown_backend_is_refused():
     model, _ = _model("llama")
     with pytest.raises(ValueError, match="choose from auto, sdpa, flex, varlen, dense"):
         model.set_attention("flash")
+
+
+def _masks_seen_by_cores(model):
+    """The mask description every attention core receives, in layer order (a forward hook: nothing patched)."""
+    seen = []
+    for module in model.modules():
+        if type(module).__name__ == "AttentionCore":
+            module.register_forward_hook(lambda module, args, output: seen.append(args[3]))
+    return seen
+
+
+def test_block_masks_are_built_once_per_batch_and_shared_by_every_layer():
+    # gemma2:debug: a sliding window on layer 0, none on layer 1, soft-capped scores.
+    model, args = _model("gemma2")
+    model.set_attention("flex")
+    tokens, document_ids = _packed(args.vocab_size)
+    mask = AttentionMask.for_batch(tokens.shape[1], document_ids, backend="flex")
+    seen = _masks_seen_by_cores(model)
+    with torch.no_grad():
+        first = model(tokens, mask=mask)
+        built = dict(mask.derived.built)
+        second = model(tokens, mask=mask)  # e.g. a DPO reference forward of the same batch
+    assert set(built) == {("block", args.sliding_window), ("block", None)}  # one per window, not per layer
+    assert all(mask.derived.built[key] is built[key] for key in built)  # the second forward built nothing
+    assert len(seen) == 4 and all(m.derived is mask.derived for m in seen)
+    assert torch.equal(first, second)
+
+
+def test_fsdp_copies_of_the_mask_share_what_it_derives():
+    """FSDP2 with a compute dtype casts every wrapped module's inputs, copying a dataclass input per
+    block: the copies must still share the derived masks, or each layer would build its own."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model, args = _model("llama")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+        for block in model.layers.values():
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        model.set_attention("dense")
+        tokens, document_ids = _packed(args.vocab_size)
+        mask = AttentionMask.for_batch(tokens.shape[1], document_ids, backend="dense")
+        seen = _masks_seen_by_cores(model)
+        with torch.no_grad():
+            model(tokens, mask=mask)
+    finally:
+        dist.destroy_process_group()
+    assert len(seen) == 2 and all(m is not mask for m in seen)  # FSDP handed each block a copy
+    assert all(m.derived is mask.derived for m in seen)
+    assert list(mask.derived.built) == [("dense", None)]
+
+
+def test_pipeline_split_gives_each_micro_batch_its_rows_of_the_mask():
+    from torch.distributed.pipelining.microbatch import split_args_kwargs_into_chunks
+
+    model, args = _model("llama")
+    tokens, document_ids = _packed(args.vocab_size)
+    mask = AttentionMask.for_batch(tokens.shape[1], document_ids, backend="varlen")
+    args_chunks, kwargs_chunks = split_args_kwargs_into_chunks((tokens,), {"mask": mask}, 2)
+    with torch.no_grad():
+        for row, ((chunk,), kwargs) in enumerate(zip(args_chunks, kwargs_chunks)):
+            assert torch.equal(kwargs["mask"].document_ids, document_ids[row:row + 1])
+            assert torch.equal(model(chunk, mask=kwargs["mask"]),
+                               model(tokens[row:row + 1], document_ids=document_ids[row:row + 1]))
