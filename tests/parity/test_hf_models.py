@@ -81,6 +81,29 @@ CASES = {
              pad_token_id=0, bos_token_id=1, eos_token_id=2,
              tie_word_embeddings=False, rope_parameters=dict(rope_theta=5000000.0, rope_type="default")),
     ),
+    "olmo2-postnorm-qknorm-linear": (
+        "Olmo2Config",
+        # Biased q/k before the whole-projection q/k norms; GQA so that the k norm is narrower than the q norm.
+        dict(attention_bias=True, head_dim=24, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+             rope_parameters=dict(rope_theta=500000.0, rope_type="linear", factor=2.0)),
+    ),
+    "granite-multipliers": (
+        "GraniteConfig",
+        # Multipliers far from one (and from each other) so that each one's place matters.
+        dict(embedding_multiplier=12.0, residual_multiplier=0.5, attention_multiplier=2.0, logits_scaling=4.0,
+             mlp_bias=True, tie_word_embeddings=True, rope_parameters=dict(rope_theta=10000.0, rope_type="default")),
+    ),
+    "starcoder2-layernorm-gelu-window": (
+        "Starcoder2Config",
+        dict(sliding_window=6, use_bias=True, norm_epsilon=1e-5, head_dim=16, pad_token_id=0, bos_token_id=1,
+             eos_token_id=2, rope_parameters=dict(rope_theta=999999.4420358813, rope_type="default")),
+    ),
+    "internlm3-bias-dynamic": (
+        "InternLM3Config",
+        # The config's own bias names (qkv_bias, bias); 24 test tokens run past the 16 positions: dynamic NTK.
+        dict(qkv_bias=True, bias=True, head_dim=24, max_position_embeddings=16,
+             rope_parameters=dict(rope_theta=50000000.0, rope_type="dynamic", factor=6.0)),
+    ),
     "qwen3-qknorm-yarn": (
         "Qwen3Config",
         dict(head_dim=32, attention_bias=False, tie_word_embeddings=False,
@@ -90,7 +113,8 @@ CASES = {
 }
 
 
-def make_hf_model(case: str, tmp_path):
+def make_hf_model(case: str, tmp_path, edit=None):
+    """A tiny random transformers model of `case`, saved; `edit(model)` changes its weights before saving."""
     import transformers
 
     cls_name, extra = CASES[case]
@@ -102,6 +126,8 @@ def make_hf_model(case: str, tmp_path):
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.normal_(1.0 if "norm" in name else 0.0, 0.1)
+        if edit is not None:
+            edit(model)
     model.eval()
     path = tmp_path / case
     model.save_pretrained(str(path))
@@ -139,9 +165,45 @@ def test_packed_documents_match_separate_runs(case, tmp_path):
             start += n
 
 
+def test_olmo2_qk_norms_span_all_heads(tmp_path):
+    """OLMo 2 normalizes q and k over the whole projection: with one head's q and k made 8x larger, the
+    other heads' come out much smaller than a per-head norm would make them."""
+    def enlarge_first_head(model):
+        head_dim = model.config.head_dim
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                proj.weight[:head_dim] *= 8
+                proj.bias[:head_dim] *= 8
+
+    hf_model, path = make_hf_model("olmo2-postnorm-qknorm-linear", tmp_path, edit=enlarge_first_head)
+    ours, _ = load_hf_model(path)
+    tokens = torch.randint(0, BASE["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(tokens) - hf_model(tokens).logits).abs().max().item() <= TOL
+
+
+def test_internlm3_published_config_loads(tmp_path):
+    """An InternLM3 checkpoint as published: `InternLM3ForCausalLM` (remote code that transformers replaces
+    by Llama), the bias fields `qkv_bias` / `bias`, legacy `rope_scaling` and `rope_theta`."""
+    hf_model, path = make_hf_model("internlm3-bias-dynamic", tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config.update(architectures=["InternLM3ForCausalLM"], qkv_bias=config.pop("attention_bias"),
+                  bias=config.pop("mlp_bias"), rope_theta=rope.pop("rope_theta"), rope_scaling=rope,
+                  auto_map={"AutoModelForCausalLM": "modeling_internlm3.InternLM3ForCausalLM"})
+    (path / "config.json").write_text(json.dumps(config))
+    ours, args = load_hf_model(path)
+    assert args.qkv_bias and args.out_bias and args.mlp_bias and args.rope_scaling["rope_type"] == "dynamic"
+    tokens = torch.randint(0, BASE["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(tokens) - hf_model(tokens).logits).abs().max().item() <= TOL
+
+
 @pytest.mark.parametrize("case", ["llama-llama3rope-bias", "qwen2-window-yarn", "qwen3-qknorm-yarn",
                                   "gemma2-softcap-window", "phi3-longrope-partial", "smollm3-nope-window",
-                                  "gemma3-qknorm-ropebases", "glm4-interleaved-partial"])
+                                  "gemma3-qknorm-ropebases", "glm4-interleaved-partial", "olmo2-postnorm-qknorm-linear",
+                                  "granite-multipliers", "starcoder2-layernorm-gelu-window",
+                                  "internlm3-bias-dynamic"])
 def test_round_trip_identical_tensors(case, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -169,7 +231,9 @@ def test_round_trip_identical_tensors(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["mistral-window-default", "gemma2-softcap-window", "phi3-longrope-partial",
-                                  "smollm3-nope-window", "gemma3-qknorm-ropebases", "glm4-interleaved-partial"])
+                                  "smollm3-nope-window", "gemma3-qknorm-ropebases", "glm4-interleaved-partial",
+                                  "olmo2-postnorm-qknorm-linear", "granite-multipliers",
+                                  "starcoder2-layernorm-gelu-window", "internlm3-bias-dynamic"])
 def test_greedy_generation_matches_transformers(case, tmp_path):
     from meshtron.infer.generation import SamplingParams, generate
 

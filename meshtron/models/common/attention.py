@@ -106,14 +106,20 @@ class Attention(nn.Module):
             init.linear(getattr(self, name), name, self.std)
         init.linear(self.o_proj, "o_proj", self.out_std)
 
-    def forward(self, x_BSE, cos, sin, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
+    def project(self, x_BSE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, S, H, D), k and v (B, S, G, D), q and k normed per head where the family does (a family
+        whose q/k norms span other dims overrides this)."""
         B, S, _ = x_BSE.shape
         q = self.q_proj(x_BSE).view(B, S, -1, self.head_dim)
         k = self.k_proj(x_BSE).view(B, S, -1, self.head_dim)
         v = self.v_proj(x_BSE).view(B, S, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return q, k, v
+
+    def forward(self, x_BSE, cos, sin, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
+        B, S, _ = x_BSE.shape
+        q, k, v = (t.transpose(1, 2) for t in self.project(x_BSE))
         if self.rotary is not None:
             q, k = apply_rotary(q, k, cos, sin, self.rotary)
         if cache is not None:

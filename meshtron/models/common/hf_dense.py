@@ -52,8 +52,9 @@ def rope_to_hf(args: ModelArgs) -> dict:
 
 
 def dense_args_from_hf(cfg, family: str, *, qkv_bias: bool, out_bias: bool, qk_norm: bool,
-                       rope_parameters: dict | None = None) -> ModelArgs:
-    """`rope_parameters`: the RoPE of the args when the config holds several (one per kind of layer)."""
+                       rope_parameters: dict | None = None, norm_eps: float | None = None) -> ModelArgs:
+    """`rope_parameters`: the RoPE of the args when the config holds several (one per kind of layer).
+    `norm_eps`: for a config without `rms_norm_eps` (a LayerNorm family names its epsilon otherwise)."""
     theta, scaling, partial = rope_from_hf(cfg, rope_parameters)
     window = getattr(cfg, "sliding_window", None)
     layer_types = getattr(cfg, "layer_types", None)
@@ -72,7 +73,7 @@ def dense_args_from_hf(cfg, family: str, *, qkv_bias: bool, out_bias: bool, qk_n
         num_kv_heads=getattr(cfg, "num_key_value_heads", None) or num_heads,
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads,
         ffn_dim=cfg.intermediate_size,
-        norm_eps=cfg.rms_norm_eps,
+        norm_eps=cfg.rms_norm_eps if norm_eps is None else norm_eps,
         max_seq_len=cfg.max_position_embeddings,
         rope_theta=theta,
         rope_scaling=scaling,

@@ -1,5 +1,6 @@
 """Normalization, feed-forward and embedding/head layers shared by the families: RMSNorm and its
-(1 + w) variant, the gated MLP (SwiGLU, GeGLU), Gemma's scaled embedding and soft-capped head."""
+(1 + w) variant, LayerNorm with bias, the gated MLP (SwiGLU, GeGLU), the plain two-layer MLP (GELU),
+Gemma's scaled embedding and soft-capped head."""
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,15 @@ class OffsetRMSNorm(RMSNorm):
         return (normed * (1.0 + self.weight.float())).type_as(x)
 
 
+class LayerNorm(nn.LayerNorm):
+    """torch's LayerNorm (weight and bias) that initializes itself: weight one, bias zero (StarCoder2)."""
+
+    def init_weights(self, init: ParamInit) -> None:
+        init.fill_(self.weight, "weight", 1.0)
+        if self.bias is not None:
+            init.fill_(self.bias, "bias", 0.0)
+
+
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
@@ -68,6 +78,26 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MLP(nn.Module):
+    """down(act(up(x))), not gated (StarCoder2's c_fc / c_proj). The names `up_proj` / `down_proj` are the
+    gated MLP's, so that LoRA targets and tensor-parallel plans address both kinds alike."""
+
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False, std: float = 0.02, out_std: float = 0.02,
+                 activation: str = "gelu_tanh"):
+        super().__init__()
+        self.std, self.out_std = std, out_std
+        self.act = ACTIVATIONS[activation]
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
+
+    def init_weights(self, init: ParamInit) -> None:
+        init.linear(self.up_proj, "up_proj", self.std)
+        init.linear(self.down_proj, "down_proj", self.out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))
 
 
 class ScaledEmbedding(nn.Embedding):

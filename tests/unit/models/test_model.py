@@ -41,10 +41,22 @@ def test_published_sizes_are_registered():
     assert round(get_flavor("gemma3:gemma3-4b").num_params() / 1e9, 2) == 3.88
     assert round(get_flavor("smollm3:smollm3-3b").num_params() / 1e9, 2) == 3.08
     assert round(get_flavor("glm4:glm4-9b").num_params() / 1e9, 2) == 9.40  # GLM-4-9B-0414
+    # OLMo-2 1B / 7B / 13B 1.48 / 7.30 / 13.72; Granite-3.3 2B / 8B 2.53 / 8.17; StarCoder2 3B / 7B / 15B
+    # 3.03 / 7.17 / 15.96; InternLM3-8B 8.80.
+    assert round(get_flavor("olmo2:olmo2-1b").num_params() / 1e9, 2) == 1.48
+    assert round(get_flavor("olmo2:olmo2-7b").num_params() / 1e9, 2) == 7.30
+    assert round(get_flavor("olmo2:olmo2-13b").num_params() / 1e9, 2) == 13.72
+    assert round(get_flavor("granite:granite3.3-2b").num_params() / 1e9, 2) == 2.53
+    assert round(get_flavor("granite:granite3.3-8b").num_params() / 1e9, 2) == 8.17
+    assert round(get_flavor("starcoder2:starcoder2-3b").num_params() / 1e9, 2) == 3.03
+    assert round(get_flavor("starcoder2:starcoder2-7b").num_params() / 1e9, 2) == 7.17
+    assert round(get_flavor("starcoder2:starcoder2-15b").num_params() / 1e9, 2) == 15.96
+    assert round(get_flavor("internlm3:internlm3-8b").num_params() / 1e9, 2) == 8.80
 
 
 def test_unknown_model_type_lists_supported():
-    with pytest.raises(UserError, match="gemma2, gemma3_text, glm4, llama, mistral, phi3, qwen2, qwen3, smollm3"):
+    with pytest.raises(UserError, match="gemma2, gemma3_text, glm4, granite, internlm3, llama, mistral, olmo2, phi3, "
+                                        "qwen2, qwen3, smollm3, starcoder2"):
         family_for_model_type("gpt2")
     with pytest.raises(UserError, match="debug"):
         get_flavor("llama:nope")
