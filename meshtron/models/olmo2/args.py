@@ -11,7 +11,8 @@ class Olmo2Args(ModelArgs):
 
     def num_params(self, include_embedding: bool = True) -> int:
         # q/k norms over the whole projections (num_heads * head_dim and num_kv_heads * head_dim wide), not per head.
-        return super().num_params(include_embedding) + self.num_layers * (self.num_heads + self.num_kv_heads) * self.head_dim
+        qk_norms = (self.num_heads + self.num_kv_heads) * self.head_dim
+        return super().num_params(include_embedding) + self.num_layers * qk_norms
 
 
 _OLMO2 = dict(family="olmo2", vocab_size=100352, norm_eps=1e-6, max_seq_len=4096, rope_theta=500000.0)
