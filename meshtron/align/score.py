@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from meshtron.errors import UserError
+from meshtron.models.common.masks import AttentionMask
 
 
 def conversation(record: dict, where: str) -> list[dict]:
@@ -55,7 +56,9 @@ def score_file(model, tokenizer, input_path: Path, output, batch_size: int = 8) 
         tokens = torch.zeros((len(chunk), width), dtype=torch.long, device=device)
         for row, ids in enumerate(chunk):
             tokens[row, : len(ids)] = torch.tensor(ids, device=device)
-        values = model(tokens)[..., 0].float()  # right padding: earlier positions are unaffected
+        # Each row one causal sequence; right padding: earlier positions are unaffected.
+        mask = AttentionMask.for_batch(width, backend=model.attention)
+        values = model(tokens, mask=mask)[..., 0].float()
         for row, ids in enumerate(chunk):
             record = records[start + row]
             output.write(json.dumps({**record, "reward": values[row, len(ids) - 1].item()}, ensure_ascii=False) + "\n")

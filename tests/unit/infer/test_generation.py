@@ -130,3 +130,19 @@ def test_beam_search_output_is_cut_at_a_stop_string():
     (out,) = generate_text(m, LetterTokenizer(), [[5, 6, 7]], SamplingParams(max_new_tokens=10, num_beams=3,
                                                                              stop_strings=(stop,)))
     assert out.text == text[:cut] and out.token_ids == full[: cut + len(stop)] and out.finish_reason == "stop"
+
+
+def test_each_cached_step_is_described_once_for_every_layer():
+    m = _model()
+    m.set_attention("dense")
+    steps = []  # (layer core, mask) per call, in order
+    for name, module in m.named_modules():
+        if name.endswith("attn.core"):
+            module.register_forward_hook(lambda module, args, output: steps.append(args[3]))
+    prompts = [[5, 6, 7], [9, 10]]  # the second row is left-padded by one slot
+    generate(m, prompts, SamplingParams(max_new_tokens=4))
+    per_step = [steps[i:i + 2] for i in range(0, len(steps), 2)]  # llama:debug has 2 layers
+    assert [(s[0].offset, s[0].q_len) for s in per_step] == [(0, 3), (3, 1), (4, 1), (5, 1)]
+    for first, second in per_step:
+        assert second is first and first.backend == "dense"
+        assert torch.equal(first.key_valid[:, :3], torch.tensor([[True] * 3, [False, True, True]]))
