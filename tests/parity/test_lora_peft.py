@@ -56,6 +56,41 @@ def test_peft_adapter_and_merged_export_match(tiny_base, tmp_path, targets):
         assert (merged(tokens).logits - ours).abs().max().item() <= TOL
 
 
+# Families whose blocks or module names differ from the dense decoder's (StarCoder2's MLP is c_fc / c_proj in
+# transformers, up_proj / down_proj here): (config class, options, adapted linears per layer with all-linear).
+OWN_BLOCK_BASES = {
+    "olmo2": ("Olmo2Config", dict(attention_bias=True), 7),
+    "granite": ("GraniteConfig", dict(embedding_multiplier=12.0, residual_multiplier=0.5, attention_multiplier=0.3,
+                                      logits_scaling=4.0), 7),
+    "starcoder2": ("Starcoder2Config", dict(sliding_window=6, use_bias=True), 6),
+}
+
+
+@pytest.mark.parametrize("family", list(OWN_BLOCK_BASES))
+def test_peft_adapter_matches_on_families_with_own_blocks(family, tmp_path):
+    import transformers
+    from peft import PeftModel
+
+    cls_name, options, per_layer = OWN_BLOCK_BASES[family]
+    cfg = getattr(transformers, cls_name)(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                          bos_token_id=1, eos_token_id=2, **options)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp_path / "base"))
+    model, args = load_hf_model(tmp_path / "base")
+    config = LoRAConfig(rank=4, alpha=8, targets=["all-linear"])
+    assert len(apply_lora(model, config)) == 2 * per_layer
+    _randomize_adapters(model)
+    tokens = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        ours = model(tokens)
+    save_peft_adapter(model, args, config, tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        assert (peft_model(tokens).logits - ours).abs().max().item() <= TOL
+
+
 def test_only_adapters_train_and_fresh_adapters_change_nothing(tiny_base):
     model, _ = load_hf_model(tiny_base)
     tokens = torch.randint(0, 256, (1, 8))
