@@ -28,8 +28,9 @@ def meshtron(*args, cwd=None, timeout=1200):
 def lora_run(smollm2_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora") / "run"
     result = meshtron("train", str(REPO / "configs" / "smollm2" / "sft_lora.toml"), "--train.output_dir", str(out),
-                      "--train.steps", "3", "--train.eval_interval", "0", "--data.eval_paths", "[]",
-                      "--train.seq_length", "128", "--model.name_or_path", str(smollm2_dir), cwd=REPO)
+                      "--train.steps", "2", "--train.eval_interval", "0", "--data.eval_paths", "[]",
+                      "--train.seq_length", "64", "--train.global_batch_size", "2", "--train.micro_batch_size", "1",
+                      "--model.name_or_path", str(smollm2_dir), cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -39,7 +40,7 @@ def test_lora_run_prints_trainable_count_and_saves_adapters_only(lora_run):
     # SmolLM2: 30 layers x rank 16 x (q 576+576, k 576+192, v 576+192, o 576+576, gate/up 2x(576+1536), down 1536+576)
     per_layer = 16 * ((576 + 576) * 2 + (576 + 192) * 2 + (576 + 1536) * 3)
     assert f"LoRA rank 16 on all-linear: {30 * per_layer:,} trainable parameters" in result.stderr
-    step = out / "checkpoints" / "step-3"
+    step = out / "checkpoints" / "step-2"
     size = sum(f.stat().st_size for f in step.rglob("*.distcp"))
     assert size < 100 * 2**20  # adapters + their optimizer state, not the 540 MB base
     manifest = json.loads((step / "manifest.json").read_text())
