@@ -29,7 +29,8 @@ def test_two_quickstart_steps_profiled(tmp_path, smollm2_dir):
     out = tmp_path / "run"
     records = train(REPO / "configs" / "quickstart.toml", out, "--train.steps", "3", "--profile.enable", "true",
                     "--profile.start_step", "2", "--profile.num_steps", "2", "--train.sample_prompt", "",
-                    "--log.plot", "false", "--log.tensorboard", "false", "--checkpoint.save_final", "false")
+                    "--log.plot", "false", "--log.tensorboard", "false", "--checkpoint.save_final", "false",
+                    "--train.seq_length", "128", "--train.global_batch_size", "4", "--train.micro_batch_size", "4")
     trace = out / "profile" / "step-2-3" / "rank-0.trace.json.gz"
     with gzip.open(trace, "rt") as f:
         events = json.load(f)["traceEvents"]  # valid Chrome-trace JSON
