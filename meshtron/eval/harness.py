@@ -160,6 +160,14 @@ def _aggregate(task, items, scores, shots, mode) -> TaskResult:
     return TaskResult(task.name, "acc", sum(scores) / len(scores), len(items), shots, mode, task.method[mode], subtasks)
 
 
+def check_window(seq_length: int, context: int) -> None:
+    """A perplexity window is one forward: beyond the model's context its attention grows with the
+    square of a length the model never saw, so it is refused before anything is allocated."""
+    if not 1 <= seq_length <= context:
+        raise UserError(f"--seq-length {seq_length} must be between 1 and the model's context length {context} "
+                        "(max_position_embeddings); lower --seq-length")
+
+
 def evaluate(model_path: str, task_names: list[str], data_dir: str | None, settings: EvalSettings,
              dtype: str = "auto", seq_length: int = 1024) -> dict | None:
     """Evaluate; returns the report on rank 0 (None on other ranks)."""
@@ -184,6 +192,8 @@ def evaluate(model_path: str, task_names: list[str], data_dir: str | None, setti
             task.sandbox = choose_sandbox(settings.no_sandbox)
     layout = init_distributed(settings.tp)
     loaded = load_for_generation(model_path, dtype=dtype, device=layout.device, tp_mesh=layout.tp_mesh)
+    if None in tasks:
+        check_window(seq_length, loaded.model.args.max_seq_len)
     lm = EvalLM(loaded, settings.batch_size, settings.chat_template)
     results = [
         perplexity(lm, data_dir, seq_length, settings.limit, layout) if p is None

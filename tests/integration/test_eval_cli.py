@@ -107,3 +107,19 @@ def test_bad_samples_usage(tmp_path, extra, line, fragment):
     result = run_eval("--tasks", "humaneval", "--samples", str(samples), "--output", str(tmp_path / "r.json"), *extra)
     _assert_one_line_error(result, fragment)
     assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("seq_length", ["100000", "0"])
+def test_a_perplexity_window_beyond_the_context_is_refused(tiny_llama_dir, tmp_path, seq_length):
+    """One window is one forward: 100000 tokens on a 4096-position model would grow attention with the
+    square of the length before failing; it is refused, naming the limit."""
+    import numpy as np
+
+    from meshtron.data.indexed import IndexedWriter
+
+    with IndexedWriter(str(tmp_path / "val_text_document"), np.uint16) as writer:
+        writer.add_document([np.arange(1, 50)])
+    result = run_eval("--model", str(tiny_llama_dir), "--tasks", "perplexity", "--data-dir", str(tmp_path / "val"),
+                      "--seq-length", seq_length)
+    _assert_one_line_error(result, f"--seq-length {seq_length} must be between 1 and the model's context length "
+                                   "4096")
