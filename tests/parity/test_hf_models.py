@@ -1,4 +1,4 @@
-"""Logit parity with transformers for every dense family, on tiny random models built with
+"""Logit parity with transformers for every family (dense and MoE), on tiny random models built with
 transformers' own classes and saved as HF directories."""
 
 import json
@@ -110,7 +110,27 @@ CASES = {
              rope_parameters=dict(rope_theta=1000000.0, rope_type="yarn", factor=2.0,
                                   original_max_position_embeddings=128, beta_fast=16, beta_slow=2)),
     ),
+    "mixtral-top2-window": (
+        "MixtralConfig",
+        dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=5, head_dim=16,
+             rope_parameters=dict(rope_theta=1000000.0, rope_type="linear", factor=2.0)),
+    ),
+    "qwen2moe-shared-mlponly": (
+        "Qwen2MoeConfig",
+        # Layer 1 dense (mlp_only_layers); top-k weights renormalized; the shared expert and its gate.
+        dict(num_experts=6, num_experts_per_tok=3, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+             norm_topk_prob=True, mlp_only_layers=[1], rope_parameters=dict(rope_theta=1000000.0, rope_type="default")),
+    ),
+    "qwen3moe-qknorm-sparsestep": (
+        "Qwen3MoeConfig",
+        # Every second layer MoE (1 and 3); top-k weights not renormalized (Qwen3-MoE's default).
+        dict(num_hidden_layers=4, decoder_sparse_step=2, num_experts=4, num_experts_per_tok=2,
+             moe_intermediate_size=40, head_dim=16, tie_word_embeddings=False,
+             rope_parameters=dict(rope_theta=1000000.0, rope_type="yarn", factor=2.0,
+                                  original_max_position_embeddings=128)),
+    ),
 }
+MOE_CASES = ["mixtral-top2-window", "qwen2moe-shared-mlponly", "qwen3moe-qknorm-sparsestep"]
 
 
 def make_hf_model(case: str, tmp_path, edit=None):
@@ -126,6 +146,10 @@ def make_hf_model(case: str, tmp_path, edit=None):
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.normal_(1.0 if "norm" in name else 0.0, 0.1)
+            elif name.endswith("gate.weight"):  # routers (and the shared expert's gate): top-k ties unlikely
+                p.normal_(0.0, 0.5)
+            elif "experts" in name:  # experts large enough that a wrong one changes the logits
+                p.normal_(0.0, 0.1)
         if edit is not None:
             edit(model)
     model.eval()
@@ -203,7 +227,7 @@ def test_internlm3_published_config_loads(tmp_path):
                                   "gemma2-softcap-window", "phi3-longrope-partial", "smollm3-nope-window",
                                   "gemma3-qknorm-ropebases", "glm4-interleaved-partial", "olmo2-postnorm-qknorm-linear",
                                   "granite-multipliers", "starcoder2-layernorm-gelu-window",
-                                  "internlm3-bias-dynamic"])
+                                  "internlm3-bias-dynamic", *MOE_CASES])
 def test_round_trip_identical_tensors(case, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -233,7 +257,7 @@ def test_round_trip_identical_tensors(case, tmp_path):
 @pytest.mark.parametrize("case", ["mistral-window-default", "gemma2-softcap-window", "phi3-longrope-partial",
                                   "smollm3-nope-window", "gemma3-qknorm-ropebases", "glm4-interleaved-partial",
                                   "olmo2-postnorm-qknorm-linear", "granite-multipliers",
-                                  "starcoder2-layernorm-gelu-window", "internlm3-bias-dynamic"])
+                                  "starcoder2-layernorm-gelu-window", "internlm3-bias-dynamic", *MOE_CASES])
 def test_greedy_generation_matches_transformers(case, tmp_path):
     from meshtron.infer.generation import SamplingParams, generate
 

@@ -1,0 +1,256 @@
+"""Mixture-of-Experts feed-forward: a top-k router, stacked experts run with grouped GEMM, an optional
+shared expert, and the load-balancing loss (Switch / Mixtral, as transformers computes it).
+
+Legend: N tokens (B * S flattened), D model dim, I an expert's hidden dim, E experts, K experts per token,
+R routed rows (N * K, fewer when a capacity drops some).
+
+Routing is token-choice and dropless by default: every token reaches its K experts. Rows are sorted by
+expert, so that each expert's tokens are one contiguous slice and all experts run as one grouped matmul
+(`torch._grouped_mm`, on every device where torch has it; a loop over experts otherwise). With a
+`capacity_factor`, an expert takes at most ceil(factor * N * K / E) rows, the earliest tokens first; the
+others are dropped (their routed contribution is zero) and counted.
+
+Each forward records its router statistics (`MoE.router_stats`); `take_router_stats` collects them over a
+model's MoE layers, from which `load_balancing_loss` is computed (the Trainer adds it to the loss) and the
+expert load is logged.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshtron.models.common.adapter import TensorGroup
+from meshtron.models.common.args import ModelArgs
+from meshtron.models.common.attention import residual_std
+from meshtron.models.common.init import ParamInit
+from meshtron.models.common.layers import ACTIVATIONS, GatedMLP
+from meshtron.models.common.transformer import Transformer, TransformerBlock
+
+HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+SCORE_FUNCS = ("softmax", "sigmoid")
+
+
+@dataclass
+class MoEArgs(ModelArgs):
+    """The dense decoder's args plus the MoE layers'. `ffn_dim` is the dense layers' MLP size."""
+
+    num_experts: int = 8
+    num_experts_per_token: int = 2
+    expert_ffn_dim: int = 14336
+    shared_expert_ffn_dim: int = 0  # 0: no shared expert; else one gated by sigmoid(x @ w) (Qwen2-MoE)
+    score_func: str = "softmax"  # router scores: softmax over experts, or an independent sigmoid per expert
+    norm_topk: bool = True  # renormalize the K chosen scores to sum to one (Mixtral; Qwen's norm_topk_prob)
+    route_scale: float = 1.0  # multiplies the chosen scores
+    moe_step: int = 1  # every moe_step-th layer is MoE (Qwen's decoder_sparse_step)
+    dense_layers: tuple[int, ...] = field(default_factory=tuple)  # layers kept dense (Qwen's mlp_only_layers)
+    capacity_factor: float | None = None  # None: dropless; else rows per expert <= ceil(f * N * K / E)
+    aux_loss_coef: float = 0.0  # weight of the load-balancing loss in training (0: not computed)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.dense_layers = tuple(self.dense_layers)
+        if self.score_func not in SCORE_FUNCS:
+            raise ValueError(f"score_func must be one of {', '.join(SCORE_FUNCS)}, not {self.score_func!r}")
+        if not 0 < self.num_experts_per_token <= self.num_experts:
+            raise ValueError(f"num_experts_per_token ({self.num_experts_per_token}) must be in 1..num_experts "
+                             f"({self.num_experts})")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be positive (or None for dropless), not {self.capacity_factor}")
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return layer_id not in self.dense_layers and (layer_id + 1) % self.moe_step == 0
+
+    def _moe_mlp_params(self, experts: int) -> int:
+        shared = 3 * self.dim * self.shared_expert_ffn_dim + self.dim if self.shared_expert_ffn_dim else 0
+        return experts * 3 * self.dim * self.expert_ffn_dim + self.num_experts * self.dim + shared
+
+    def _params_with(self, experts: int, include_embedding: bool) -> int:
+        num_moe = sum(self.is_moe_layer(i) for i in range(self.num_layers))
+        dense_mlp = 3 * self.dim * self.ffn_dim + (2 * self.ffn_dim + self.dim if self.mlp_bias else 0)
+        return super().num_params(include_embedding) + num_moe * (self._moe_mlp_params(experts) - dense_mlp)
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        return self._params_with(self.num_experts, include_embedding)
+
+    def num_active_params(self, include_embedding: bool = True) -> int:
+        """The parameters one token goes through: K experts of each MoE layer (FLOPs, MFU)."""
+        return self._params_with(self.num_experts_per_token, include_embedding)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: grouped_mm's backward refuses an expanded or
+    strided one (e.g. the gradient of a sum)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def grouped_linear(x_RD: torch.Tensor, w_EOD: torch.Tensor, offsets_E: torch.Tensor, grouped: bool) -> torch.Tensor:
+    """Rows offsets[e-1]:offsets[e] of x times expert e's (out, in) weight transposed: (R, O). Every row is
+    covered (offsets[-1] == R): grouped_mm leaves rows past the last offset uninitialized."""
+    if grouped:
+        return _ContiguousGrad.apply(torch._grouped_mm(x_RD, w_EOD.transpose(-2, -1), offs=offsets_E))
+    starts = [0] + offsets_E[:-1].tolist()
+    return torch.cat([F.linear(x_RD[s:e], w_EOD[i]) for i, (s, e) in enumerate(zip(starts, offsets_E.tolist()))])
+
+
+class GroupedExperts(nn.Module):
+    """E gated MLPs as stacked weights: gate_proj and up_proj (E, I, D), down_proj (E, D, I), each
+    expert's slice in nn.Linear's (out, in) layout, as checkpoints store them."""
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, std: float = 0.02, out_std: float = 0.02,
+                 activation: str = "silu"):
+        super().__init__()
+        self.std, self.out_std = std, out_std
+        self.act = ACTIVATIONS[activation]
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.grouped_mm = HAS_GROUPED_MM  # False: the per-expert loop (tests compare both)
+
+    def init_weights(self, init: ParamInit) -> None:
+        init.normal_(self.gate_proj, "gate_proj", self.std)
+        init.normal_(self.up_proj, "up_proj", self.std)
+        init.normal_(self.down_proj, "down_proj", self.out_std)
+
+    def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """x: rows sorted by expert, counts[e] of them for expert e. Returns (R, D)."""
+        offsets = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        gate = grouped_linear(x_RD, self.gate_proj, offsets, self.grouped_mm)
+        up = grouped_linear(x_RD, self.up_proj, offsets, self.grouped_mm)
+        return grouped_linear(self.act(gate) * up, self.down_proj, offsets, self.grouped_mm)
+
+
+@dataclass
+class RouterStats:
+    """One MoE forward's router statistics: what the load-balancing loss and the load metrics need."""
+
+    selected_E: torch.Tensor  # float32 count of the rows each expert was chosen for (before any drop)
+    prob_sum_E: torch.Tensor  # float32 sum over tokens of softmax(router logits): differentiable
+    num_tokens: int
+    dropped: torch.Tensor  # rows dropped by the capacity (0 when dropless)
+
+
+class Router(nn.Module):
+    """Scores E experts per token from a (E, D) weight and keeps the top K."""
+
+    def __init__(self, args: MoEArgs):
+        super().__init__()
+        self.top_k, self.score_func = args.num_experts_per_token, args.score_func
+        self.norm_topk, self.route_scale, self.std = args.norm_topk, args.route_scale, args.init_std
+        self.weight = nn.Parameter(torch.empty(args.num_experts, args.dim))
+
+    def init_weights(self, init: ParamInit) -> None:
+        init.normal_(self.weight, "weight", self.std)
+
+    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(router logits (N, E), chosen experts (N, K), their weights (N, K) in float32)."""
+        logits = F.linear(x_ND, self.weight)
+        scores = logits.float().softmax(-1) if self.score_func == "softmax" else logits.float().sigmoid()
+        weights, experts = torch.topk(scores, self.top_k, dim=-1)
+        if self.norm_topk:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return logits, experts, weights * self.route_scale
+
+
+def keep_within_capacity(expert_R: torch.Tensor, counts_E: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Boolean (R,) over rows sorted by expert: the first `capacity` rows of each expert."""
+    starts = torch.cumsum(counts_E, 0) - counts_E
+    rank = torch.arange(expert_R.numel(), device=expert_R.device) - starts[expert_R]
+    return rank < capacity
+
+
+class MoE(nn.Module):
+    """The MoE feed-forward of one block: routed experts plus an optional sigmoid-gated shared expert."""
+
+    def __init__(self, args: MoEArgs, out_std: float):
+        super().__init__()
+        self.num_experts, self.top_k, self.capacity_factor = (args.num_experts, args.num_experts_per_token,
+                                                              args.capacity_factor)
+        self.router = Router(args)
+        self.experts = GroupedExperts(args.num_experts, args.dim, args.expert_ffn_dim, args.init_std, out_std)
+        self.shared_expert = self.shared_expert_gate = None
+        if args.shared_expert_ffn_dim:
+            self.shared_expert = GatedMLP(args.dim, args.shared_expert_ffn_dim, std=args.init_std, out_std=out_std)
+            self.shared_expert_gate = nn.Linear(args.dim, 1, bias=False)
+        self.router_stats: RouterStats | None = None
+
+    def init_weights(self, init: ParamInit) -> None:
+        if self.shared_expert_gate is not None:
+            init.linear(self.shared_expert_gate, "shared_expert_gate", self.router.std)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        x_ND = x_BSD.reshape(B * S, D)
+        logits, experts_NK, weights_NK = self.router(x_ND)
+        expert_R = experts_NK.flatten()
+        order = torch.argsort(expert_R, stable=True)  # rows grouped by expert, tokens in order within each
+        expert_R = expert_R[order]
+        counts = torch.bincount(expert_R, minlength=self.num_experts)
+        selected = counts.float()
+        dropped = torch.zeros((), device=x_ND.device)
+        if self.capacity_factor is not None:
+            capacity = math.ceil(self.capacity_factor * B * S * self.top_k / self.num_experts)
+            keep = keep_within_capacity(expert_R, counts, capacity)
+            order, counts = order[keep], counts.clamp(max=capacity)
+            dropped = (~keep).sum()
+        token_R = order // self.top_k
+        out_RD = self.experts(x_ND[token_R], counts)
+        out_RD = (out_RD.float() * weights_NK.flatten()[order, None]).to(x_ND.dtype)
+        y_ND = torch.zeros_like(x_ND).index_add(0, token_R, out_RD)
+        if self.shared_expert is not None:
+            y_ND = y_ND + torch.sigmoid(self.shared_expert_gate(x_ND)) * self.shared_expert(x_ND)
+        self.router_stats = RouterStats(selected, logits.float().softmax(-1).sum(0), B * S, dropped)
+        return y_ND.view(B, S, D)
+
+
+def take_router_stats(model: nn.Module) -> list[RouterStats]:
+    """The router statistics of the model's MoE layers since their last forward, then forgotten."""
+    stats = []
+    for module in model.modules():
+        if isinstance(module, MoE) and module.router_stats is not None:
+            stats.append(module.router_stats)
+            module.router_stats = None
+    return stats
+
+
+def load_balancing_loss(stats: list[RouterStats], num_experts: int) -> torch.Tensor:
+    """The Switch / Mixtral auxiliary loss over all layers together, as transformers'
+    `load_balancing_loss_func` computes it: E * sum_e (share of routed rows to e) * (mean probability of e),
+    both averaged over the rows of every layer."""
+    rows = sum(s.num_tokens for s in stats)
+    selected = torch.stack([s.selected_E for s in stats]).sum(0) / rows
+    prob = torch.stack([s.prob_sum_E for s in stats]).sum(0) / rows
+    return (selected * prob).sum() * num_experts
+
+
+class MoETransformer(Transformer):
+    """The dense decoder with an MoE feed-forward on the layers `MoEArgs.is_moe_layer` names (Mixtral,
+    Qwen2-MoE, Qwen3-MoE)."""
+
+    def make_block(self, args: MoEArgs, layer_id: int) -> nn.Module:
+        mlp = MoE(args, out_std=residual_std(args)) if args.is_moe_layer(layer_id) else None
+        return TransformerBlock(args, layer_id, mlp=mlp)
+
+
+def stacked_experts_group(ours: str, hf: str, names: tuple[str, str, str], num_experts: int) -> TensorGroup:
+    """Our stacked gate/up/down expert weights (`ours`.gate_proj ...) <-> one tensor per expert and
+    projection on disk: `hf` formatted with the expert index `e` and the checkpoint's name of gate, up and
+    down (`names`), e.g. "model.layers.{i}.mlp.experts.{e}.{name}.weight"."""
+    hf_names = tuple(hf.format(i="{i}", e=e, name=name) for name in names for e in range(num_experts))
+
+    def to_hf(stacked):  # clones: safetensors refuses tensors that share storage
+        return [w.clone() for weight in stacked for w in weight.unbind(0)]
+
+    def from_hf(tensors):
+        return [torch.stack(tensors[k * num_experts:(k + 1) * num_experts]) for k in range(3)]
+
+    return TensorGroup(tuple(f"{ours}.{p}" for p in ("gate_proj", "up_proj", "down_proj")), hf_names, to_hf, from_hf)

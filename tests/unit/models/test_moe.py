@@ -1,0 +1,94 @@
+"""The MoE layer: grouped GEMM against the per-expert loop, capacity dropping, and the load-balancing
+loss against transformers' formula."""
+
+import pytest
+import torch
+
+from meshtron.models.common.init import init_model
+from meshtron.models.common.moe import HAS_GROUPED_MM, MoE, MoEArgs, load_balancing_loss, take_router_stats
+
+ARGS = dict(dim=32, num_heads=4, num_kv_heads=2, head_dim=8, num_layers=2, num_experts=6, num_experts_per_token=2,
+            expert_ffn_dim=24, shared_expert_ffn_dim=16)
+
+
+def make_moe(seed=0, **overrides) -> MoE:
+    moe = MoE(MoEArgs(**{**ARGS, **overrides}), out_std=0.1)
+    init_model(torch.nn.ModuleDict({"mlp": moe}), seed)  # every parameter claimed by its module's init_weights
+    with torch.no_grad():
+        moe.router.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(seed))
+    return moe
+
+
+def inputs(dtype=torch.float32):
+    return torch.randn(3, 10, ARGS["dim"], generator=torch.Generator().manual_seed(1)).to(dtype)
+
+
+@pytest.mark.skipif(not HAS_GROUPED_MM, reason="this torch has no grouped GEMM")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_gemm_equals_the_per_expert_loop_forward_and_backward(dtype):
+    results = []
+    for grouped in (True, False):
+        moe = make_moe().to(dtype)
+        moe.experts.grouped_mm = grouped
+        x = inputs(dtype).requires_grad_()
+        out = moe(x)
+        out.sum().backward()  # the gradient of a sum is expanded: grouped_mm needs it contiguous
+        results.append([out, x.grad] + [p.grad for p in moe.parameters()])
+    for grouped, loop in zip(*results):
+        assert torch.equal(grouped, loop)
+
+
+def test_expert_with_no_tokens_and_every_row_written():
+    """An expert nobody routes to has an empty group; every output row is written (none left
+    uninitialized past the last offset)."""
+    moe = make_moe(shared_expert_ffn_dim=0)
+    with torch.no_grad():
+        moe.router.weight[0] = -100.0  # on positive inputs, expert 0 is never among the top 2
+    x = inputs().abs()
+    out = moe(x)
+    stats = take_router_stats(moe)[0]
+    assert stats.selected_E[0] == 0 and stats.selected_E.sum() == 30 * 2
+    moe.experts.grouped_mm = False
+    assert torch.equal(out, moe(x)) and torch.isfinite(out).all()
+
+
+def test_capacity_drops_and_counts_overflow_rows():
+    x = inputs()
+    dropless = make_moe(shared_expert_ffn_dim=0)
+    roomy = make_moe(shared_expert_ffn_dim=0, capacity_factor=float(ARGS["num_experts"]))  # room for every row
+    assert torch.equal(roomy(x), dropless(x))
+    assert take_router_stats(roomy)[0].dropped == 0
+    tight = make_moe(shared_expert_ffn_dim=0, capacity_factor=0.5)  # 5 rows per expert of 60 routed
+    out = tight(x)
+    stats = take_router_stats(tight)[0]
+    capacity = 5
+    expected_dropped = (stats.selected_E - capacity).clamp(min=0).sum()
+    assert stats.dropped == expected_dropped > 0
+    assert not torch.equal(out, dropless(x))
+
+
+def test_capacity_keeps_the_earliest_tokens():
+    moe = make_moe(shared_expert_ffn_dim=0, num_experts=2, num_experts_per_token=1, capacity_factor=1.0)
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.stack([torch.ones(ARGS["dim"]), -torch.ones(ARGS["dim"])]))
+    x = torch.ones(1, 4, ARGS["dim"])  # all four tokens choose expert 0, which takes 2
+    out = moe(x)[0]
+    assert out[:2].abs().sum() > 0 and out[2:].abs().sum() == 0
+    assert take_router_stats(moe)[0].dropped == 2
+
+
+def test_load_balancing_loss_equals_transformers():
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    layers = [make_moe(seed) for seed in range(3)]
+    x = inputs()
+    logits = []
+    for moe in layers:
+        moe(x)
+        logits.append(torch.nn.functional.linear(x.flatten(0, 1), moe.router.weight))
+    stats = [s for moe in layers for s in take_router_stats(moe)]
+    ours = load_balancing_loss(stats, ARGS["num_experts"])
+    expected = load_balancing_loss_func(tuple(logits), ARGS["num_experts"], ARGS["num_experts_per_token"])
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=0)
+    ours.backward()  # differentiable through the router probabilities
+    assert all(moe.router.weight.grad.abs().sum() > 0 for moe in layers)
