@@ -7,7 +7,8 @@
 #     (bench/bench_inference.py),
 #   - the peak memory of the chunked loss (bench/bench_loss.py),
 #   - `meshtron serve` under 16 concurrent requests against the same sent one by one
-#     (bench/bench_serve.py).
+#     (bench/bench_serve.py),
+#   - first, the tests that only a GPU runs (CUDA kernels: the variable-length attention path).
 #
 #   bash bench/gpu.sh          # on a machine with one NVIDIA GPU
 #   bash bench/gpu.sh --cpu    # tiny shapes on CPU: checks that every step runs (minutes)
@@ -37,6 +38,10 @@ fi
     echo "## bench/gpu.sh ($mode mode), $(date -u +%Y-%m-%d\ %H:%M) UTC, $device"
     echo
     echo "At commit $(git rev-parse --short HEAD), torch $(python -c 'import torch; print(torch.__version__)')."
+    echo
+    echo "GPU-only tests: \`python -m pytest -q tests/unit/models/test_attention_backends.py\`"
+    echo
+    python -m pytest -q -p no:cacheprovider tests/unit/models/test_attention_backends.py 2>&1 | tail -n 3 | sed 's/^/    /' || true
     for shape in "${train[@]}"; do
         echo
         echo "Training: \`python bench/bench_train.py $shape\`"

@@ -10,8 +10,10 @@ per-layer parts (a sliding window) come from the layer. Backends (`ATTENTION_BAC
 - `flex`: FlexAttention block masks (`torch.nn.attention.flex_attention`), whose cost grows with
   the unmasked blocks, i.e. with the documents' lengths, not S^2; compiled on GPU. torch has no
   FlexAttention backward on CPU, so on CPU it serves forward-only passes;
-- `varlen`: one causal SDPA call per document (the variable-length path, on any device): cost
-  and memory grow with the sum of squared document lengths;
+- `varlen`: the variable-length path. On CUDA in float16/bfloat16 the row's documents go to torch's
+  Flash variable-length kernel (`torch.nn.attention.varlen.varlen_attn`) in one call, packed with
+  their cumulative lengths; elsewhere one causal SDPA call per document. Cost and memory grow with
+  the documents' lengths (the sum of their squares on the fallback);
 - `dense`: the (B, 1, S, K) boolean mask, always (the fallback, and the reference in tests);
 - `auto`: causal fast path without boundaries; packed documents through `flex` on CUDA and
   `varlen` elsewhere; a dense mask for what those cannot express (a cache, padding).
@@ -172,6 +174,9 @@ def attend(q_BHSD: torch.Tensor, k_BGKD: torch.Tensor, v_BGKD: torch.Tensor, mas
         return _flex_attention(q_BHSD.is_cuda)(q_BHSD, k_BGKD, v_BGKD, score_mod=score_mod, block_mask=block,
                                                scale=scale, enable_gqa=gqa)
     if backend == "varlen" and mask.key_valid is None and mask.offset == 0:
+        kernel = _cuda_varlen_kernel() if q_BHSD.is_cuda and q_BHSD.dtype in (torch.float16, torch.bfloat16) else None
+        if kernel is not None and (window is None or "window_size" in kernel.params):
+            return packed_varlen(q_BHSD, k_BGKD, v_BGKD, mask, window, scale, kernel)
         return _per_document(q_BHSD, k_BGKD, v_BGKD, mask.document_spans(), window, gqa, scale)
     return F.scaled_dot_product_attention(q_BHSD, k_BGKD, v_BGKD, attn_mask=mask.dense(window, q_BHSD.device),
                                           scale=scale, enable_gqa=gqa)
@@ -196,6 +201,64 @@ def _flex_attention(compiled: bool):
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention) if compiled else flex_attention
+
+
+@dataclass(frozen=True)
+class VarlenKernel:
+    """torch's variable-length attention, called the way this torch release takes it: its arguments
+    changed between releases (2.9: `is_causal`; 2.10: `scale` and `window_size`; 2.12: `enable_gqa`)."""
+
+    fn: object
+    params: frozenset
+
+    def __call__(self, q_TGD, k_TGD, v_TGD, cu_seq, max_len: int, window: int | None, scale: float | None):
+        kwargs = {}
+        if scale is not None and "scale" not in self.params:
+            q_TGD = q_TGD * (scale * q_TGD.shape[-1] ** 0.5)  # the kernel's own scale is 1/sqrt(D)
+        elif scale is not None:
+            kwargs["scale"] = scale
+        if "window_size" in self.params:
+            # (left, right) keys around each query: (-1, 0) is causal; our window counts the query itself.
+            kwargs["window_size"] = (window - 1 if window is not None else -1, 0)
+        else:
+            kwargs["is_causal"] = True
+        if q_TGD.shape[1] != k_TGD.shape[1]:
+            if "enable_gqa" in self.params:
+                kwargs["enable_gqa"] = True
+            else:
+                groups = q_TGD.shape[1] // k_TGD.shape[1]
+                k_TGD, v_TGD = k_TGD.repeat_interleave(groups, dim=1), v_TGD.repeat_interleave(groups, dim=1)
+        return self.fn(q_TGD, k_TGD, v_TGD, cu_seq, cu_seq, max_len, max_len, **kwargs)
+
+
+@functools.cache
+def _cuda_varlen_kernel() -> VarlenKernel | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # a torch release without it
+        return None
+    import inspect
+
+    return VarlenKernel(varlen_attn, frozenset(inspect.signature(varlen_attn).parameters))
+
+
+def packed_varlen(q_BHSD, k_BGKD, v_BGKD, mask: AttentionMask, window, scale, kernel) -> torch.Tensor:
+    """Every document of every row in one variable-length kernel call: the rows laid end to end as
+    (B * S, heads, D) and each document's start in `cu_seq` (int32, as the kernel takes it; built
+    once per batch and shared by the layers)."""
+    B, H, S, D = q_BHSD.shape
+    cu_seq, max_len = mask.derived.get(("cu_seq", B), lambda: _cumulative_starts(mask.document_spans(), B, S,
+                                                                                 q_BHSD.device))
+    q, k, v = (t.transpose(1, 2).reshape(B * S, t.shape[1], D) for t in (q_BHSD, k_BGKD, v_BGKD))
+    out = kernel(q, k, v, cu_seq, max_len, window, scale)
+    return out.reshape(B, S, H, D).transpose(1, 2)
+
+
+def _cumulative_starts(spans, B: int, S: int, device) -> tuple[torch.Tensor, int]:
+    spans = spans if spans is not None else [[(0, S)]] * B
+    bounds = [b * S + start for b, row in enumerate(spans) for start, _ in row] + [B * S]
+    return (torch.tensor(bounds, dtype=torch.int32, device=device),
+            max(end - start for row in spans for start, end in row))
 
 
 def _per_document(q_BHSD, k_BGKD, v_BGKD, spans, window, gqa, scale) -> torch.Tensor:

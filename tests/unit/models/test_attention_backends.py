@@ -122,3 +122,61 @@ def test_pipeline_split_gives_each_micro_batch_its_rows_of_the_mask():
             assert torch.equal(kwargs["mask"].document_ids, document_ids[row:row + 1])
             assert torch.equal(model(chunk, mask=kwargs["mask"]),
                                model(tokens[row:row + 1], document_ids=document_ids[row:row + 1]))
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False,
+                      is_causal=False):
+    """torch's variable-length kernel as its documentation describes it, in plain SDPA: each segment
+    [cu[i], cu[i+1]) of the packed (T, heads, D) tensors attends within itself; `window_size` (left,
+    right) keys around each query ((-1, 0) causal), or `is_causal` (torch 2.9). It runs on CUDA only,
+    so this stands in for it on CPU to check how meshtron packs rows and documents into its call."""
+    out = torch.empty_like(q)
+    left, right = (-1, 0) if is_causal else window_size
+    for start, end in zip(cu_q.tolist(), cu_q.tolist()[1:]):
+        qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
+        i = torch.arange(end - start)
+        visible = torch.ones(end - start, end - start, dtype=torch.bool)
+        if right >= 0:
+            visible &= i[None, :] <= i[:, None] + right
+        if left >= 0:
+            visible &= i[None, :] >= i[:, None] - left
+        out[start:end] = torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=visible, scale=scale, enable_gqa=enable_gqa)[0].transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("params", [("is_causal",), ("scale", "window_size"), ("scale", "window_size", "enable_gqa")],
+                         ids=["torch2.9", "torch2.10", "torch2.12"])
+@pytest.mark.parametrize("window", [None, 6])
+def test_packed_varlen_call_equals_the_dense_mask(params, window):
+    """Rows and their documents laid end to end for one variable-length call (the CUDA path), with a
+    custom scale, grouped heads and a window, under each release's arguments, equal the dense mask."""
+    from meshtron.models.common.masks import VarlenKernel, attend, packed_varlen
+
+    if window is not None and "window_size" not in params:
+        pytest.skip("without window_size a windowed layer keeps the per-document path")
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 40, 8, generator=gen)
+    k, v = torch.randn(2, 2, 40, 8, generator=gen), torch.randn(2, 2, 40, 8, generator=gen)
+    _, document_ids = _packed(16)
+    mask = AttentionMask.for_batch(40, document_ids)
+    kernel = VarlenKernel(_reference_varlen, frozenset(params))
+    packed = packed_varlen(q, k, v, mask, window, 0.3, kernel)
+    dense = attend(q, k, v, mask, window, "dense", scale=0.3)
+    assert (packed - dense).abs().max().item() <= 1e-5
+    assert mask.derived.built[("cu_seq", 2)][0].tolist() == [0, 9, 29, 40, 80]  # once per batch, shared
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's variable-length kernel runs on CUDA")
+def test_cuda_varlen_kernel_equals_the_dense_mask():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 40, 64, generator=gen).cuda().bfloat16()
+    k, v = (torch.randn(2, 2, 40, 64, generator=gen).cuda().bfloat16() for _ in range(2))
+    from meshtron.models.common.masks import attend
+
+    _, document_ids = _packed(16)
+    mask = AttentionMask.for_batch(40, document_ids.cuda())
+    for window in (None, 6):
+        got = attend(q, k, v, mask, window, "varlen").float()
+        expected = attend(q, k, v, mask, window, "dense").float()
+        assert (got - expected).abs().max().item() <= 2e-2  # bfloat16 inputs, float32 accumulation in both
