@@ -20,6 +20,8 @@ class ParallelPlan:
     tp_model: TPPlan
     # The same for one block, names relative to the block.
     tp_block: TPPlan
+    # The same for a block with an MoE feed-forward (where `args.is_moe_layer`); None: the family has none.
+    tp_moe_block: TPPlan | None = None
     # The submodule of a block that selective recompute wraps (the largest activation: the scores).
     recompute_unit: str = "attn.core"
     # The container of the blocks. Each block gets the block plan, is a unit of full recompute and
@@ -29,3 +31,10 @@ class ParallelPlan:
 
     def blocks_of(self, model: nn.Module) -> list[nn.Module]:
         return list(getattr(model, self.blocks).values())
+
+    def block_plans(self, model: nn.Module, sequence_parallel: bool):
+        """(block, its tensor-parallel plan) for every block the model holds."""
+        dense = self.tp_block(model.args, sequence_parallel)
+        moe = self.tp_moe_block(model.args, sequence_parallel) if self.tp_moe_block else None
+        for layer_id, block in getattr(model, self.blocks).items():
+            yield block, moe if moe is not None and model.args.is_moe_layer(int(layer_id)) else dense

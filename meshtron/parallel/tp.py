@@ -36,8 +36,7 @@ def apply_tp(model: nn.Module, plan: ParallelPlan, tp_mesh: DeviceMesh, sequence
     outer = {name: style for name, style in plan.tp_model(model.args, sequence_parallel).items()
              if getattr(model, name) is not None}
     parallelize_module(model, tp_mesh, outer)
-    block_plan = plan.tp_block(model.args, sequence_parallel)
-    for block in plan.blocks_of(model):
+    for block, block_plan in plan.block_plans(model, sequence_parallel):
         # Same as parallelize_module, and places LoRA adapters (if any) to match their base layers.
         parallelize_with_adapters(block, tp_mesh, block_plan)
     # parallelize_module gave lm_head a new (sharded) weight; tie it back to the embedding's, which

@@ -27,9 +27,35 @@ _PEAK_BF16_FLOPS = (("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("A100
 
 
 def flops_per_token(args: ModelArgs, seq_length: int) -> float:
-    matrices = args.num_params(include_embedding=False)
+    matrices = args.num_active_params(include_embedding=False)  # an MoE token runs through K experts only
     attention = 12 * args.num_layers * args.num_heads * args.head_dim * seq_length
     return 6 * matrices + attention
+
+
+class RouterMetrics:
+    """A step's MoE router metrics, from the statistics of every forward (`models.common.moe.RouterStats`):
+    the load-balancing loss (mean over forwards and data-parallel ranks), the rows routed to the busiest and
+    the idlest expert over the mean (summed over layers, forwards and ranks), rows dropped by a capacity."""
+
+    def __init__(self):
+        self.aux, self.forwards, self.load, self.dropped = 0.0, 0, 0.0, 0.0
+
+    def add(self, aux: torch.Tensor, stats: list) -> None:
+        self.aux, self.forwards = self.aux + aux.detach(), self.forwards + 1
+        self.load = self.load + torch.stack([s.selected_E for s in stats]).sum(0)
+        self.dropped = self.dropped + sum(s.dropped for s in stats)
+
+    def take(self, dp_sum, dp_size: int) -> dict[str, float]:
+        """The metrics since the last call (none for a dense model), then reset. `dp_sum` sums a tensor over
+        data-parallel ranks."""
+        if not self.forwards:
+            return {}
+        aux = dp_sum(self.aux / self.forwards) / dp_size
+        load = dp_sum(self.load)
+        dropped = dp_sum(torch.as_tensor(self.dropped, dtype=torch.float32, device=load.device))
+        self.__init__()
+        return {"moe_aux_loss": aux.item(), "moe_load_max": (load.max() / load.mean()).item(),
+                "moe_load_min": (load.min() / load.mean()).item(), "moe_dropped": int(dropped.item())}
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -31,7 +31,9 @@ from meshtron.train.data import build_data_loader, build_training_dataset, one_p
 from meshtron.train.guard import StepGuard, finite_on_every_rank
 from meshtron.train.losses import IGNORE_INDEX, loss_context
 from meshtron.train.lr import build_lr_scheduler
-from meshtron.train.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_gb, plot_loss
+from meshtron.models.common.moe import load_balancing_loss, take_router_stats
+from meshtron.train.metrics import (MetricsLogger, RouterMetrics, flops_per_token, peak_flops, peak_memory_gb,
+                                    plot_loss)
 from meshtron.train.ops import FaultDrill, HangWatchdog, LastGoodState, StepTimer, StragglerMonitor
 from meshtron.train.optim import build_optimizer, clip_grad_norm
 from meshtron.train.recipes import build_recipe
@@ -94,6 +96,9 @@ class Trainer:
         self.resume_from = self._find_resume_checkpoint()
         self.recipe = build_recipe(config)
         self.model_args = self.source.args = self.recipe.model_args(self.source.args)
+        if getattr(self.model_args, "aux_loss_coef", 0.0) and self.dims.pp > 1:
+            raise UserError("the MoE load-balancing loss is not supported with pipeline parallel yet: train with "
+                            "parallel.pp = 1, or without it (model.args aux_loss_coef = 0 on a flavor)")
         layout = self._pipeline_layout()
         self.data_loader = build_data_loader(
             config, data_kind=self.recipe.data_kind, default_handler=self.recipe.default_handler,
@@ -124,6 +129,7 @@ class Trainer:
         self.timer = StepTimer(self.device)
         self.stragglers = StragglerMonitor(config.log.straggler_fraction)
         self.last_good = LastGoodState(self.optimizer)
+        self.router_metrics = RouterMetrics()
 
     # ---- construction helpers ------------------------------------------------------------
 
@@ -319,11 +325,25 @@ class Trainer:
             with torch.profiler.record_function("forward"):
                 loss_sum = self.recipe.loss_sum(self.model, batch)
                 loss = loss_sum * loss_scale
+                router_loss = self._router_loss()
+                if router_loss is not None:  # a plain tensor: the loss joins it as one (a DTensor under tp)
+                    loss = _local(loss) + router_loss
                 if self.grad_scaler is not None:
                     loss = self.grad_scaler.scale(loss)
             with torch.profiler.record_function("backward"):
                 loss.backward()
         return _local(loss_sum.detach())
+
+    def _router_loss(self) -> torch.Tensor | None:
+        """The MoE load-balancing loss of the forward just run, times `aux_loss_coef` and divided by the
+        number of micro-batches: as transformers adds it to each forward's mean loss, its gradient is the
+        mean over the step's forwards (data-parallel ranks average gradients). None for a dense model."""
+        stats = take_router_stats(self.model)
+        if not stats:
+            return None
+        aux = load_balancing_loss(stats, self.model_args.num_experts)
+        self.router_metrics.add(aux, stats)
+        return self.model_args.aux_loss_coef / self.grad_accum_steps * aux
 
     def forward_backward_micro_batches(self, batches: list[dict[str, torch.Tensor]], loss_scale: float) -> torch.Tensor:
         """The plain micro-batch loop (the PipelineRunner has the same call); returns the summed loss."""
@@ -369,6 +389,7 @@ class Trainer:
         self.lr_scheduler.step()
         metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "loss_tokens": int(units.item())}
         metrics.update(self._recipe_metrics(units))
+        metrics.update(self.router_metrics.take(self._dp_sum, self.dims.dp_size))
         metrics.update(self.guard.observe(self.state.step + 1, metrics["loss"], metrics["grad_norm"], applied))
         return metrics
 

@@ -1,6 +1,7 @@
-"""Tensor-parallel parity of the model types issue 14 adds: each family's debug flavor trains at
+"""Tensor-parallel parity of the model types issues 14 and 15 add: each family's debug flavor trains at
 tp=2 (with sequence parallel; OLMo 2, whose plan differs without it, also with it off) exactly like
-one process. (gemma2 and phi3 also run pp=2 and dp_shard=2 in test_families.py.)
+one process; an MoE family (its experts replicated over the tp ranks, mixtral with its load-balancing
+loss) also at dp_shard=2. (gemma2 and phi3 also run pp=2 and dp_shard=2 in test_families.py.)
 
 Two steps: step 1's loss and gradient norm are compared, and step 2 runs on the weights those
 gradients updated, so a wrong tp=2 gradient shows in step 2's loss. (Later steps under AdamW grow the
@@ -20,6 +21,12 @@ CASES = {
     "granite": ("granite:debug", TP2),
     "starcoder2": ("starcoder2:debug", TP2),
     "internlm3": ("internlm3:debug", TP2),
+    "mixtral": ("mixtral:debug", TP2),
+    # One sequence per forward: the load-balancing loss is per forward, and ranks take every other
+    # sequence, so only then does dp_shard=2 run the same forwards as one process.
+    "mixtral-fsdp": ("mixtral:debug", ["--parallel.dp_shard", "2"], ["--train.micro_batch_size", "1"]),
+    "qwen2_moe-nosp": ("qwen2_moe:debug", [*TP2, "--parallel.sequence_parallel", "false"]),
+    "qwen3_moe": ("qwen3_moe:debug", TP2),
 }
 
 
@@ -29,23 +36,25 @@ def losses(records: list[dict]) -> list[float]:
 
 @pytest.fixture(scope="module")
 def single_process(run_train, tiny_config, tmp_path_factory):
-    """`single_process(flavor)`: the one-process records of a flavor, run once per module."""
+    """`single_process(flavor, overrides)`: the one-process records of a flavor, run once per module."""
     cache = {}
 
-    def records(flavor: str) -> list[dict]:
-        if flavor not in cache:
-            _, cache[flavor] = run_train(tiny_config, tmp_path_factory.mktemp("one"),
-                                         overrides=["--model.name_or_path", flavor, *STEPS])
-        return cache[flavor]
+    def records(flavor: str, overrides: tuple[str, ...] = ()) -> list[dict]:
+        if (flavor, overrides) not in cache:
+            _, cache[flavor, overrides] = run_train(tiny_config, tmp_path_factory.mktemp("one"),
+                                                    overrides=["--model.name_or_path", flavor, *STEPS, *overrides])
+        return cache[flavor, overrides]
 
     return records
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_tp2_matches_single_process(run_train, single_process, tiny_config, tmp_path, case):
-    flavor, layout = CASES[case]
-    expected = single_process(flavor)
-    _, records = run_train(tiny_config, tmp_path, nproc=2, overrides=["--model.name_or_path", flavor, *STEPS, *layout])
+    flavor, layout, *both = CASES[case]  # both: overrides of the one-process run too
+    common = tuple(both[0]) if both else ()
+    expected = single_process(flavor, common)
+    _, records = run_train(tiny_config, tmp_path, nproc=2,
+                           overrides=["--model.name_or_path", flavor, *STEPS, *common, *layout])
     assert len(records) == len(expected) == 2
     assert losses(records) == pytest.approx(losses(expected), rel=RTOL)
     assert [r["grad_norm"] for r in records] == pytest.approx([r["grad_norm"] for r in expected], rel=1e-4)

@@ -76,6 +76,10 @@ class ModelArgs:
             total += head  # the output head still costs compute
         return total
 
+    def num_active_params(self, include_embedding: bool = True) -> int:
+        """The parameters one token goes through (FLOPs, MFU): all of them in a dense model."""
+        return self.num_params(include_embedding)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -76,7 +76,7 @@ class MoEArgs(ModelArgs):
         return self._params_with(self.num_experts, include_embedding)
 
     def num_active_params(self, include_embedding: bool = True) -> int:
-        """The parameters one token goes through: K experts of each MoE layer (FLOPs, MFU)."""
+        """K experts of each MoE layer, not E."""
         return self._params_with(self.num_experts_per_token, include_embedding)
 
 

@@ -17,6 +17,7 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
 )
@@ -92,5 +93,20 @@ def sandwich_block_plan(args: ModelArgs, sequence_parallel: bool) -> dict[str, P
     return plan
 
 
+def moe_block_plan(args: ModelArgs, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """A block with an MoE feed-forward: attention as in the dense plan; the MoE layer (router, experts,
+    shared expert) replicated, computed by every tensor-parallel rank on all the block's tokens (experts
+    are not split over tensor-parallel ranks yet). With sequence parallel its input is gathered and its
+    output, the same on every rank, sliced back to this rank's part of the sequence."""
+    plan = {name: style for name, style in dense_block_plan(args, sequence_parallel).items()
+            if name != "mlp" and not name.startswith("mlp.")}
+    if sequence_parallel:
+        plan["mlp"] = PrepareModuleInputOutput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
+            output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=False)
+    return plan
+
+
 DENSE_PLAN = ParallelPlan(tp_model=dense_model_plan, tp_block=dense_block_plan)
 SANDWICH_PLAN = ParallelPlan(tp_model=dense_model_plan, tp_block=sandwich_block_plan)
+MOE_PLAN = ParallelPlan(tp_model=dense_model_plan, tp_block=dense_block_plan, tp_moe_block=moe_block_plan)

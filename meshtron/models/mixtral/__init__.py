@@ -4,6 +4,7 @@ in every layer; experts stored as `block_sparse_moe.experts.{e}.w1/w3/w2` (gate/
 from meshtron.models.common.hf_dense import dense_hf_kwargs
 from meshtron.models.common.hf_moe import moe_adapter, moe_args_from_hf, moe_hf_kwargs
 from meshtron.models.common.moe import MoEArgs, MoETransformer
+from meshtron.models.common.parallelize import MOE_PLAN
 from meshtron.models.mixtral.args import FLAVORS
 from meshtron.models.spec import FamilySpec
 
@@ -30,4 +31,4 @@ def hf_config_from_args(args: MoEArgs):
 
 
 SPEC = FamilySpec("mixtral", ("mixtral",), FLAVORS, args_from_hf, hf_config_from_args, build=MoETransformer,
-                  adapter=adapter, args_cls=MoEArgs)
+                  adapter=adapter, plan=MOE_PLAN, args_cls=MoEArgs)

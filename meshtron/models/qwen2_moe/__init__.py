@@ -5,6 +5,7 @@ by its own sigmoid gate; `decoder_sparse_step` / `mlp_only_layers` keep some lay
 from meshtron.models.common.hf_dense import dense_hf_kwargs, sliding_hf_kwargs
 from meshtron.models.common.hf_moe import moe_adapter, moe_args_from_hf, moe_hf_kwargs
 from meshtron.models.common.moe import MoEArgs, MoETransformer
+from meshtron.models.common.parallelize import MOE_PLAN
 from meshtron.models.qwen2_moe.args import FLAVORS
 from meshtron.models.spec import FamilySpec
 
@@ -29,4 +30,4 @@ def hf_config_from_args(args: MoEArgs):
 
 
 SPEC = FamilySpec("qwen2_moe", ("qwen2_moe",), FLAVORS, args_from_hf, hf_config_from_args, build=MoETransformer,
-                  adapter=moe_adapter, args_cls=MoEArgs)
+                  adapter=moe_adapter, plan=MOE_PLAN, args_cls=MoEArgs)
