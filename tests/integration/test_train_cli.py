@@ -250,20 +250,18 @@ def test_compiled_blocks_train_like_eager_ones(tiny, tmp_path):
         [r["loss"] for r in records(tmp_path / "eager")], rel=1e-4)
 
 
-def test_moe_flavor_trains_with_its_load_balancing_loss(tiny, tmp_path):
-    """mixtral:debug (load-balancing loss on, coefficient 0.01) lowers the loss and logs the router metrics;
-    with the coefficient at 0 the first step's gradient differs (the loss reaches the router)."""
-    overrides = ["--model.name_or_path", "mixtral:debug", "--train.steps", "8", "--train.seq_length", "64",
-                 "--optim.lr", "3e-3"]
-    result = meshtron_train(tiny, tmp_path / "aux", *overrides)
+def test_moe_flavor_trains_with_its_load_balancing_loss(tmp_path):
+    """configs/moe_debug.toml (mixtral:debug, load-balancing loss weighted 0.01) lowers the loss and logs the
+    router metrics; with the weight at 0 the first step's gradient differs (the loss reaches the router)."""
+    config = Path(__file__).resolve().parents[2] / "configs" / "moe_debug.toml"
+    result = meshtron_train(config, tmp_path / "aux")
     assert result.returncode == 0, result.stderr
     recs = records(tmp_path / "aux")
     assert recs[-1]["loss"] < recs[0]["loss"]
     # At perfect balance the loss is num_experts_per_token (2); it cannot be below that.
     assert all(2.0 <= r["moe_aux_loss"] < 2.5 and r["moe_load_max"] >= 1.0 >= r["moe_load_min"] for r in recs)
     assert all(r["moe_dropped"] == 0 for r in recs)  # dropless
-    result = meshtron_train(tiny, tmp_path / "no_aux", *overrides, "--train.steps", "1",
-                            "--model.args", "{aux_loss_coef = 0.0}")
+    result = meshtron_train(config, tmp_path / "no_aux", "--train.steps", "1", "--model.args", "{aux_loss_coef = 0.0}")
     assert result.returncode == 0, result.stderr
     first = records(tmp_path / "no_aux")[0]
     assert first["loss"] == recs[0]["loss"] and first["grad_norm"] != recs[0]["grad_norm"]
