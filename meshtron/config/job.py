@@ -23,8 +23,10 @@ class ModelConfig:
     """Tokenizer directory (or "smollm2"); empty means the model's own (HF directory or
     checkpoint). Needed for on-the-fly preprocessing and the end-of-run sample."""
 
-    dtype: str = "float32"
-    """Compute dtype of forward and backward: float32, bfloat16 or float16."""
+    dtype: str = "auto"
+    """Compute dtype of forward and backward: auto, float32, bfloat16 or float16. auto is bfloat16
+    on CUDA (mixed precision with the float32 master weights of master_dtype, and TF32 allowed for
+    the matmuls that stay float32) and float32 elsewhere."""
 
     master_dtype: str = "float32"
     """Dtype of the stored parameters, gradient reduction and optimizer state. float32 with a

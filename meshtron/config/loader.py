@@ -179,7 +179,7 @@ def _validate_handlers(cfg: JobConfig) -> None:
 def validate(cfg: JobConfig) -> None:
     """Checks that need no world size or files (ParallelDims and the trainer check the rest)."""
     _check_choice(cfg.train.recipe, RECIPES, "train.recipe")
-    _check_choice(cfg.model.dtype, DTYPES, "model.dtype")
+    _check_choice(cfg.model.dtype, ("auto", *DTYPES), "model.dtype")
     _check_choice(cfg.model.master_dtype, DTYPES, "model.master_dtype")
     _check_choice(cfg.model.attention, ATTENTION_BACKENDS, "model.attention")
     _check_choice(cfg.optim.name, OPTIMIZERS, "optim.name")

@@ -145,9 +145,18 @@ def check_context_length(config: JobConfig, source: ModelSource) -> None:
                         f"prompt in the model's context of {limit} tokens; lower it")
 
 
-def precision(config: JobConfig) -> tuple[torch.dtype, torch.dtype]:
-    """(compute dtype, master dtype), checked."""
-    compute, master = DTYPES[config.model.dtype], DTYPES[config.model.master_dtype]
+def compute_dtype_name(config: JobConfig, device_type: str) -> str:
+    """model.dtype with `auto` resolved for the device: bfloat16 on CUDA, where float32 runs at a
+    fraction of the tensor cores' rate, float32 elsewhere (a CPU has no faster low-precision path)."""
+    if config.model.dtype != "auto":
+        return config.model.dtype
+    return "bfloat16" if device_type == "cuda" else "float32"
+
+
+def precision(config: JobConfig, device_type: str) -> tuple[torch.dtype, torch.dtype]:
+    """(compute dtype, master dtype) on `device_type`, checked."""
+    name = compute_dtype_name(config, device_type)
+    compute, master = DTYPES[name], DTYPES[config.model.master_dtype]
     if compute == torch.float32 and master != torch.float32:
         raise UserError(f"model.dtype = float32 with model.master_dtype = {config.model.master_dtype}: the master "
                         "weights must be at least as precise as the compute; set master_dtype = float32")
@@ -155,7 +164,7 @@ def precision(config: JobConfig) -> tuple[torch.dtype, torch.dtype]:
         raise UserError("pure float16 training (master_dtype = float16) overflows without fp32 master weights; use "
                         "bfloat16, or dtype = float16 with master_dtype = float32 (dynamic loss scaling)")
     if compute != master and master != torch.float32:
-        raise UserError(f"model.dtype = {config.model.dtype} with master_dtype = {config.model.master_dtype} is "
+        raise UserError(f"model.dtype = {name} with master_dtype = {config.model.master_dtype} is "
                         "not a supported combination; use master_dtype = float32 or equal to dtype")
     return compute, master
 
@@ -187,7 +196,7 @@ def build_parallel_model(config: JobConfig, source: ModelSource, dims: ParallelD
     args = source.args
     dims.check_model(args.num_heads, args.num_kv_heads, args.ffn_dim, args.vocab_size, config.train.seq_length,
                      config.parallel.sequence_parallel)
-    compute, master = precision(config)
+    compute, master = precision(config, device.type)
     converters = build_converters(config, source.kind, dims.dp_shard)
     model = build_model(args, device="meta")
     model.set_attention(config.model.attention)

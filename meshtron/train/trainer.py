@@ -137,6 +137,10 @@ class Trainer:
         torch.manual_seed(self.config.train.seed)
         if self.config.train.deterministic:
             torch.use_deterministic_algorithms(True)
+        if self.device.type == "cuda":
+            # What stays float32 (the master weights' updates, a float32 run's matmuls) uses TF32
+            # tensor cores: full float32 matmuls run at a small fraction of the GPU's rate.
+            torch.set_float32_matmul_precision("high")
 
     def _data_shard(self) -> dict:
         """This rank's share of the data: its data-parallel rank and size, over the replica groups
@@ -264,7 +268,7 @@ class Trainer:
         return resolve_checkpoint(resume)
 
     def _build_grad_scaler(self):
-        compute, master = precision(self.config)
+        compute, master = precision(self.config, self.device.type)
         if compute != torch.float16:
             return None
         # fp16 has a narrow range: scale the loss up dynamically so small gradients do not underflow.
@@ -313,7 +317,7 @@ class Trainer:
         (FSDP's mixed-precision policy casts the parameters itself)."""
         stack = contextlib.ExitStack()
         stack.enter_context(loss_context(self.dims.tp_enabled))
-        compute, master = precision(self.config)
+        compute, master = precision(self.config, self.device.type)
         if compute != master and not self.dims.fsdp_enabled:
             stack.enter_context(torch.autocast(self.device.type, dtype=compute))
         return stack
