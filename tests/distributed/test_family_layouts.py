@@ -27,6 +27,7 @@ CASES = {
     "mixtral-fsdp": ("mixtral:debug", ["--parallel.dp_shard", "2"], ["--train.micro_batch_size", "1"]),
     "qwen2_moe-nosp": ("qwen2_moe:debug", [*TP2, "--parallel.sequence_parallel", "false"]),
     "qwen3_moe": ("qwen3_moe:debug", TP2),
+    "qwen3_moe-pp": ("qwen3_moe:debug", ["--parallel.pp", "2"]),  # no load-balancing loss in this flavor
 }
 
 
@@ -58,3 +59,10 @@ def test_tp2_matches_single_process(run_train, single_process, tiny_config, tmp_
     assert len(records) == len(expected) == 2
     assert losses(records) == pytest.approx(losses(expected), rel=RTOL)
     assert [r["grad_norm"] for r in records] == pytest.approx([r["grad_norm"] for r in expected], rel=1e-4)
+
+
+def test_moe_load_balancing_loss_is_refused_under_pp(run_train, tiny_config, tmp_path):
+    result, _ = run_train(tiny_config, tmp_path, nproc=2, check=False,
+                          overrides=["--model.name_or_path", "mixtral:debug", *STEPS, "--parallel.pp", "2"])
+    assert result.returncode != 0
+    assert "the MoE load-balancing loss is not supported with pipeline parallel yet" in result.stderr

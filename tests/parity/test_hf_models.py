@@ -271,3 +271,20 @@ def test_greedy_generation_matches_transformers(case, tmp_path):
             expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
                                          eos_token_id=None, pad_token_id=0)
         assert new == expected[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("case", MOE_CASES)
+def test_moe_load_balancing_loss_matches_transformers(case, tmp_path):
+    """The load-balancing loss from the router statistics our MoE layers record in one forward equals
+    transformers' `aux_loss` for the same tokens (its MoE layers only: dense and sparse-step layers left out)."""
+    from meshtron.models.common.moe import load_balancing_loss, take_router_stats
+
+    hf_model, path = make_hf_model(case, tmp_path)
+    ours, args = load_hf_model(path)
+    tokens = torch.randint(0, BASE["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf_model(tokens, labels=tokens, output_router_logits=True).aux_loss
+        ours(tokens)
+    stats = take_router_stats(ours)
+    assert len(stats) == sum(args.is_moe_layer(i) for i in range(args.num_layers))
+    torch.testing.assert_close(load_balancing_loss(stats, args.num_experts), expected, rtol=1e-5, atol=0)
