@@ -6,7 +6,7 @@ R routed rows (N * K, fewer when a capacity drops some).
 
 Routing is token-choice and dropless by default: every token reaches its K experts. Rows are sorted by
 expert, so that each expert's tokens are one contiguous slice and all experts run as one grouped matmul
-(`torch._grouped_mm`, on every device where torch has it; a loop over experts otherwise). With a
+(`torch._grouped_mm` where its kernel runs, `grouped_mm_runs`; a loop over experts otherwise). With a
 `capacity_factor`, an expert takes at most ceil(factor * N * K / E) rows, the earliest tokens first; the
 others are dropped (their routed contribution is zero) and counted.
 
@@ -93,6 +93,18 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def grouped_mm_runs(x_RD: torch.Tensor, hidden_dim: int) -> bool:
+    """Whether torch._grouped_mm runs these experts: on CPU in any floating dtype (checked here, float32 and
+    bfloat16); on CUDA only bfloat16 on compute capability 9.0+ with 16-byte aligned rows (D and I multiples
+    of 8), the limits of torch's kernel (its meta checks). Elsewhere the loop over experts runs."""
+    if not HAS_GROUPED_MM:
+        return False
+    if x_RD.device.type == "cpu":
+        return True
+    return (x_RD.device.type == "cuda" and x_RD.dtype == torch.bfloat16 and x_RD.shape[-1] % 8 == 0
+            and hidden_dim % 8 == 0 and torch.cuda.get_device_capability(x_RD.device) >= (9, 0))
+
+
 def grouped_linear(x_RD: torch.Tensor, w_EOD: torch.Tensor, offsets_E: torch.Tensor, grouped: bool) -> torch.Tensor:
     """Rows offsets[e-1]:offsets[e] of x times expert e's (out, in) weight transposed: (R, O). Every row is
     covered (offsets[-1] == R): grouped_mm leaves rows past the last offset uninitialized."""
@@ -124,9 +136,10 @@ class GroupedExperts(nn.Module):
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x: rows sorted by expert, counts[e] of them for expert e. Returns (R, D)."""
         offsets = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        gate = grouped_linear(x_RD, self.gate_proj, offsets, self.grouped_mm)
-        up = grouped_linear(x_RD, self.up_proj, offsets, self.grouped_mm)
-        return grouped_linear(self.act(gate) * up, self.down_proj, offsets, self.grouped_mm)
+        grouped = self.grouped_mm and grouped_mm_runs(x_RD, self.gate_proj.shape[1])
+        gate = grouped_linear(x_RD, self.gate_proj, offsets, grouped)
+        up = grouped_linear(x_RD, self.up_proj, offsets, grouped)
+        return grouped_linear(self.act(gate) * up, self.down_proj, offsets, grouped)
 
 
 @dataclass

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from meshtron.models.common.init import init_model
-from meshtron.models.common.moe import HAS_GROUPED_MM, MoE, MoEArgs, load_balancing_loss, take_router_stats
+from meshtron.models.common.moe import (HAS_GROUPED_MM, MoE, MoEArgs, grouped_mm_runs, load_balancing_loss,
+                                        take_router_stats)
 
 ARGS = dict(dim=32, num_heads=4, num_kv_heads=2, head_dim=8, num_layers=2, num_experts=6, num_experts_per_token=2,
             expert_ffn_dim=24, shared_expert_ffn_dim=16)
@@ -36,6 +37,11 @@ def test_grouped_gemm_equals_the_per_expert_loop_forward_and_backward(dtype):
         results.append([out, x.grad] + [p.grad for p in moe.parameters()])
     for grouped, loop in zip(*results):
         assert torch.equal(grouped, loop)
+
+
+def test_grouped_gemm_is_used_on_cpu_where_torch_has_it():
+    assert grouped_mm_runs(inputs().flatten(0, 1), ARGS["expert_ffn_dim"]) == HAS_GROUPED_MM
+    assert not grouped_mm_runs(inputs().flatten(0, 1).to("meta"), ARGS["expert_ffn_dim"])
 
 
 def test_expert_with_no_tokens_and_every_row_written():
