@@ -284,7 +284,9 @@ def test_moe_load_balancing_loss_matches_transformers(case, tmp_path):
     tokens = torch.randint(0, BASE["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf_model(tokens, labels=tokens, output_router_logits=True).aux_loss
-        ours(tokens)
+        ours(tokens)  # a forward without gradients (generation, a frozen reference) records nothing
+    assert take_router_stats(ours) == []
+    ours(tokens)
     stats = take_router_stats(ours)
     assert len(stats) == sum(args.is_moe_layer(i) for i in range(args.num_layers))
     torch.testing.assert_close(load_balancing_loss(stats, args.num_experts), expected, rtol=1e-5, atol=0)

@@ -10,8 +10,8 @@ expert, so that each expert's tokens are one contiguous slice and all experts ru
 `capacity_factor`, an expert takes at most ceil(factor * N * K / E) rows, the earliest tokens first; the
 others are dropped (their routed contribution is zero) and counted.
 
-Each forward records its router statistics (`MoE.router_stats`); `take_router_stats` collects them over a
-model's MoE layers, from which `load_balancing_loss` is computed (the Trainer adds it to the loss) and the
+Each forward with gradients on records its router statistics (`MoE.router_stats`), replacing the last
+one's; `take_router_stats` collects them over a model's MoE layers, from which `load_balancing_loss` is computed (the Trainer adds it to the loss) and the
 expert load is logged.
 """
 
@@ -221,7 +221,8 @@ class MoE(nn.Module):
         y_ND = torch.zeros_like(x_ND).index_add(0, token_R, out_RD)
         if self.shared_expert is not None:
             y_ND = y_ND + torch.sigmoid(self.shared_expert_gate(x_ND)) * self.shared_expert(x_ND)
-        self.router_stats = RouterStats(selected, logits.float().softmax(-1).sum(0), B * S, dropped)
+        if torch.is_grad_enabled():  # a training forward; not generation, evaluation or a frozen reference pass
+            self.router_stats = RouterStats(selected, logits.float().softmax(-1).sum(0), B * S, dropped)
         return y_ND.view(B, S, D)
 
 
