@@ -17,7 +17,8 @@ class ModelConfig:
 
     args: dict = field(default_factory=dict)
     """ModelArgs fields to change on a flavor, e.g. {num_layers = 4, dim = 256}; only for
-    flavors (pretrained weights fix their shape)."""
+    flavors (pretrained weights fix their shape), except an MoE model's routing fields
+    (aux_loss_coef, capacity_factor), which a pretrained one takes too."""
 
     tokenizer: str = ""
     """Tokenizer directory (or "smollm2"); empty means the model's own (HF directory or

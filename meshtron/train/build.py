@@ -111,12 +111,14 @@ def resolve_model_source(config: JobConfig) -> ModelSource:
         from meshtron.checkpoint.hf import read_hf_config
 
         _, _, args = read_hf_config(path)
+        args = _apply_arg_overrides(args, config.model.args)  # routing fields only (config validation)
         return ModelSource("hf", args, path, tokenizer_dir or path, _token_ids_from_dir(path))
     if path.is_dir():
         checkpoint = resolve_checkpoint(path)
         manifest = read_manifest(checkpoint)
         own_tokenizer = checkpoint / manifest["tokenizer"] if manifest.get("tokenizer") else None
         args = model_args_from_dict(manifest["model_args"], f"{checkpoint}/manifest.json model_args")
+        args = _apply_arg_overrides(args, config.model.args)  # routing fields only (config validation)
         return ModelSource("checkpoint", args, checkpoint,
                            tokenizer_dir or own_tokenizer, manifest.get("hf_config_extra", {}))
     if ":" not in name:

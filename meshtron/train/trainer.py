@@ -98,7 +98,7 @@ class Trainer:
         self.model_args = self.source.args = self.recipe.model_args(self.source.args)
         if getattr(self.model_args, "aux_loss_coef", 0.0) and self.dims.pp > 1:
             raise UserError("the MoE load-balancing loss is not supported with pipeline parallel yet: train with "
-                            "parallel.pp = 1, or without it (model.args aux_loss_coef = 0 on a flavor)")
+                            "parallel.pp = 1, or without it (model.args = {aux_loss_coef = 0})")
         layout = self._pipeline_layout()
         self.data_loader = build_data_loader(
             config, data_kind=self.recipe.data_kind, default_handler=self.recipe.default_handler,

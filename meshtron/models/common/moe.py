@@ -30,6 +30,9 @@ from meshtron.models.common.layers import ACTIVATIONS, GatedMLP
 from meshtron.models.common.transformer import Transformer, TransformerBlock
 
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+# MoEArgs fields that change how a model trains, not its weights: `model.args` may set them on a pretrained
+# model (Hugging Face directory or checkpoint) too.
+ROUTING_FIELDS = frozenset({"aux_loss_coef", "capacity_factor"})
 SCORE_FUNCS = ("softmax", "sigmoid")
 
 

@@ -50,6 +50,8 @@ def test_async_key_maps_to_a_python_field(tmp_path):
         ("[lr]\nmin_lr = -inf\n", [], "lr.min_lr: expected a finite number, got -inf"),
         ("", ["--optim.betas", "0.9,inf"], "--optim.betas[1]: expected a finite number, got inf"),
         ("", ["--model.args", "{rope_theta = inf}"], "--model.args.rope_theta: expected a finite number"),
+        ("", ["--model.name_or_path", "some/hf_dir", "--model.args", "{num_layers = 2, aux_loss_coef = 0.01}"],
+         "model.args num_layers changes a flavor's shape, but model.name_or_path = 'some/hf_dir' is not a flavor"),
         ("", ["--optim.betas", "0.9,1.5"], "optim.betas must be two values in [0, 1)"),
         ("", ["--optim.betas", "-0.1,0.9"], "optim.betas must be two values in [0, 1)"),
         ("", ["--optim.betas", "0.9"], "optim.betas must be two values in [0, 1)"),

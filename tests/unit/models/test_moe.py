@@ -98,3 +98,28 @@ def test_load_balancing_loss_equals_transformers():
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=0)
     ours.backward()  # differentiable through the router probabilities
     assert all(moe.router.weight.grad.abs().sum() > 0 for moe in layers)
+
+
+def test_routing_fields_apply_to_a_pretrained_moe_model(tmp_path):
+    """model.args may set aux_loss_coef and capacity_factor on a Hugging Face MoE directory (its config
+    turns the loss off); a dense model has no such fields."""
+    import transformers
+
+    from meshtron.config import load_config
+    from meshtron.errors import UserError
+    from meshtron.train.build import resolve_model_source
+
+    config = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=8, moe_intermediate_size=8,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         num_experts=2, num_experts_per_tok=1, head_dim=8)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / "hf"))
+    routing = ["--model.args", "{aux_loss_coef = 0.02, capacity_factor = 1.5}"]
+    cfg = load_config(None, ["--data.mock", "true", "--model.name_or_path", str(tmp_path / "hf"), *routing])
+    args = resolve_model_source(cfg).args
+    assert (args.aux_loss_coef, args.capacity_factor, args.num_experts) == (0.02, 1.5, 2)
+    dense = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=8, num_hidden_layers=1,
+                                     num_attention_heads=2)
+    transformers.AutoModelForCausalLM.from_config(dense).save_pretrained(str(tmp_path / "dense"))
+    cfg = load_config(None, ["--data.mock", "true", "--model.name_or_path", str(tmp_path / "dense"), *routing])
+    with pytest.raises(UserError, match="model.args: unknown field 'aux_loss_coef'"):
+        resolve_model_source(cfg)
