@@ -2,16 +2,20 @@
 model through the family's state-dict adapter, and write a model back as a directory
 transformers loads unchanged.
 
-Only safetensors are read or written (no pickle). Tensors are read one at a time and converted
-group by group (models/common/adapter.py), so peak host memory is one tensor group beyond the
-model itself; a parameter that is a DTensor receives only its own shard. Which head a model has
-(tied, score, language model) is the adapter's business, not this file's.
+Only safetensors are read or written (no pickle). Each rank reads only what it keeps: a tensor
+that converts one to one is read as this rank's slice of the file (the DTensor shard's local shape
+and global offset), copied straight into the local shard; a tensor no parameter of this rank holds
+(another pipeline stage's layers) is not read. Tensors that convert in groups (fused qkv, stacked
+experts; models/common/adapter.py) are read whole on the host, converted, and sliced there. Which
+head a model has (tied, score, language model) is the adapter's business, not this file's.
 """
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -25,6 +29,7 @@ from meshtron.models.spec import FamilySpec
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+log = logging.getLogger(__name__)
 # Files copied verbatim from a source HF directory when saving (tokenizer, chat template, generation).
 SIDE_FILES = (
     "tokenizer.json",
@@ -95,29 +100,53 @@ def _open_safetensors(file: Path):
                         "download or convert it again") from None
 
 
-def iter_hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, tensor) one at a time, file by file."""
+class SafetensorsTensor:
+    """One tensor of an open safetensors file, read only in the slices asked for; adds the bytes it
+    reads to `counter` (a one-element list shared by a load)."""
+
+    def __init__(self, file, name: str, counter: list[int]):
+        self._slice = file.get_slice(name)
+        self.shape = torch.Size(self._slice.get_shape())
+        self._counter = counter
+
+    def __getitem__(self, index) -> torch.Tensor:
+        tensor = self._slice[index]
+        self._counter[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def full(self) -> torch.Tensor:
+        return self[...]
+
+
+def iter_hf_tensors(path: Path, counter: list[int]) -> Iterator[tuple[str, SafetensorsTensor]]:
+    """Yield (HF name, unread tensor) file by file; the files stay open until the stream ends, since
+    a tensor group may span two files."""
     by_file: dict[Path, list[str]] = {}
     for key, file in weight_files(path).items():
         by_file.setdefault(file, []).append(key)
-    for file, keys in by_file.items():
-        if not file.is_file():
-            raise UserError(f"{file} is listed in {INDEX_FILE} but missing")
-        with _open_safetensors(file) as f:
+    with ExitStack() as files:
+        for file, keys in by_file.items():
+            if not file.is_file():
+                raise UserError(f"{file} is listed in {INDEX_FILE} but missing")
+            f = files.enter_context(_open_safetensors(file))
             for hf_key in keys:
-                yield hf_key, f.get_tensor(hf_key)
+                yield hf_key, SafetensorsTensor(f, hf_key, counter)
 
 
 @torch.no_grad()
 def load_hf_weights(model: nn.Module, path: str | os.PathLike, spec: FamilySpec) -> set[str]:
-    """Copy the tensors of an HF directory into `model`'s (materialized) parameters; returns the
-    names of the parameters it wrote (the others are for `init_weights`: adapters, a new score head)."""
+    """Copy the tensors of an HF directory into `model`'s (materialized) parameters, each rank reading
+    only its shards (module docstring); returns the names of the parameters it wrote (the others are
+    for `init_weights`: adapters, a new score head). Logs the bytes this rank read."""
     path = Path(path)
     params = dict(model.named_parameters(remove_duplicate=False))
     adapter = spec.adapter(model.args)
-    loaded = set()
+    def held(name: str) -> bool:
+        return any(target in params for target in adapter.head_aliases(name))
+
+    loaded, bytes_read = set(), [0]
     try:
-        for name, tensor in adapter.from_hf(iter_hf_tensors(path)):
+        for name, tensor in adapter.from_hf(iter_hf_tensors(path, bytes_read), wanted=held):
             for target in adapter.head_aliases(name):
                 if target not in params:
                     continue  # e.g. a tensor for layers this pipeline stage does not hold
@@ -136,17 +165,26 @@ def load_hf_weights(model: nn.Module, path: str | os.PathLike, spec: FamilySpec)
         shown = ", ".join(adapter.hf_name(m) for m in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise UserError(f"{path} is missing tensors: {shown}{more}")
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    log.info("rank %d read %d bytes of weights from %s", rank, bytes_read[0], path)
     return loaded
 
 
-def _copy_into(param: torch.Tensor, full: torch.Tensor) -> None:
-    from torch.distributed.tensor import DTensor, distribute_tensor
+def _copy_into(param: torch.Tensor, tensor: torch.Tensor | SafetensorsTensor) -> None:
+    """`tensor` (full-sized, read or not) into `param`, reading and copying only the local shard."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    if isinstance(param, DTensor):
-        shard = distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements)
-        param.to_local().copy_(shard.to_local())
+    if not isinstance(param, DTensor):
+        param.copy_(tensor[...])
+    elif all(type(p) in (Shard, Replicate) for p in param.placements):
+        # Plain shards are one block of the global tensor: read just that block.
+        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        param.to_local().copy_(tensor[tuple(slice(o, o + n) for n, o in zip(shape, offset))])
     else:
-        param.copy_(full)
+        # FSDP's strided shards (dp_shard with tp on the same dim) are not one block: scatter from rank 0.
+        full = tensor[...].to(param.device, param.dtype)
+        param.to_local().copy_(distribute_tensor(full, param.device_mesh, param.placements).to_local())
 
 
 def load_hf_model(

@@ -13,7 +13,10 @@ name takes it), plus the rules of the output head, decided here and nowhere else
 - a score head (`num_labels`, a reward model) is Hugging Face's `score.weight`, and a language
   model's `lm_head.weight` is of no use to it (and the other way round).
 Tensors are streamed: `from_hf` consumes (name, tensor) pairs and yields ours as soon as a group
-instance is complete, so peak memory is one group beyond the model.
+instance is complete, so peak memory is one group beyond the model. The stream may hold lazy tensors
+(anything with `shape` and `full()`, e.g. a safetensors entry not read yet): a one-to-one group passes
+them through unread, so the caller reads only the part it keeps; a converting group reads its inputs
+whole; a group none of whose tensors is `wanted` is not read at all.
 """
 
 import re
@@ -41,6 +44,11 @@ class TensorGroup:
     hf: tuple[str, ...]
     to_hf: Convert = _same
     from_hf: Convert = _same
+
+
+def _whole(tensor) -> torch.Tensor:
+    """A stream's tensor, read whole if it is lazy."""
+    return tensor if isinstance(tensor, torch.Tensor) else tensor.full()
 
 
 def split_group(ours: tuple[str, ...], hf: str, sizes: list[int], dim: int = 0) -> TensorGroup:
@@ -107,14 +115,22 @@ class StateDictAdapter:
 
     # ---- Hugging Face -> ours ------------------------------------------------------------
 
-    def from_hf(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Our (name, tensor) pairs from a stream of Hugging Face ones, group by group."""
+    def from_hf(self, tensors: Iterable[tuple[str, torch.Tensor]],
+                wanted: Callable[[str], bool] = lambda name: True) -> Iterator[tuple[str, torch.Tensor]]:
+        """Our (name, tensor) pairs from a stream of Hugging Face ones, group by group; only groups
+        with a `wanted` tensor of ours (e.g. held by this pipeline stage) are yielded, and read."""
         for (g, binding), group_tensors in self._gather(self._hf_kept(tensors), self._hf, "hf"):
             if g is None:  # a score head: ours without conversion
-                yield LM_HEAD, group_tensors[0]
+                if wanted(LM_HEAD):
+                    yield LM_HEAD, group_tensors[0]
                 continue
             group = self.groups[g]
-            yield from zip(self._names(group.ours, binding), group.from_hf(group_tensors))
+            names = self._names(group.ours, binding)
+            if not any(map(wanted, names)):
+                continue
+            if group.from_hf is not _same:
+                group_tensors = group.from_hf([_whole(t) for t in group_tensors])
+            yield from zip(names, group_tensors)
 
     def _hf_kept(self, tensors):
         """Drop recomputed buffers and the head kind this model does not have."""
