@@ -51,6 +51,11 @@ def _whole(tensor) -> torch.Tensor:
     return tensor if isinstance(tensor, torch.Tensor) else tensor.full()
 
 
+def renames(pairs: list[tuple[str, str]]) -> list[TensorGroup]:
+    """One-to-one groups from (ours, hf) name templates: the tensors that only change their name."""
+    return [TensorGroup((ours,), (hf,)) for ours, hf in pairs]
+
+
 def split_group(ours: tuple[str, ...], hf: str, sizes: list[int], dim: int = 0) -> TensorGroup:
     """Several of our tensors stored as one Hugging Face tensor, concatenated along `dim` (fused qkv, gate_up)."""
     return TensorGroup(ours, (hf,), to_hf=lambda ts: [torch.cat(ts, dim=dim)],

@@ -5,22 +5,19 @@ Our RoPE uses the same rotate-half layout as Hugging Face checkpoints, so the de
 tensors map one to one by name; no permutation is needed.
 """
 
-from meshtron.models.common.adapter import StateDictAdapter, TensorGroup
+from meshtron.models.common.adapter import StateDictAdapter, renames
 from meshtron.models.common.args import ModelArgs
 
 # (ours, hf) name templates; {i} is a layer index, {rest} any suffix.
-DENSE_GROUPS = [
-    TensorGroup((ours,), (hf,))
-    for ours, hf in [
-        ("embed.weight", "model.embed_tokens.weight"),
-        ("norm.weight", "model.norm.weight"),
-        ("lm_head.weight", "lm_head.weight"),
-        ("layers.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
-        ("layers.{i}.mlp_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
-        ("layers.{i}.attn.{rest}", "model.layers.{i}.self_attn.{rest}"),
-        ("layers.{i}.mlp.{rest}", "model.layers.{i}.mlp.{rest}"),
-    ]
-]
+DENSE_GROUPS = renames([
+    ("embed.weight", "model.embed_tokens.weight"),
+    ("norm.weight", "model.norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+    ("layers.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("layers.{i}.mlp_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("layers.{i}.attn.{rest}", "model.layers.{i}.self_attn.{rest}"),
+    ("layers.{i}.mlp.{rest}", "model.layers.{i}.mlp.{rest}"),
+])
 
 
 def dense_adapter(args: ModelArgs) -> StateDictAdapter:

@@ -1,26 +1,23 @@
 """The Gemma 2 family (`model_type: gemma2`)."""
 
-from meshtron.models.common.adapter import StateDictAdapter, TensorGroup
+from meshtron.models.common.adapter import StateDictAdapter, renames
 from meshtron.models.common.hf_dense import dense_args_from_hf, dense_hf_kwargs
 from meshtron.models.gemma2.args import FLAVORS, Gemma2Args
 from meshtron.models.gemma2.model import Gemma2
 from meshtron.models.common.parallelize import SANDWICH_PLAN
 from meshtron.models.spec import FamilySpec
 
-GROUPS = [
-    TensorGroup((ours,), (hf,))
-    for ours, hf in [
-        ("embed.weight", "model.embed_tokens.weight"),
-        ("norm.weight", "model.norm.weight"),
-        ("lm_head.weight", "lm_head.weight"),
-        ("layers.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
-        ("layers.{i}.post_attn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
-        ("layers.{i}.mlp_norm.weight", "model.layers.{i}.pre_feedforward_layernorm.weight"),
-        ("layers.{i}.post_mlp_norm.weight", "model.layers.{i}.post_feedforward_layernorm.weight"),
-        ("layers.{i}.attn.{rest}", "model.layers.{i}.self_attn.{rest}"),
-        ("layers.{i}.mlp.{rest}", "model.layers.{i}.mlp.{rest}"),
-    ]
-]
+GROUPS = renames([
+    ("embed.weight", "model.embed_tokens.weight"),
+    ("norm.weight", "model.norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+    ("layers.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("layers.{i}.post_attn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("layers.{i}.mlp_norm.weight", "model.layers.{i}.pre_feedforward_layernorm.weight"),
+    ("layers.{i}.post_mlp_norm.weight", "model.layers.{i}.post_feedforward_layernorm.weight"),
+    ("layers.{i}.attn.{rest}", "model.layers.{i}.self_attn.{rest}"),
+    ("layers.{i}.mlp.{rest}", "model.layers.{i}.mlp.{rest}"),
+])
 HF_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh"}  # Hugging Face name -> ours (Gemma 3 too)
 
 

@@ -2,27 +2,24 @@
 `gate_up_proj` (split on import, concatenated on export) and name the four norms of a layer
 input / post_self_attn / post_attention / post_mlp."""
 
-from meshtron.models.common.adapter import StateDictAdapter, TensorGroup, split_group
+from meshtron.models.common.adapter import StateDictAdapter, renames, split_group
 from meshtron.models.common.hf_dense import dense_args_from_hf, dense_hf_kwargs
 from meshtron.models.common.parallelize import SANDWICH_PLAN
 from meshtron.models.glm4.args import FLAVORS, Glm4Args
 from meshtron.models.glm4.model import Glm4
 from meshtron.models.spec import FamilySpec
 
-_RENAMES = [
-    TensorGroup((ours,), (hf,))
-    for ours, hf in [
-        ("embed.weight", "model.embed_tokens.weight"),
-        ("norm.weight", "model.norm.weight"),
-        ("lm_head.weight", "lm_head.weight"),
-        ("layers.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
-        ("layers.{i}.post_attn_norm.weight", "model.layers.{i}.post_self_attn_layernorm.weight"),
-        ("layers.{i}.mlp_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
-        ("layers.{i}.post_mlp_norm.weight", "model.layers.{i}.post_mlp_layernorm.weight"),
-        ("layers.{i}.attn.{rest}", "model.layers.{i}.self_attn.{rest}"),
-        ("layers.{i}.mlp.down_proj.weight", "model.layers.{i}.mlp.down_proj.weight"),
-    ]
-]
+_RENAMES = renames([
+    ("embed.weight", "model.embed_tokens.weight"),
+    ("norm.weight", "model.norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+    ("layers.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("layers.{i}.post_attn_norm.weight", "model.layers.{i}.post_self_attn_layernorm.weight"),
+    ("layers.{i}.mlp_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("layers.{i}.post_mlp_norm.weight", "model.layers.{i}.post_mlp_layernorm.weight"),
+    ("layers.{i}.attn.{rest}", "model.layers.{i}.self_attn.{rest}"),
+    ("layers.{i}.mlp.down_proj.weight", "model.layers.{i}.mlp.down_proj.weight"),
+])
 
 
 def adapter(args: Glm4Args) -> StateDictAdapter:

@@ -1,24 +1,21 @@
 """The OLMo 2 family (`model_type: olmo2`)."""
 
-from meshtron.models.common.adapter import StateDictAdapter, TensorGroup
+from meshtron.models.common.adapter import StateDictAdapter, renames
 from meshtron.models.common.hf_dense import dense_args_from_hf, dense_hf_kwargs
 from meshtron.models.olmo2.args import FLAVORS, Olmo2Args
 from meshtron.models.olmo2.model import Olmo2
 from meshtron.models.olmo2.parallelize import PLAN
 from meshtron.models.spec import FamilySpec
 
-GROUPS = [
-    TensorGroup((ours,), (hf,))
-    for ours, hf in [
-        ("embed.weight", "model.embed_tokens.weight"),
-        ("norm.weight", "model.norm.weight"),
-        ("lm_head.weight", "lm_head.weight"),
-        ("layers.{i}.post_attn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
-        ("layers.{i}.post_mlp_norm.weight", "model.layers.{i}.post_feedforward_layernorm.weight"),
-        ("layers.{i}.attn.{rest}", "model.layers.{i}.self_attn.{rest}"),
-        ("layers.{i}.mlp.{rest}", "model.layers.{i}.mlp.{rest}"),
-    ]
-]
+GROUPS = renames([
+    ("embed.weight", "model.embed_tokens.weight"),
+    ("norm.weight", "model.norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+    ("layers.{i}.post_attn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("layers.{i}.post_mlp_norm.weight", "model.layers.{i}.post_feedforward_layernorm.weight"),
+    ("layers.{i}.attn.{rest}", "model.layers.{i}.self_attn.{rest}"),
+    ("layers.{i}.mlp.{rest}", "model.layers.{i}.mlp.{rest}"),
+])
 
 
 def adapter(args: Olmo2Args) -> StateDictAdapter:

@@ -1,25 +1,22 @@
 """The StarCoder2 family (`model_type: starcoder2`)."""
 
-from meshtron.models.common.adapter import StateDictAdapter, TensorGroup
+from meshtron.models.common.adapter import StateDictAdapter, renames
 from meshtron.models.common.hf_dense import dense_args_from_hf, dense_hf_kwargs
 from meshtron.models.spec import FamilySpec
 from meshtron.models.starcoder2.args import FLAVORS, Starcoder2Args
 from meshtron.models.starcoder2.model import Starcoder2
 from meshtron.models.starcoder2.parallelize import PLAN
 
-GROUPS = [
-    TensorGroup((ours,), (hf,))
-    for ours, hf in [
-        ("embed.weight", "model.embed_tokens.weight"),
-        ("norm.{rest}", "model.norm.{rest}"),
-        ("lm_head.weight", "lm_head.weight"),
-        ("layers.{i}.attn_norm.{rest}", "model.layers.{i}.input_layernorm.{rest}"),
-        ("layers.{i}.mlp_norm.{rest}", "model.layers.{i}.post_attention_layernorm.{rest}"),
-        ("layers.{i}.attn.{rest}", "model.layers.{i}.self_attn.{rest}"),
-        ("layers.{i}.mlp.up_proj.{rest}", "model.layers.{i}.mlp.c_fc.{rest}"),
-        ("layers.{i}.mlp.down_proj.{rest}", "model.layers.{i}.mlp.c_proj.{rest}"),
-    ]
-]
+GROUPS = renames([
+    ("embed.weight", "model.embed_tokens.weight"),
+    ("norm.{rest}", "model.norm.{rest}"),
+    ("lm_head.weight", "lm_head.weight"),
+    ("layers.{i}.attn_norm.{rest}", "model.layers.{i}.input_layernorm.{rest}"),
+    ("layers.{i}.mlp_norm.{rest}", "model.layers.{i}.post_attention_layernorm.{rest}"),
+    ("layers.{i}.attn.{rest}", "model.layers.{i}.self_attn.{rest}"),
+    ("layers.{i}.mlp.up_proj.{rest}", "model.layers.{i}.mlp.c_fc.{rest}"),
+    ("layers.{i}.mlp.down_proj.{rest}", "model.layers.{i}.mlp.c_proj.{rest}"),
+])
 
 
 def adapter(args: Starcoder2Args) -> StateDictAdapter:
