@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -101,16 +100,16 @@ def _open_safetensors(file: Path):
 
 
 class SafetensorsTensor:
-    """One tensor of an open safetensors file, read only in the slices asked for; adds the bytes it
-    reads to `counter` (a one-element list shared by a load)."""
+    """One tensor of a safetensors file, read only in the slices asked for; adds the bytes it reads
+    to `counter` (a one-element list shared by a load). Each read opens the file anew, so the pages
+    of the file it touched leave this process's resident set when the read is done."""
 
-    def __init__(self, file, name: str, counter: list[int]):
-        self._slice = file.get_slice(name)
-        self.shape = torch.Size(self._slice.get_shape())
-        self._counter = counter
+    def __init__(self, file: Path, name: str, shape: list[int], counter: list[int]):
+        self.file, self.name, self.shape, self._counter = file, name, torch.Size(shape), counter
 
     def __getitem__(self, index) -> torch.Tensor:
-        tensor = self._slice[index]
+        with _open_safetensors(self.file) as f:
+            tensor = f.get_slice(self.name)[index]
         self._counter[0] += tensor.numel() * tensor.element_size()
         return tensor
 
@@ -119,18 +118,17 @@ class SafetensorsTensor:
 
 
 def iter_hf_tensors(path: Path, counter: list[int]) -> Iterator[tuple[str, SafetensorsTensor]]:
-    """Yield (HF name, unread tensor) file by file; the files stay open until the stream ends, since
-    a tensor group may span two files."""
+    """Yield (HF name, unread tensor) file by file."""
     by_file: dict[Path, list[str]] = {}
     for key, file in weight_files(path).items():
         by_file.setdefault(file, []).append(key)
-    with ExitStack() as files:
-        for file, keys in by_file.items():
-            if not file.is_file():
-                raise UserError(f"{file} is listed in {INDEX_FILE} but missing")
-            f = files.enter_context(_open_safetensors(file))
-            for hf_key in keys:
-                yield hf_key, SafetensorsTensor(f, hf_key, counter)
+    for file, keys in by_file.items():
+        if not file.is_file():
+            raise UserError(f"{file} is listed in {INDEX_FILE} but missing")
+        with _open_safetensors(file) as f:
+            shapes = {hf_key: f.get_slice(hf_key).get_shape() for hf_key in keys}
+        for hf_key in keys:
+            yield hf_key, SafetensorsTensor(file, hf_key, shapes[hf_key], counter)
 
 
 @torch.no_grad()
