@@ -153,6 +153,7 @@ RULES = [
     Rule(r"^curl .*127\.0\.0\.1:8000/(v1/|metrics)", "curl", substitute={r"127\.0\.0\.1:8000": "127.0.0.1:{port}"}, prints=True),
     Rule(r"(^|-m )meshtron eval ", "run", append="--limit 2 --max-new-tokens 16",
          substitute={r"--data-dir DIR": "--data-dir {eval_data}"}, prints=True),
+    Rule(r"^meshtron score .*--output ", "run", why="writes its scores to the file, not stdout"),
     Rule(r"^meshtron score ", "run", prints=True),
     Rule(r"^meshtron convert ", "run", substitute=CHECKPOINT_STEP),
     Rule(r"^meshtron preprocess ", "run"),
@@ -313,9 +314,10 @@ def _check(command: Command, script: str, code: int, out: str, err: str, prints:
     assert not prints or out, f"{command}\nran as:\n{script}\nprinted nothing\n{err[-2000:]}"
 
 
-def _start_server(command_text: str, ws: dict, port: int):
-    """Start `meshtron serve ...` on `port`; its process once /health answers."""
-    proc = _bash(f"exec {command_text} --port {port}", ws["dir"], background=True)
+def _start_server(command_text: str, ws: dict, port: int, assignments=()):
+    """Start `meshtron serve ...` on `port` (after the document's `VAR=...` lines); its process once /health
+    answers."""
+    proc = _bash("\n".join([*assignments, f"exec {command_text} --port {port}"]), ws["dir"], background=True)
     deadline = time.time() + TIMEOUT_S
     while time.time() < deadline and proc.poll() is None:
         try:
@@ -361,18 +363,20 @@ def run_command(command: Command, ws: dict) -> None:
         code, out, err = _bash(script, ws["dir"], stdin=rule.stdin)
         _check(command, script, code, out, err, rule.prints)
     elif rule.kind == "serve":
-        server = _start_server("\n".join([*command.assignments, command.text]), ws, port)
+        server = _start_server(command.text, ws, port, command.assignments)
         try:
             assert _chat_request(port)["choices"][0]["message"]["content"] is not None
         finally:
             _stop(server)
     elif rule.kind == "curl":
-        model = "\n".join([*command.assignments, "meshtron serve --model $MODEL"])
-        server = _start_server(model, ws, port)
+        server = _start_server("meshtron serve --model $MODEL", ws, port, command.assignments)
         try:
             code, out, err = _bash(script, ws["dir"])
             _check(command, script, code, out, err, rule.prints)
-            assert json.loads(out)["choices"], out
+            if "/metrics" in command.text:  # Prometheus text: the server's counters by name
+                assert "meshtron_" in out, out
+            else:
+                assert json.loads(out)["choices"], out
         finally:
             _stop(server)
     elif rule.kind == "two_nodes":
