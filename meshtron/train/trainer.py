@@ -80,7 +80,7 @@ class Trainer:
         self.config = config
         self.device = init_distributed(config.train.deterministic)
         self.drill = FaultDrill.from_env(dist.get_rank())
-        self._set_determinism()
+        self._set_numerics()
         p = config.parallel
         self.dims = ParallelDims.resolve(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp,
                                          world_size=dist.get_world_size(), pp=p.pp, cp=p.cp, ep=p.ep)
@@ -133,7 +133,8 @@ class Trainer:
 
     # ---- construction helpers ------------------------------------------------------------
 
-    def _set_determinism(self) -> None:
+    def _set_numerics(self) -> None:
+        """The seed, deterministic kernels if asked, and the matmul precision of float32 on CUDA."""
         torch.manual_seed(self.config.train.seed)
         if self.config.train.deterministic:
             torch.use_deterministic_algorithms(True)
