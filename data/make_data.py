@@ -7,6 +7,8 @@
     prm.jsonl                    step-labelled arithmetic solutions (process reward models)
     prm_heldout.jsonl            held-out step-labelled solutions
     preferences_heldout.jsonl    held-out preference pairs (from the held-out instructions)
+    arithmetic_prompts.jsonl     arithmetic questions with their answers (online RL, grpo)
+    arithmetic_heldout.jsonl     held-out arithmetic questions (unseen operands)
 
 Everything is generated from templates here: no third-party text. The tasks follow
 fixed rules, so a model that learns them lowers its held-out loss.
@@ -139,6 +141,14 @@ def prm_sample(rng: random.Random) -> dict:
     return {"question": f"What is {a} * {b} + {c}? Solve it step by step.", "steps": steps, "labels": labels}
 
 
+def arithmetic_prompt(rng: random.Random) -> dict:
+    """A small sum or difference asked for as a bare number: the `math` reward checks it."""
+    a, b = rng.randint(2, 40), rng.randint(2, 40)
+    op = rng.choice("+-")
+    a, b = (a, b) if op == "+" or a >= b else (b, a)
+    return {"prompt": f"What is {a} {op} {b}? Reply with the number only.", "answer": str(a + b if op == "+" else a - b)}
+
+
 def write(path: str, records) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for record in records:
@@ -171,6 +181,14 @@ def main() -> None:
     write(os.path.join(args.out_dir, "preferences_heldout.jsonl"),
           [{"instruction": s["instruction"], "input": s["input"], "chosen": s["output"], "rejected": wrong(s, rng)}
            for s in heldout])
+    # Its own generator, so that the files above stay as they were.
+    rl_rng, questions = random.Random(4321), {}
+    while len(questions) < 260:
+        sample = arithmetic_prompt(rl_rng)
+        questions.setdefault(sample["prompt"], sample)
+    questions = list(questions.values())
+    write(os.path.join(args.out_dir, "arithmetic_prompts.jsonl"), questions[:200])
+    write(os.path.join(args.out_dir, "arithmetic_heldout.jsonl"), questions[200:])
 
 
 if __name__ == "__main__":

@@ -49,7 +49,23 @@ def score_file(model, tokenizer, input_path: Path, output, batch_size: int = 8) 
             ids = tokenizer.apply_chat_template(conversation(record, where), tokenize=True, return_dict=True)
             records.append(record)
             encoded.append(list(ids["input_ids"]))
+    for record, reward in zip(records, score_token_ids(model, encoded, batch_size)):
+        output.write(json.dumps({**record, "reward": reward}, ensure_ascii=False) + "\n")
+    return len(records)
+
+
+def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8) -> list[float]:
+    """The reward of each conversation (ending with the assistant reply), rendered through the chat template."""
+    encoded = [list(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"])
+               for c in conversations]
+    return score_token_ids(model, encoded, batch_size)
+
+
+@torch.no_grad()
+def score_token_ids(model, encoded: list[list[int]], batch_size: int = 8) -> list[float]:
+    """The score head's value at the last token of each token sequence."""
     device = next(model.parameters()).device
+    rewards = []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
         width = max(len(ids) for ids in chunk)
@@ -59,7 +75,5 @@ def score_file(model, tokenizer, input_path: Path, output, batch_size: int = 8) 
         # Each row one causal sequence; right padding: earlier positions are unaffected.
         mask = AttentionMask.for_batch(width, backend=model.attention)
         values = model(tokens, mask=mask)[..., 0].float()
-        for row, ids in enumerate(chunk):
-            record = records[start + row]
-            output.write(json.dumps({**record, "reward": values[row, len(ids) - 1].item()}, ensure_ascii=False) + "\n")
-    return len(records)
+        rewards += [values[row, len(ids) - 1].item() for row, ids in enumerate(chunk)]
+    return rewards

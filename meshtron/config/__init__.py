@@ -10,11 +10,12 @@ from meshtron.config.job import (
     OptimConfig,
     ParallelConfig,
     RecomputeConfig,
+    RLConfig,
     TrainConfig,
 )
 from meshtron.config.loader import load_config, to_dict, to_toml
 
 __all__ = [
     "CheckpointConfig", "DataConfig", "JobConfig", "LogConfig", "LRConfig", "ModelConfig", "OptimConfig",
-    "ParallelConfig", "RecomputeConfig", "TrainConfig", "load_config", "to_dict", "to_toml",
+    "ParallelConfig", "RecomputeConfig", "RLConfig", "TrainConfig", "load_config", "to_dict", "to_toml",
 ]

@@ -55,7 +55,7 @@ class DataConfig:
     handler: str = ""
     """Preprocess handler for raw files (pretrain, alpaca, sharegpt, openai, pairwise, prm); empty
     picks the recipe's: "pretrain" for pretrain, "alpaca" for sft, "pairwise" for dpo, simpo and rm,
-    "prm" for prm."""
+    "prm" for prm. grpo reads prompt files (docs/rl.md) and takes no handler."""
 
     handlers: dict = field(default_factory=dict)
     """Handlers of single raw files, keyed by the path as written in `paths` or `eval_paths`, e.g.
@@ -87,7 +87,8 @@ class TrainConfig:
     recipe: str = "pretrain"
     """How a batch becomes a loss: pretrain (next-token loss on packed documents), sft
     (next-token loss on response tokens only), dpo or simpo (pairwise preferences, see [align]),
-    or prm (process reward model on step-labelled data)."""
+    prm (process reward model on step-labelled data), or grpo (online reinforcement learning on
+    prompts: the model generates, rewards score it, see [rl] and docs/rl.md)."""
 
     steps: int = 10
     """Number of optimizer steps of the run (resuming continues up to this count)."""
@@ -321,6 +322,77 @@ class AlignConfig:
 
 
 @dataclass
+class RLConfig:
+    prompts_per_step: int = 4
+    """grpo: prompts each optimizer step rolls out, over all data-parallel ranks (each rank takes an
+    equal share; a prompt's group of completions stays on one rank). train.global_batch_size must
+    be prompts_per_step x group_size (the completions trained on per step)."""
+
+    group_size: int = 4
+    """Completions sampled per prompt; a completion's advantage is its reward against its group's."""
+
+    max_new_tokens: int = 64
+    """Longest completion of the rollout, in tokens (a longer one is cut: truncated_fraction)."""
+
+    temperature: float = 1.0
+    """Sampling temperature of the rollout (> 0)."""
+
+    top_p: float = 1.0
+    """Nucleus sampling of the rollout: draw among the most likely tokens holding this much
+    probability (1.0: all tokens)."""
+
+    loss_type: str = "dapo"
+    """How per-token losses are averaged: grpo (per completion, then over completions), dapo (over
+    all completion tokens of the step), dr_grpo (per completion divided by max_new_tokens, then
+    over completions; pair it with scale_rewards = false) or bnpo (per micro-batch, then over
+    micro-batches)."""
+
+    scale_rewards: bool = True
+    """Divide each advantage by its group's reward std (+ 1e-4); false only centres the rewards
+    (Dr. GRPO)."""
+
+    clip_low: float = 0.2
+    """The probability ratio to the rollout policy is clipped below at 1 - clip_low."""
+
+    clip_high: float = 0.2
+    """... and above at 1 + clip_high (DAPO's clip-higher uses 0.28)."""
+
+    kl_coef: float = 0.0
+    """Weight of the per-token KL penalty to a frozen copy of the starting model; 0 builds no
+    reference model."""
+
+    kl_estimator: str = "k3"
+    """KL estimate per token from the sampled token's log-probs: k1 (log-ratio), k2 (half its
+    square) or k3 (exp(ref - logp) - (ref - logp) - 1, unbiased and never negative)."""
+
+    updates_per_rollout: int = 1
+    """Optimizer steps on each rollout (TRL's num_iterations); above 1, the rollout policy's
+    log-probs are kept for the ratio."""
+
+    rewards: dict = field(default_factory=lambda: {"math": 1.0})
+    """Reward functions and their weights, e.g. {math = 1.0, format = 0.2}: math (the completion's
+    last \\boxed{} or last number equals the prompt's `answer`), format (format_pattern matches
+    the whole completion), code (the completion's code then the prompt's `tests` exit 0 in the
+    evaluation sandbox), model (the score of the rm run reward_model), or a user function by
+    import path, {"mypkg.rewards:brevity" = 0.1}, called as f(prompts, completions, **fields) with
+    the prompt records' other fields, returning one float per completion."""
+
+    format_pattern: str = ".*"
+    """The format reward's regular expression (Python syntax, matched against the whole stripped
+    completion, `.` matching newlines too)."""
+
+    reward_model: str = ""
+    """The model reward's reward model: the run directory (or checkpoint) of an rm run."""
+
+    code_timeout_s: float = 10.0
+    """The code reward's time limit per program, in seconds."""
+
+    code_sandbox: bool = True
+    """Run the code reward's programs confined by the kernel, as `meshtron eval` runs HumanEval;
+    false runs generated code unconfined (at your own risk)."""
+
+
+@dataclass
 class LogConfig:
     interval: int = 1
     """Log metrics every this many steps."""
@@ -398,5 +470,6 @@ class JobConfig:
     log: LogConfig = field(default_factory=LogConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     ft: FTConfig = field(default_factory=FTConfig)

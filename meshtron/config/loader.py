@@ -18,7 +18,7 @@ from meshtron.config.job import JobConfig
 from meshtron.errors import UserError
 from meshtron.models.common.masks import ATTENTION_BACKENDS
 
-RECIPES = ("pretrain", "sft", "dpo", "simpo", "rm", "prm")
+RECIPES = ("pretrain", "sft", "dpo", "simpo", "rm", "prm", "grpo")
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "linear", "wsd")
@@ -237,8 +237,37 @@ def validate(cfg: JobConfig) -> None:
     _check_positive(cfg.align.beta, "align.beta")
     if not 0 <= cfg.align.label_smoothing < 0.5:
         raise UserError(f"align.label_smoothing must be in [0, 0.5), got {cfg.align.label_smoothing}")
+    _validate_rl(cfg)
     if cfg.checkpoint.resume not in ("auto", "none") and not Path(cfg.checkpoint.resume).exists():
         raise UserError(f"checkpoint.resume = {cfg.checkpoint.resume!r}: no such checkpoint; use auto, none or a path")
+
+
+def _validate_rl(cfg: JobConfig) -> None:
+    from meshtron.align.rl import KL_ESTIMATORS, LOSS_TYPES
+
+    rl = cfg.rl
+    _check_choice(rl.loss_type, LOSS_TYPES, "rl.loss_type")
+    _check_choice(rl.kl_estimator, KL_ESTIMATORS, "rl.kl_estimator")
+    for key in ("prompts_per_step", "group_size", "max_new_tokens", "updates_per_rollout", "temperature",
+                "code_timeout_s"):
+        _check_positive(getattr(rl, key), f"rl.{key}")
+    for key in ("clip_low", "clip_high", "kl_coef"):
+        _check_positive(getattr(rl, key), f"rl.{key}", allow_zero=True)
+    if not 0 < rl.top_p <= 1:
+        raise UserError(f"rl.top_p must be in (0, 1], got {rl.top_p}")
+    if rl.clip_low >= 1:
+        raise UserError(f"rl.clip_low must be below 1 (the ratio is clipped below at 1 - clip_low), got {rl.clip_low}")
+    if not rl.rewards:
+        raise UserError("rl.rewards is empty; give at least one reward function, e.g. rewards = {math = 1.0}")
+    bad = [name for name, weight in rl.rewards.items() if isinstance(weight, bool) or not isinstance(weight, (int, float))]
+    if bad:
+        raise UserError(f"rl.rewards[{bad[0]!r}] must be a number (the reward's weight)")
+    if cfg.train.recipe == "grpo" and rl.group_size < 2:
+        raise UserError("rl.group_size must be >= 2: a completion's advantage is its reward against its group's")
+    if cfg.train.recipe == "grpo" and cfg.train.global_batch_size != rl.prompts_per_step * rl.group_size:
+        raise UserError(f"train.global_batch_size ({cfg.train.global_batch_size}) must be rl.prompts_per_step x "
+                        f"rl.group_size ({rl.prompts_per_step} x {rl.group_size} = {rl.prompts_per_step * rl.group_size}"
+                        "), the completions trained on per step")
 
 
 def _validate_optimizer(cfg: JobConfig) -> None:

@@ -108,6 +108,12 @@ class PrefetchLoader(Stateful):
 def build_data_loader(config: JobConfig, *, data_kind: str, default_handler: str, vocab_size: int,
                       tokenizer_dir: Path | None, dp_rank: int, dp_size: int, config_dir: Path | None) -> Stateful:
     train = config.train
+    if data_kind == "prompts":
+        from meshtron.data.prompts import PromptLoader
+
+        prompts = build_training_dataset(config, config.data.paths, [], data_kind=data_kind, default_handler="",
+                                         tokenizer_dir=tokenizer_dir, config_dir=config_dir)
+        return PromptLoader(prompts, config.rl.prompts_per_step, dp_rank, dp_size, train.seed)
     if config.data.mock:
         loader = MockDataLoader(vocab_size, train.seq_length, train.micro_batch_size, dp_rank, dp_size, train.seed)
     else:
@@ -122,13 +128,30 @@ def build_data_loader(config: JobConfig, *, data_kind: str, default_handler: str
 
 def build_training_dataset(config: JobConfig, paths: list[str], weights: list[float], *, data_kind: str,
                            default_handler: str, tokenizer_dir: Path | None, config_dir: Path | None):
-    """The dataset over `paths` (prefixes or raw files, preprocessed on the fly)."""
+    """The dataset over `paths` (prefixes or raw files, preprocessed on the fly); for RL, the prompts."""
     from meshtron.data.loader import build_dataset
+
+    if data_kind == "prompts":
+        return _read_prompts(config, paths, tokenizer_dir, config_dir)
 
     prefixes = [_resolve_path(p, config, data_kind, _handler_of(p, config, default_handler), tokenizer_dir,
                               config_dir) for p in paths]
     return build_dataset(prefixes, weights or None, config.train.seq_length, data_kind, config.train.seed,
                          reset_position_ids=config.data.reset_position_ids)
+
+
+def _read_prompts(config: JobConfig, paths: list[str], tokenizer_dir: Path | None, config_dir: Path | None):
+    from transformers import AutoTokenizer
+
+    from meshtron.data.prompts import read_prompts
+
+    if config.data.mock:
+        raise UserError(f"the {config.train.recipe} recipe generates from prompts: set data.paths to prompt files "
+                        "(JSON lines with 'prompt' or 'messages'), not data.mock")
+    if tokenizer_dir is None:
+        raise UserError(f"the {config.train.recipe} recipe needs a tokenizer with a chat template; set model.tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return read_prompts([str(_find(p, config_dir)) for p in paths], tokenizer, config.data)
 
 
 def _handler_of(path: str, config: JobConfig, default_handler: str) -> str:

@@ -369,8 +369,7 @@ class Trainer:
     def train_step(self) -> dict | None:
         """One optimizer step over `grad_accum_steps` micro-batches; returns its metrics (None when torchft
         dropped the step)."""
-        batches = [{k: v.to(self.device) for k, v in next(self.data_iter).items()}
-                   for _ in range(self.grad_accum_steps)]
+        batches = self.recipe.next_batches(self)
         units = torch.stack([self.recipe.num_loss_units(b) for b in batches]).sum().to(torch.float32)
         self.timer.phase("forward_backward")
         units = self._dp_sum(units)
@@ -394,6 +393,7 @@ class Trainer:
         self.lr_scheduler.step()
         metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "loss_tokens": int(units.item())}
         metrics.update(self._recipe_metrics(units))
+        metrics.update(self.recipe.step_metrics())
         metrics.update(self.router_metrics.take(self._dp_sum, self.dims.dp_size))
         metrics.update(self.guard.observe(self.state.step + 1, metrics["loss"], metrics["grad_norm"], applied))
         return metrics
@@ -574,6 +574,9 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """The loss (and recipe metrics, e.g. reward accuracy) over one pass of the held-out data,
         normalized like the training loss."""
+        own = self.recipe.evaluate(self)
+        if own is not None:
+            return own
         self.recipe.take_metrics()  # drop anything a training step left
         loss_sum = torch.zeros((), device=self.device)
         units = torch.zeros((), device=self.device)

@@ -61,6 +61,21 @@ class Recipe:
     def setup(self, trainer) -> None:
         """Build what the recipe needs beside the model (a reference model, label token ids)."""
 
+    def next_batches(self, trainer) -> list[dict[str, torch.Tensor]]:
+        """The micro-batches of the next optimizer step, on the device: the next grad_accum_steps of
+        the data loader (an online recipe makes its own, e.g. by generating)."""
+        return [{k: v.to(trainer.device) for k, v in next(trainer.data_iter).items()}
+                for _ in range(trainer.grad_accum_steps)]
+
+    def step_metrics(self) -> dict[str, float]:
+        """Metrics of the step just taken that the recipe reduced over all ranks itself (an online
+        recipe's rollout statistics), then reset."""
+        return {}
+
+    def evaluate(self, trainer) -> dict[str, float] | None:
+        """The held-out metrics when the recipe measures them its own way; None: the Trainer's loss."""
+        return None
+
     def take_metrics(self) -> dict[str, torch.Tensor]:
         """Recipe metrics summed over the micro-batches since the last call (the Trainer divides
         them by the global number of loss units), then reset."""

@@ -1,0 +1,113 @@
+"""The grpo recipe on the Trainer with a tiny model and the real SmolLM2 tokenizer: its metrics in
+metrics.jsonl, the same run at dp_shard=2 (the rollout gathered once under FSDP2: no deadlock when
+ranks decode different numbers of steps) equal to one process, and a resumed run equal to the
+uninterrupted one (the rollout's sampling included)."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RTOL = 2e-5
+
+CONFIG = """
+[model]
+name_or_path = "llama:debug"
+args = {{vocab_size = 49152}}
+tokenizer = "{tokenizer}"
+[data]
+paths = ["{data}"]
+eval_paths = ["{heldout}"]
+[train]
+recipe = "grpo"
+steps = 4
+global_batch_size = 8
+micro_batch_size = 4
+[rl]
+prompts_per_step = 2
+group_size = 4
+max_new_tokens = 6
+kl_coef = 0.05
+updates_per_rollout = 2
+rewards = {{math = 1.0, "tiny_rewards:letters" = 1.0}}
+[optim]
+lr = 0.01
+[lr]
+schedule = "constant"
+[log]
+tensorboard = false
+plot = false
+[checkpoint]
+save_final = false
+"""
+
+# A reward that a random model's completions already spread over (the share of letters in them),
+# so that advantages, gradients and the KL are not zero from the first step.
+REWARD_MODULE = """
+def letters(prompts, completions, **fields):
+    return [sum(ch.isalpha() for ch in c) / max(len(c), 1) for c in completions]
+"""
+
+
+@pytest.fixture(scope="module")
+def grpo_setup(smollm2_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpo")
+    (root / "tiny_rewards.py").write_text(REWARD_MODULE)
+    heldout = root / "heldout.jsonl"
+    heldout.write_text("".join((REPO / "data" / "arithmetic_heldout.jsonl").read_text().splitlines(True)[:6]))
+    config = root / "grpo.toml"
+    config.write_text(CONFIG.format(tokenizer=smollm2_dir, data=REPO / "data" / "arithmetic_prompts.jsonl",
+                                    heldout=heldout))
+    env = {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    return config, env
+
+
+@pytest.fixture(scope="module")
+def grpo_single(run_train, grpo_setup, tmp_path_factory):
+    config, env = grpo_setup
+    _, records = run_train(config, tmp_path_factory.mktemp("grpo-single"), env=env)
+    return records
+
+
+def train_records(records):
+    return [r for r in records if "loss" in r]
+
+
+def test_grpo_logs_rollout_and_training_metrics(grpo_single):
+    steps = train_records(grpo_single)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    rollouts = [r for r in steps if "reward" in r]
+    assert [r["step"] for r in rollouts] == [1, 3]  # updates_per_rollout = 2
+    for r in rollouts:
+        for key in ("reward_std", "reward/math", "reward/tiny_rewards:letters", "completion_length",
+                    "completion_length_max", "truncated_fraction", "entropy", "rollout_tokens_per_s"):
+            assert key in r
+        assert r["reward_std"] > 0 and 0 < r["completion_length"] <= r["completion_length_max"] <= 6
+    # The policy starts as its reference: no KL before the first update, some after it.
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6) and steps[1]["kl"] > 0
+    assert steps[1]["loss"] != 0 and all("clip_fraction" in r for r in steps)
+    evals = [r for r in grpo_single if "eval_reward" in r]
+    assert [r["step"] for r in evals] == [0, 4] and "eval_reward/math" in evals[0]
+
+
+def assert_same_run(records, reference):
+    records, reference = train_records(records), train_records(reference)
+    assert [r["step"] for r in records] == [r["step"] for r in reference]
+    for key in ("loss", "grad_norm", "kl"):
+        assert [r[key] for r in records] == pytest.approx([r[key] for r in reference], rel=RTOL, abs=1e-7)
+    for key in ("reward", "completion_length"):
+        assert [r.get(key) for r in records] == [r.get(key) for r in reference]
+
+
+def test_grpo_fsdp2_matches_single_process(run_train, grpo_setup, grpo_single, tmp_path):
+    config, env = grpo_setup
+    _, records = run_train(config, tmp_path, nproc=2, overrides=["--parallel.dp_shard", "2"], env=env)
+    assert_same_run(records, grpo_single)
+
+
+def test_grpo_resume_repeats_the_uninterrupted_run(run_train, grpo_setup, grpo_single, tmp_path):
+    config, env = grpo_setup
+    run_train(config, tmp_path, overrides=["--train.steps", "2", "--checkpoint.save_final", "true"], env=env)
+    _, records = run_train(config, tmp_path, env=env)
+    assert_same_run(records, grpo_single)
