@@ -3,6 +3,7 @@ rewards, bad lines reported (or skipped and counted) like the preprocess handler
 per-rank shares and resume state."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +54,12 @@ def test_loader_shares_steps_and_resumes():
     assert next(iter(resumed)) == next(iter(ranks[1]))
     with pytest.raises(UserError, match="multiple of the data-parallel size"):
         PromptLoader(prompts, per_step=3, dp_rank=0, dp_size=2, seed=0)
+
+
+def test_shipped_arithmetic_prompts_read_cleanly(smollm2_tokenizer):
+    data = Path(__file__).resolve().parents[3] / "data"
+    train = read_prompts([str(data / "arithmetic_prompts.jsonl")], smollm2_tokenizer, DataConfig())
+    heldout = read_prompts([str(data / "arithmetic_heldout.jsonl")], smollm2_tokenizer, DataConfig())
+    assert (len(train), len(heldout)) == (200, 60)
+    assert not {p.prompt for p in train} & {p.prompt for p in heldout}
+    assert all(int(p.fields["answer"]) == eval(p.prompt.split("is ")[1].split("?")[0]) for p in train + heldout)
