@@ -13,8 +13,8 @@ def run_eval(*args, nproc=1):
     if nproc == 1:
         cmd = [sys.executable, "-m", "meshtron", "eval", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", "29533", "-m", "meshtron", "eval", *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", "meshtron", "eval", *args]  # --standalone: a free port, never one another job holds
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, capture_output=True, text=True, env=env)
 
