@@ -159,9 +159,10 @@ def read_metrics(metrics_file: Path, key: str = "loss") -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def plot_loss(metrics_file: Path, out_png: Path) -> Path | None:
-    """Draw loss against step (with a moving average) to a PNG; None if there is nothing to draw."""
-    records = read_metrics(metrics_file) if Path(metrics_file).is_file() else []
+def plot_loss(metrics_file: Path, out_png: Path, key: str = "loss", eval_key: str = "eval_loss") -> Path | None:
+    """Draw a training metric (the loss unless `key` says otherwise) against step, with a moving average
+    and its held-out counterpart `eval_key`, to a PNG; None if there is nothing to draw."""
+    records = read_metrics(metrics_file, key=key) if Path(metrics_file).is_file() else []
     if not records:
         return None
     import matplotlib
@@ -170,19 +171,19 @@ def plot_loss(metrics_file: Path, out_png: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in records]
-    losses = [r["loss"] for r in records]
+    losses = [r[key] for r in records]
     window = max(1, len(losses) // 20)
     smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
               for i in range(len(losses))]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, losses, alpha=0.35, label="loss")
+    ax.plot(steps, losses, alpha=0.35, label=key)
     ax.plot(steps, smooth, label=f"moving average ({window} steps)")
-    evals = read_metrics(metrics_file, key="eval_loss")
+    evals = read_metrics(metrics_file, key=eval_key)
     if evals:
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss")
+        ax.plot([r["step"] for r in evals], [r[eval_key] for r in evals], "o-", label=f"held-out {key}")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(f"training loss: {losses[0]:.3f} -> {smooth[-1]:.3f}")
+    ax.set_ylabel(key)
+    ax.set_title(f"training {key}: {losses[0]:.3f} -> {smooth[-1]:.3f}")
     if not any(math.isnan(x) for x in losses):
         ax.legend()
     ax.grid(alpha=0.3)

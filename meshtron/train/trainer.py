@@ -653,9 +653,10 @@ class Trainer:
     def _finish_run(self) -> None:
         """Rank 0: the loss plot and the sample text."""
         if self.config.log.plot:
-            png = plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
-            if png is not None:
-                log.info("loss curve: %s", png)
+            for key, eval_key in (("loss", "eval_loss"), *self.recipe.plots):
+                png = plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / f"{key}.png", key, eval_key)
+                if png is not None:
+                    log.info("%s curve: %s", key, png)
         if self.config.train.sample_prompt:
             skip = sample_skip_reason(self.model_args.num_params())
             if skip:

@@ -109,5 +109,6 @@ def test_grpo_fsdp2_matches_single_process(run_train, grpo_setup, grpo_single, t
 def test_grpo_resume_repeats_the_uninterrupted_run(run_train, grpo_setup, grpo_single, tmp_path):
     config, env = grpo_setup
     run_train(config, tmp_path, overrides=["--train.steps", "2", "--checkpoint.save_final", "true"], env=env)
-    _, records = run_train(config, tmp_path, env=env)
+    _, records = run_train(config, tmp_path, overrides=["--log.plot", "true"], env=env)
     assert_same_run(records, grpo_single)
+    assert (tmp_path / "loss.png").is_file() and (tmp_path / "reward.png").is_file()

@@ -44,6 +44,7 @@ class Recipe:
         raise NotImplementedError
 
     supports_pipeline = False
+    plots: tuple[tuple[str, str], ...] = ()  # (metric, held-out metric) drawn to OUTPUT_DIR/<metric>.png beside the loss
 
     def pipeline_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[tuple, dict, torch.Tensor]:
         """Under pipeline parallel: (positional inputs of the first stage, keyword inputs of every

@@ -70,6 +70,7 @@ class GRPORecipe(Recipe):
     name = "grpo"
     data_kind = "prompts"
     default_handler = ""
+    plots = (("reward", "eval_reward"),)
 
     def __init__(self, config):
         super().__init__(config)
