@@ -225,7 +225,18 @@ class ParallelConfig:
     stages taking the remainder (the last stage also runs the output head)."""
 
     cp: int = 1
-    """Context-parallel degree (not available in this version: must be 1)."""
+    """Context-parallel degree: each sequence is split over cp ranks (load-balanced: 2 x cp chunks,
+    rank r holding chunks r and 2 x cp - 1 - r) and attention spans them (docs/parallelism.md).
+    train.seq_length must be divisible by 2 x cp. pretrain and sft recipes; not with pp or ep."""
+
+    cp_algo: str = "ring"
+    """How attention spans the cp ranks: ring (key/value blocks rotate around the ranks), ulysses
+    (all-to-all from sequence to head shards; heads per tp rank divisible by cp) or hybrid (ulysses
+    inside groups of cp_ulysses ranks, ring across them)."""
+
+    cp_ulysses: int = 0
+    """hybrid only: the Ulysses degree inside cp (a divisor of cp strictly between 1 and cp); the
+    ring degree is cp / cp_ulysses."""
 
     ep: int = 1
     """Expert-parallel degree (not available in this version: must be 1)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from meshtron.config.job import JobConfig
 from meshtron.errors import UserError
 from meshtron.models.common.masks import ATTENTION_BACKENDS
+from meshtron.parallel.cp import CP_ALGOS
 
 RECIPES = ("pretrain", "sft", "dpo", "simpo", "rm", "prm", "grpo")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -227,11 +228,15 @@ def validate(cfg: JobConfig) -> None:
             raise UserError("QLoRA (lora.quantize_base = 'nf4') does not run with tensor parallel yet; set "
                             "parallel.tp = 1 (FSDP/HSDP work) or use a float base")
     _check_choice(cfg.parallel.pp_schedule, PP_SCHEDULES, "parallel.pp_schedule")
+    _check_choice(cfg.parallel.cp_algo, CP_ALGOS, "parallel.cp_algo")
     if cfg.parallel.pp > 1 and cfg.train.recipe not in ("pretrain", "sft"):
         raise UserError(f"the {cfg.train.recipe} recipe does not run with pipeline parallel yet (pretrain and sft "
                         "do); set parallel.pp = 1 and use dp_shard/tp")
     if cfg.parallel.pp > 1 and cfg.lora.rank and cfg.lora.quantize_base:
         raise UserError("QLoRA (lora.quantize_base) does not run with pipeline parallel yet; set parallel.pp = 1")
+    if cfg.parallel.cp > 1 and cfg.train.recipe not in ("pretrain", "sft"):
+        raise UserError(f"the {cfg.train.recipe} recipe does not run with context parallel yet (pretrain and sft "
+                        "do); set parallel.cp = 1")
     _check_choice(cfg.align.loss_type, ("sigmoid", "hinge", "ipo"), "align.loss_type")
     _check_choice(cfg.align.reference, ("auto", "copy", "lora", "precomputed"), "align.reference")
     _check_positive(cfg.align.beta, "align.beta")

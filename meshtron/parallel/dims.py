@@ -3,7 +3,9 @@
 The mesh always has every axis, in the order pp, dp_replicate, dp_shard, cp, tp (a disabled
 axis has size 1), so that code asks for an axis by name and never branches on which exist.
 Flattened views: `dp` (dp_replicate x dp_shard: who sees different data) and `dp_shard_cp`
-(dp_shard x cp: over what FSDP shards). tp is innermost so that its ranks are neighbours
+(dp_shard x cp: over what FSDP shards, since cp ranks hold the same parameters and each computes
+gradients from its part of the sequences) and `loss` (dp x cp: every rank whose loss tokens differ).
+Under hybrid context parallel, cp is further split into (cp_ring, cp_ulysses). tp is innermost so that its ranks are neighbours
 (one node, fastest links); dp_replicate is outer so that HSDP replicates across nodes.
 """
 
@@ -14,6 +16,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from meshtron.errors import UserError
+from meshtron.parallel import cp as context_parallel
 
 AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -51,22 +54,22 @@ class ParallelDims:
     world_size: int
     pp: int = 1
     cp: int = 1
+    cp_ulysses: int = 1  # the Ulysses degree inside cp (1: ring only; cp: Ulysses only)
 
     @classmethod
     def resolve(cls, *, dp_replicate: int, dp_shard: int, tp: int, world_size: int, pp: int = 1, cp: int = 1,
-                ep: int = 1) -> "ParallelDims":
+                ep: int = 1, cp_algo: str = "ring", cp_ulysses: int = 0) -> "ParallelDims":
         """Fill in dp_shard = -1 from the world size and check that the degrees multiply to it."""
-        for name, value in (("cp", cp), ("ep", ep)):
-            if value != 1:
-                raise UserError(f"parallel.{name} = {value}: {name} parallelism is not available in this version; set it to 1")
-        for name, value in (("dp_replicate", dp_replicate), ("tp", tp), ("pp", pp)):
+        if ep != 1:
+            raise UserError(f"parallel.ep = {ep}: ep parallelism is not available in this version; set it to 1")
+        for name, value in (("dp_replicate", dp_replicate), ("tp", tp), ("pp", pp), ("cp", cp)):
             if value < 1:
                 raise UserError(f"parallel.{name} must be >= 1, got {value}")
         others = dp_replicate * tp * pp * cp
         if dp_shard == -1:
             if world_size % others:
                 raise UserError(
-                    f"world size {world_size} is not divisible by dp_replicate x tp x pp = {others}; "
+                    f"world size {world_size} is not divisible by dp_replicate x tp x pp x cp = {others}; "
                     f"launch a multiple of {others} processes or change the degrees"
                 )
             dp_shard = world_size // others
@@ -74,11 +77,16 @@ class ParallelDims:
             raise UserError(f"parallel.dp_shard must be >= 1 or -1 (the rest of the world), got {dp_shard}")
         if others * dp_shard != world_size:
             raise UserError(
-                f"parallel degrees pp={pp} x dp_replicate={dp_replicate} x dp_shard={dp_shard} x tp={tp} = "
+                f"parallel degrees pp={pp} x dp_replicate={dp_replicate} x dp_shard={dp_shard} x cp={cp} x tp={tp} = "
                 f"{others * dp_shard} do not match the world size {world_size}; change them so that their "
                 "product is the number of processes (or set dp_shard = -1)"
             )
-        return cls(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, world_size=world_size, pp=pp, cp=cp)
+        if cp > 1 and pp > 1:
+            raise UserError("context parallel (parallel.cp > 1) does not run with pipeline parallel yet; set "
+                            "parallel.pp = 1 or parallel.cp = 1")
+        ulysses = context_parallel.ulysses_degree(cp, cp_algo, cp_ulysses) if cp > 1 else 1
+        return cls(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, world_size=world_size, pp=pp, cp=cp,
+                   cp_ulysses=ulysses)
 
     @property
     def dp_size(self) -> int:
@@ -86,9 +94,15 @@ class ParallelDims:
         return self.dp_replicate * self.dp_shard
 
     @property
+    def loss_ranks(self) -> int:
+        """Ranks whose loss tokens differ (data parallel x context parallel): FSDP averages gradients
+        over them."""
+        return self.dp_size * self.cp
+
+    @property
     def fsdp_enabled(self) -> bool:
         """Whether parameters are wrapped with fully_shard (FSDP, HSDP, or DDP as HSDP with shard 1)."""
-        return self.dp_size > 1
+        return self.loss_ranks > 1
 
     @property
     def tp_enabled(self) -> bool:
@@ -100,7 +114,11 @@ class ParallelDims:
 
     def check_model(self, num_heads: int, num_kv_heads: int, ffn_dim: int, vocab_size: int, seq_length: int,
                     sequence_parallel: bool) -> None:
-        """Tensor parallel splits heads, MLP columns, the vocabulary and (with SP) the sequence."""
+        """Tensor parallel splits heads, MLP columns, the vocabulary and (with SP) the sequence; context
+        parallel the sequence (and, with Ulysses, the heads)."""
+        if self.cp > 1:
+            context_parallel.check_model(self.cp, self.cp_ulysses, num_heads // self.tp, seq_length)
+            seq_length //= self.cp
         if not self.tp_enabled:
             return
         for what, n in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("ffn_dim", ffn_dim),
@@ -109,18 +127,27 @@ class ParallelDims:
                 raise UserError(f"the model's {what} ({n}) is not divisible by parallel.tp = {self.tp}; choose a tp "
                                 f"that divides {what}")
         if sequence_parallel and seq_length % self.tp:
-            raise UserError(f"train.seq_length ({seq_length}) is not divisible by parallel.tp = {self.tp}, which "
-                            "sequence parallel needs; change one of them")
+            what = f"train.seq_length / parallel.cp ({seq_length})" if self.cp > 1 else f"train.seq_length ({seq_length})"
+            raise UserError(f"{what} is not divisible by parallel.tp = {self.tp}, which sequence parallel needs; "
+                            "change one of them")
 
     def build_mesh(self, device_type: str) -> "Meshes":
         shape = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
         world = init_device_mesh(device_type, shape, mesh_dim_names=AXES)
         dp = world["dp_replicate", "dp_shard"]._flatten(mesh_dim_name="dp")
         dp_shard_cp = world["dp_shard", "cp"]._flatten(mesh_dim_name="dp_shard_cp")
-        # cp is 1 in this version, so dp_shard is what HSDP shards over; with cp this becomes
-        # (dp_replicate, dp_shard_cp).
-        fsdp = world["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else dp_shard_cp
-        return Meshes(world=world, dp=dp, fsdp=fsdp, tp=world["tp"], pp=world["pp"])
+        loss = world["dp_replicate", "dp_shard", "cp"]._flatten(mesh_dim_name="loss")
+        fsdp = world["dp_replicate", "dp_shard_cp"] if self.dp_replicate > 1 else dp_shard_cp
+        cp_ring = cp_ulysses = None
+        if self.cp_ulysses == 1:
+            cp_ring = world["cp"]
+        elif self.cp_ulysses == self.cp:
+            cp_ulysses = world["cp"]
+        else:  # hybrid: Ulysses over neighbouring cp ranks, the ring across them
+            split = world._unflatten("cp", (self.cp // self.cp_ulysses, self.cp_ulysses), ("cp_ring", "cp_ulysses"))
+            cp_ring, cp_ulysses = split["cp_ring"], split["cp_ulysses"]
+        return Meshes(world=world, dp=dp, fsdp=fsdp, tp=world["tp"], pp=world["pp"], cp=world["cp"], loss=loss,
+                      cp_ring=cp_ring, cp_ulysses=cp_ulysses)
 
 
 @dataclass(frozen=True)
@@ -136,3 +163,7 @@ class Meshes:
     fsdp: DeviceMesh  # what fully_shard shards over: 1-D (FSDP) or 2-D (HSDP, replicate x shard)
     tp: DeviceMesh
     pp: DeviceMesh
+    cp: DeviceMesh
+    loss: DeviceMesh  # dp x cp, flattened: ranks whose loss tokens differ
+    cp_ring: DeviceMesh | None  # the ring of context parallel (None: no ring)
+    cp_ulysses: DeviceMesh | None  # its Ulysses groups (None: no Ulysses)

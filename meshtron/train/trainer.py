@@ -4,8 +4,9 @@ checkpoints, resume, SIGTERM). Recipes supply how a batch becomes a loss.
 
 Loss normalization (ARCHITECTURE principle 5): each micro-batch's summed loss is divided by the
 number of loss tokens of the whole step over all data-parallel ranks, and multiplied by the
-data-parallel size because FSDP averages gradients over it. The gradients are then those of
-one big batch on one device, whatever the accumulation and data-parallel split.
+data-parallel x context-parallel size because FSDP averages gradients over those ranks (a cp rank
+sums the loss of its part of the sequences). The gradients are then those of one big batch on one
+device, whatever the accumulation, data-parallel and context-parallel split.
 """
 
 import contextlib
@@ -83,7 +84,8 @@ class Trainer:
         self._set_numerics()
         p = config.parallel
         self.dims = ParallelDims.resolve(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp,
-                                         world_size=dist.get_world_size(), pp=p.pp, cp=p.cp, ep=p.ep)
+                                         world_size=dist.get_world_size(), pp=p.pp, cp=p.cp, ep=p.ep,
+                                         cp_algo=p.cp_algo, cp_ulysses=p.cp_ulysses)
         self.meshes = self.dims.build_mesh(self.device.type)
         self.grad_accum_steps = self._grad_accum_steps()
         self.run_dir = self.drill.run_dir(Path(config.train.output_dir))
@@ -95,6 +97,10 @@ class Trainer:
         self.model_args = self.source.args
         self.resume_from = self._find_resume_checkpoint()
         self.recipe = build_recipe(config)
+        if self.dims.cp > 1:
+            from meshtron.parallel.cp import ContextParallel
+
+            self.recipe.context_parallel = ContextParallel.from_meshes(self.meshes)
         self.model_args = self.source.args = self.recipe.model_args(self.source.args)
         if getattr(self.model_args, "aux_loss_coef", 0.0) and self.dims.pp > 1:
             raise UserError("the MoE load-balancing loss is not supported with pipeline parallel yet: train with "
@@ -299,7 +305,7 @@ class Trainer:
             "dtype": self.config.model.master_dtype,
             "world_size": self.dims.world_size,
             "parallel": {"dp_replicate": self.dims.dp_replicate, "dp_shard": self.dims.dp_shard, "tp": self.dims.tp,
-                         "pp": self.dims.pp},
+                         "pp": self.dims.pp, "cp": self.dims.cp},
             "hf_config_extra": self.source.hf_config_extra,
             "config": to_dict(self.config),
         }
@@ -373,7 +379,7 @@ class Trainer:
         units = torch.stack([self.recipe.num_loss_units(b) for b in batches]).sum().to(torch.float32)
         self.timer.phase("forward_backward")
         units = self._dp_sum(units)
-        scale = self.dims.dp_size / max(units.item(), 1.0)
+        scale = self.dims.loss_ranks / max(units.item(), 1.0)
         runner = self.pipeline or self
         loss_sum = runner.forward_backward_micro_batches(batches, scale)
         self.timer.phase("optimizer")
@@ -387,7 +393,7 @@ class Trainer:
         pp_group, copies = (self.pipeline.pp_group, self.pipeline.head_copies) if self.pipeline else (None, [])
         grad_norm = clip_grad_norm(list(self.model.parameters()), self.config.optim.grad_clip, pp_group, copies)
         lr = self.optimizer.param_groups[0]["lr"]
-        loss = self._dp_sum(loss_sum) / max(units.item(), 1.0)
+        loss = self._loss_sum(loss_sum) / max(units.item(), 1.0)
         applied = self._apply_step(loss, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
@@ -419,7 +425,7 @@ class Trainer:
 
     def _recipe_metrics(self, units: torch.Tensor, prefix: str = "") -> dict[str, float]:
         """The recipe's summed metrics, summed over data-parallel ranks and divided by the global units."""
-        return {f"{prefix}{k}": (self._dp_sum(v) / units.clamp(min=1)).item()
+        return {f"{prefix}{k}": (self._loss_sum(v) / units.clamp(min=1)).item()
                 for k, v in self.recipe.take_metrics().items()}
 
     def build_frozen_copy(self) -> nn.Module:
@@ -587,12 +593,12 @@ class Trainer:
             units = self._dp_sum(units)
             return {"eval_loss": (self._dp_sum(loss_sum) / units.clamp(min=1)).item()}
         for batch in batches:
-            batch = self.recipe.prepare_batch({k: v.to(self.device) for k, v in batch.items()})
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            units += self.recipe.num_loss_units(batch)  # of the whole sequences (before a cp split)
             with self.train_context():
-                loss_sum += _local(self.recipe.loss_sum(self.model, batch)).float()
-            units += self.recipe.num_loss_units(batch)
+                loss_sum += _local(self.recipe.loss_sum(self.model, self.recipe.prepare_batch(batch))).float()
         units = self._dp_sum(units)
-        return {"eval_loss": (self._dp_sum(loss_sum) / units.clamp(min=1)).item(),
+        return {"eval_loss": (self._loss_sum(loss_sum) / units.clamp(min=1)).item(),
                 **self._recipe_metrics(units, prefix="eval_")}
 
     # ---- helpers of the loop ---------------------------------------------------------------
@@ -622,9 +628,17 @@ class Trainer:
             group["lr"] = self.config.optim.lr * factor(self.lr_scheduler.last_epoch)
 
     def _dp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Summed over the data-parallel ranks (what each cp rank of a group has alike: the sequences)."""
         if self.dims.dp_size > 1:
             t = t.clone()
             dist.all_reduce(t, group=self.meshes.dp.get_group())
+        return t
+
+    def _loss_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Summed over data-parallel x context-parallel ranks (what each rank has of its own: losses)."""
+        if self.dims.loss_ranks > 1:
+            t = t.clone()
+            dist.all_reduce(t, group=self.meshes.loss.get_group())
         return t
 
     @contextlib.contextmanager

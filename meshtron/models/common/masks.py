@@ -23,7 +23,9 @@ evaluation, each cached step of generation) and handed to the model (`model(toke
 What it derives (dense masks, block masks, document spans) is built on first use and then shared
 by every layer, and by every copy of the description: FSDP copies dataclass inputs for each module
 it wraps. Under pipeline parallel the schedule splits a step's description into its micro-batches'
-(the description is a pytree whose leaves are its tensors).
+(the description is a pytree whose leaves are its tensors). Under context parallel a rank's
+description carries its place in the whole sequence (`context`), and attention goes through it
+(meshtron.parallel.cp).
 """
 
 import functools
@@ -57,6 +59,9 @@ class AttentionMask:
     document_ids: torch.Tensor | None = None  # (B, S), only with a boundary in some row
     key_valid: torch.Tensor | None = None  # (B, >=K)
     backend: str = "auto"  # one of ATTENTION_BACKENDS: the run's `model.attention` setting
+    # Under context parallel (meshtron.parallel.cp): this rank's place in the whole sequence, which
+    # attention then spans; q_len and kv_len are this rank's share.
+    context: object = None
     derived: DerivedMasks = field(default_factory=DerivedMasks, repr=False, compare=False)
 
     @classmethod
@@ -71,7 +76,7 @@ class AttentionMask:
     def is_causal(self) -> bool:
         """Plain causal over the whole row: what SDPA's fast path computes."""
         return (self.document_ids is None and self.key_valid is None and self.offset == 0
-                and self.q_len == self.kv_len)
+                and self.q_len == self.kv_len and self.context is None)
 
     def dense(self, window: int | None, device) -> torch.Tensor:
         return self.derived.get(("dense", window), lambda: build_attention_mask(
@@ -86,12 +91,12 @@ class AttentionMask:
 
 
 def _flatten(mask: AttentionMask):
-    return [mask.document_ids, mask.key_valid], (mask.q_len, mask.kv_len, mask.offset, mask.backend)
+    return [mask.document_ids, mask.key_valid], (mask.q_len, mask.kv_len, mask.offset, mask.backend, mask.context)
 
 
-def _unflatten(children, context) -> AttentionMask:
-    q_len, kv_len, offset, backend = context
-    return AttentionMask(q_len, kv_len, offset, children[0], children[1], backend)
+def _unflatten(children, aux) -> AttentionMask:
+    q_len, kv_len, offset, backend, context = aux
+    return AttentionMask(q_len, kv_len, offset, children[0], children[1], backend, context)
 
 
 # A pytree, so that the pipeline schedule splits a step's description by rows like the step's tensors.
@@ -157,6 +162,8 @@ def attend(q_BHSD: torch.Tensor, k_BGKD: torch.Tensor, v_BGKD: torch.Tensor, mas
     which SDPA cannot: then flex applies it as a score modification, and the other backends compute
     the scores in eager math under the dense mask.
     """
+    if mask.context is not None:
+        return mask.context.attend(q_BHSD, k_BGKD, v_BGKD, window, scale, softcap)
     gqa = q_BHSD.shape[1] != k_BGKD.shape[1]
     if softcap is not None and backend != "flex":
         return _softcapped(q_BHSD, k_BGKD, v_BGKD, mask.dense(window, q_BHSD.device), scale, softcap)

@@ -18,6 +18,10 @@ class Recipe:
     data_kind: str  # what meshtron.data.loader.build_dataset reads: pretrain | sft | pairwise
     default_handler: str  # meshtron preprocess handler for raw files
 
+    # Set by the Trainer under context parallel (meshtron.parallel.cp): prepare_batch then cuts each
+    # batch to this rank's part of the sequences.
+    context_parallel = None
+
     def __init__(self, config: JobConfig):
         self.config = config
 
@@ -30,14 +34,19 @@ class Recipe:
         data.reset_position_ids is false) and the description of its attention mask (`mask`, with
         the run's model.attention kernel), beside its tensors. Called once per batch by whatever
         forms the model's batch (the micro-batch loop, the pipeline runner for a step's micro-batches
-        together, evaluation); `loss_sum` and `pipeline_inputs` take prepared batches."""
+        together, evaluation); `loss_sum` and `pipeline_inputs` take prepared batches. Under context
+        parallel, the prepared batch is this rank's part of the sequences, its mask a description of
+        where they sit in the whole (positions and masks come from the whole sequences first)."""
         input_ids, document_ids = batch["input_ids"], batch["document_ids"]
         B, S = input_ids.shape
         position_ids = batch["position_ids"]
         if not self.config.data.reset_position_ids:
             position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
         mask = AttentionMask.for_batch(S, document_ids, backend=self.config.model.attention)
-        return {**batch, "position_ids": position_ids, "mask": mask}
+        prepared = {**batch, "position_ids": position_ids, "mask": mask}
+        if self.context_parallel is not None:
+            return self.context_parallel.shard_batch(prepared)
+        return prepared
 
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward `batch` and return the summed loss (a scalar)."""

@@ -20,9 +20,17 @@ def test_dp_shard_takes_the_rest_of_the_world():
     "kwargs, message",
     [
         (dict(dp_replicate=1, dp_shard=2, tp=2, world_size=2), "= 4 do not match the world size 2"),
-        (dict(dp_replicate=1, dp_shard=-1, tp=3, world_size=4), "world size 4 is not divisible by dp_replicate x tp x pp = 3"),
-        (dict(dp_replicate=1, dp_shard=2, tp=1, world_size=2, pp=2), "pp=2 x dp_replicate=1 x dp_shard=2 x tp=1 = 4"),
-        (dict(dp_replicate=1, dp_shard=-1, tp=1, world_size=2, cp=2), "parallel.cp = 2: cp parallelism is not available"),
+        (dict(dp_replicate=1, dp_shard=-1, tp=3, world_size=4), "world size 4 is not divisible by dp_replicate x tp x pp x cp = 3"),
+        (dict(dp_replicate=1, dp_shard=2, tp=1, world_size=2, pp=2), "pp=2 x dp_replicate=1 x dp_shard=2 x cp=1 x tp=1 = 4"),
+        (dict(dp_replicate=1, dp_shard=-1, tp=1, world_size=2, ep=2), "parallel.ep = 2: ep parallelism is not available"),
+        (dict(dp_replicate=1, dp_shard=2, tp=1, world_size=2, cp=2), "dp_shard=2 x cp=2 x tp=1 = 4 do not match"),
+        (dict(dp_replicate=1, dp_shard=-1, tp=1, world_size=4, cp=2, pp=2), "does not run with pipeline parallel"),
+        (dict(dp_replicate=1, dp_shard=-1, tp=1, world_size=4, cp=4, cp_algo="hybrid"),
+         "hybrid needs parallel.cp_ulysses strictly between 1 and cp = 4"),
+        (dict(dp_replicate=1, dp_shard=-1, tp=1, world_size=6, cp=6, cp_algo="hybrid", cp_ulysses=4),
+         "hybrid needs parallel.cp_ulysses strictly between 1 and cp = 6 and dividing it (got 4)"),
+        (dict(dp_replicate=1, dp_shard=-1, tp=1, world_size=4, cp=4, cp_algo="ring", cp_ulysses=2),
+         "parallel.cp_ulysses = 2 applies to cp_algo = hybrid only"),
         (dict(dp_replicate=0, dp_shard=-1, tp=1, world_size=2), "parallel.dp_replicate must be >= 1"),
     ],
 )
@@ -49,3 +57,25 @@ def test_heads_not_divisible_by_tp():
 def test_gpu_index_is_the_local_rank_among_the_gpus_the_process_sees(local_rank, device_count, index):
     assert gpu_index(local_rank, device_count) == index
 
+
+
+def test_context_parallel_degrees():
+    ring = ParallelDims.resolve(dp_replicate=1, dp_shard=-1, tp=1, world_size=8, cp=4)
+    assert (ring.dp_shard, ring.cp_ulysses, ring.loss_ranks, ring.fsdp_enabled) == (2, 1, 8, True)
+    assert ParallelDims.resolve(dp_replicate=1, dp_shard=1, tp=1, world_size=2, cp=2).fsdp_enabled
+    hybrid = ParallelDims.resolve(dp_replicate=1, dp_shard=1, tp=1, world_size=8, cp=8, cp_algo="hybrid", cp_ulysses=2)
+    assert hybrid.cp_ulysses == 2
+    assert ParallelDims.resolve(dp_replicate=1, dp_shard=1, tp=1, world_size=4, cp=4, cp_algo="ulysses").cp_ulysses == 4
+
+
+def test_context_parallel_needs_of_the_model():
+    ulysses = ParallelDims.resolve(dp_replicate=1, dp_shard=1, tp=2, world_size=8, cp=4, cp_algo="ulysses")
+    with pytest.raises(UserError, match=r"seq_length \(36\) is not divisible by 2 x parallel.cp = 8"):
+        ulysses.check_model(num_heads=8, num_kv_heads=2, ffn_dim=64, vocab_size=128, seq_length=36, sequence_parallel=False)
+    with pytest.raises(UserError, match=r"heads per tensor-parallel rank \(3\) are not divisible by the Ulysses degree 4"):
+        ulysses.check_model(num_heads=6, num_kv_heads=2, ffn_dim=64, vocab_size=128, seq_length=32, sequence_parallel=False)
+    ring = ParallelDims.resolve(dp_replicate=1, dp_shard=1, tp=4, world_size=8, cp=2)
+    with pytest.raises(UserError, match=r"seq_length / parallel.cp \(6\) is not divisible by parallel.tp = 4"):
+        ring.check_model(num_heads=8, num_kv_heads=4, ffn_dim=64, vocab_size=128, seq_length=12, sequence_parallel=True)
+    # Fewer key/value heads than the Ulysses degree are repeated, not refused.
+    ulysses.check_model(num_heads=8, num_kv_heads=2, ffn_dim=64, vocab_size=128, seq_length=32, sequence_parallel=True)

@@ -1,0 +1,64 @@
+"""Context parallel trains like one process: per-step loss and gradient norm of ring, Ulysses and
+hybrid layouts, alone and with FSDP and TP, against one process on the same data and init.
+
+Tiny models on mock data with packed documents (two per sequence, positions restarting at each),
+5 AdamW steps in float32; mistral:debug adds a sliding window (8 tokens, so the ring skips chunk
+pairs beyond it). Layouts differ only in the order of float32 reductions.
+"""
+
+import pytest
+
+RTOL = 2e-5
+
+
+def losses(records):
+    return [r["loss"] for r in records]
+
+
+def grad_norms(records):
+    return [r["grad_norm"] for r in records]
+
+
+@pytest.fixture(scope="module")
+def references(run_train, tiny_config, tmp_path_factory):
+    """One process per model, the whole global batch in one micro-batch."""
+    cache = {}
+
+    def reference(model: str):
+        if model not in cache:
+            _, cache[model] = run_train(tiny_config, tmp_path_factory.mktemp("ref"),
+                                        overrides=["--train.micro_batch_size", "4", "--model.name_or_path", model])
+            assert len(cache[model]) == 5
+        return cache[model]
+
+    return reference
+
+
+LAYOUTS = [
+    ("llama:debug", 2, ["--parallel.cp", "2"]),
+    ("llama:debug", 2, ["--parallel.cp", "2", "--parallel.cp_algo", "ulysses"]),
+    ("llama:debug", 4, ["--parallel.cp", "4", "--parallel.cp_algo", "hybrid", "--parallel.cp_ulysses", "2"]),
+    ("llama:debug", 4, ["--parallel.cp", "2", "--parallel.dp_shard", "2"]),
+    ("llama:debug", 4, ["--parallel.cp", "2", "--parallel.tp", "2", "--parallel.dp_shard", "1"]),
+    ("mistral:debug", 2, ["--parallel.cp", "2"]),
+    pytest.param("llama:debug", 4, ["--parallel.cp", "4"], marks=pytest.mark.slow),
+    pytest.param("mistral:debug", 4, ["--parallel.cp", "4", "--parallel.cp_algo", "ulysses"], marks=pytest.mark.slow),
+]
+IDS = ["ring2", "ulysses2", "hybrid2x2", "ring2-fsdp2", "ring2-tp2", "window-ring2", "ring4", "window-ulysses4"]
+
+
+@pytest.mark.parametrize("model, nproc, layout", LAYOUTS, ids=IDS)
+def test_context_parallel_matches_single_process(run_train, references, tiny_config, tmp_path, model, nproc, layout):
+    _, records = run_train(tiny_config, tmp_path, nproc=nproc, overrides=[*layout, "--model.name_or_path", model])
+    reference = references(model)
+    assert losses(records) == pytest.approx(losses(reference), rel=RTOL)
+    assert grad_norms(records) == pytest.approx(grad_norms(reference), rel=1e-4)
+
+
+def test_an_impossible_context_parallel_layout_is_one_clear_error(run_train, tiny_config, tmp_path):
+    """34 tokens cannot be cut into 2 x cp = 4 equal chunks."""
+    result, _ = run_train(tiny_config, tmp_path, nproc=2, check=False,
+                          overrides=["--parallel.cp", "2", "--train.seq_length", "34"])
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "meshtron train: error:" in line]
+    assert len(errors) == 1 and "train.seq_length (34) is not divisible by 2 x parallel.cp = 4" in errors[0]
