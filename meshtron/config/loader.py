@@ -267,6 +267,9 @@ def _validate_rl(cfg: JobConfig) -> None:
     bad = [name for name, weight in rl.rewards.items() if isinstance(weight, bool) or not isinstance(weight, (int, float))]
     if bad:
         raise UserError(f"rl.rewards[{bad[0]!r}] must be a number (the reward's weight)")
+    if cfg.train.recipe == "grpo" and cfg.data.mock:
+        raise UserError("the grpo recipe generates from prompts: set data.paths to prompt files (JSON lines with "
+                        "'prompt' or 'messages'), not data.mock")
     if cfg.train.recipe == "grpo" and rl.group_size < 2:
         raise UserError("rl.group_size must be >= 2: a completion's advantage is its reward against its group's")
     if cfg.train.recipe == "grpo" and cfg.train.global_batch_size != rl.prompts_per_step * rl.group_size:

@@ -145,9 +145,6 @@ def _read_prompts(config: JobConfig, paths: list[str], tokenizer_dir: Path | Non
 
     from meshtron.data.prompts import read_prompts
 
-    if config.data.mock:
-        raise UserError(f"the {config.train.recipe} recipe generates from prompts: set data.paths to prompt files "
-                        "(JSON lines with 'prompt' or 'messages'), not data.mock")
     if tokenizer_dir is None:
         raise UserError(f"the {config.train.recipe} recipe needs a tokenizer with a chat template; set model.tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
