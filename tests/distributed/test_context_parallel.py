@@ -1,5 +1,6 @@
 """Context parallel trains like one process: per-step loss and gradient norm of ring, Ulysses and
-hybrid layouts, alone and with FSDP and TP, against one process on the same data and init.
+hybrid layouts, alone and with FSDP, TP and recompute, against one process on the same data and
+init; a checkpoint saved at cp = 2 resumes in one process.
 
 Tiny models on mock data with packed documents (two per sequence, positions restarting at each),
 5 AdamW steps in float32; mistral:debug adds a sliding window (8 tokens, so the ring skips chunk
@@ -40,11 +41,13 @@ LAYOUTS = [
     ("llama:debug", 4, ["--parallel.cp", "4", "--parallel.cp_algo", "hybrid", "--parallel.cp_ulysses", "2"]),
     ("llama:debug", 4, ["--parallel.cp", "2", "--parallel.dp_shard", "2"]),
     ("llama:debug", 4, ["--parallel.cp", "2", "--parallel.tp", "2", "--parallel.dp_shard", "1"]),
+    ("llama:debug", 2, ["--parallel.cp", "2", "--recompute.mode", "selective"]),
     ("mistral:debug", 2, ["--parallel.cp", "2"]),
     pytest.param("llama:debug", 4, ["--parallel.cp", "4"], marks=pytest.mark.slow),
     pytest.param("mistral:debug", 4, ["--parallel.cp", "4", "--parallel.cp_algo", "ulysses"], marks=pytest.mark.slow),
 ]
-IDS = ["ring2", "ulysses2", "hybrid2x2", "ring2-fsdp2", "ring2-tp2", "window-ring2", "ring4", "window-ulysses4"]
+IDS = ["ring2", "ulysses2", "hybrid2x2", "ring2-fsdp2", "ring2-tp2", "ring2-recompute", "window-ring2", "ring4",
+       "window-ulysses4"]
 
 
 @pytest.mark.parametrize("model, nproc, layout", LAYOUTS, ids=IDS)
@@ -53,6 +56,17 @@ def test_context_parallel_matches_single_process(run_train, references, tiny_con
     reference = references(model)
     assert losses(records) == pytest.approx(losses(reference), rel=RTOL)
     assert grad_norms(records) == pytest.approx(grad_norms(reference), rel=1e-4)
+
+
+def test_a_cp2_checkpoint_resumes_in_one_process(run_train, tiny_config, tmp_path):
+    """Saved at step 4 of an 8-step run at cp = 2, continued at cp = 1: the uninterrupted losses."""
+    eight_steps = ["--train.steps", "8", "--checkpoint.interval", "4", "--checkpoint.keep", "0"]
+    out = tmp_path / "cp2"
+    _, straight = run_train(tiny_config, out, nproc=2, overrides=[*eight_steps, "--parallel.cp", "2"])
+    _, resumed = run_train(tiny_config, tmp_path / "cp1", overrides=[
+        *eight_steps, "--checkpoint.resume", str(out / "checkpoints" / "step-4")])
+    assert [r["step"] for r in resumed] == [5, 6, 7, 8]
+    assert losses(resumed) == pytest.approx(losses(straight[4:]), rel=RTOL)
 
 
 def test_an_impossible_context_parallel_layout_is_one_clear_error(run_train, tiny_config, tmp_path):
