@@ -48,8 +48,7 @@ class LoRALinear(nn.Linear):
 
     def init_weights(self, init) -> None:
         """The adapters (the base weight is its owner's): A Kaiming-uniform (as nn.Linear and PEFT), B zeros."""
-        # Drawn from this layer's generator (not lora_A's), as adapters were before modules initialized themselves.
-        init.uniform_(self.lora_A.weight, "lora_A.weight", 1.0 / self.lora_A.weight.shape[1] ** 0.5, init.prefix)
+        init.uniform_(self.lora_A.weight, "lora_A.weight", 1.0 / self.lora_A.weight.shape[1] ** 0.5)
         init.fill_(self.lora_B.weight, "lora_B.weight", 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

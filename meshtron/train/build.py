@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor.experimental import implicit_replication
 
 from meshtron.assets import EXAMPLE_MODEL, resolve_model_dir
 from meshtron.config import JobConfig
@@ -192,7 +191,8 @@ def build_parallel_model(config: JobConfig, source: ModelSource, dims: ParallelD
     5. materialize (`to_empty`);
     6. load the source's weights (an HF directory or a checkpoint), streaming into the shards;
     7. initialize what was not loaded, seeded and layout-independent (everything, for a flavor;
-       adapters or a new score head otherwise): pretrained weights are never drawn first;
+       adapters or a new score head otherwise): pretrained weights are never drawn first, and
+       with `load_weights` False (a resume, whose checkpoint brings every weight) nothing is;
     8. converters' step on the loaded model (QLoRA quantizes the base).
     """
     args = source.args
@@ -232,12 +232,14 @@ def build_parallel_model(config: JobConfig, source: ModelSource, dims: ParallelD
     if not late:
         _parallelize()
     model.to_empty(device=device)
-    loaded = _load_weights(model, source, converters) if load_weights else set()
-    # Every rank draws the full tensors from one seeded CPU generator and keeps its shard
-    # (implicit_replication treats the drawn tensor as replicated), so the initial weights are
-    # the same at every parallel layout.
-    with implicit_replication():
-        model.init_weights(seed=config.train.seed, skip=frozenset(loaded))
+    if load_weights:
+        loaded = _load_weights(model, source, converters)
+        # Each rank draws only the blocks of its shards, on its device, and the values are the same
+        # at every parallel layout (models/common/init.py).
+        drawn = model.init_weights(seed=config.train.seed, skip=frozenset(loaded))
+        log.info("rank %d drew %d initial values", dist.get_rank() if dist.is_initialized() else 0, drawn)
+    else:
+        model.init_buffers()  # a resume: every weight comes from the checkpoint, none is drawn first
     for converter in converters:
         converter.after_load(model)
     if late:

@@ -59,9 +59,11 @@ def test_resume_at_another_layout(run_train, tiny_config, fsdp_run, tmp_path, np
 
 def test_exact_resume_is_bit_identical(run_train, tiny_config, tmp_path):
     deterministic = [*EIGHT_STEPS, "--train.deterministic", "true"]
-    _, straight = run_train(tiny_config, tmp_path / "straight", overrides=deterministic)
-    _, resumed = run_train(tiny_config, tmp_path / "resumed", overrides=[
+    started, straight = run_train(tiny_config, tmp_path / "straight", overrides=deterministic)
+    resumed_run, resumed = run_train(tiny_config, tmp_path / "resumed", overrides=[
         *deterministic, "--checkpoint.resume", str(tmp_path / "straight" / "checkpoints" / "step-4")])
+    # A resume takes every weight from the checkpoint: none is drawn first.
+    assert "drew" in started.stderr and "drew" not in resumed_run.stderr
     assert losses(resumed) == losses(straight)[4:]  # exact float equality
     assert [r["loss_tokens"] for r in resumed] == [r["loss_tokens"] for r in straight][4:]  # same data order
 

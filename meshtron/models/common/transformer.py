@@ -109,15 +109,17 @@ class Transformer(nn.Module):
         if self.args.head_is_tied and self.embed is not None and self.lm_head is not None:
             self.lm_head.weight = self.embed.weight
 
-    def init_weights(self, seed: int | None = None, skip: frozenset[str] = frozenset()) -> None:
+    def init_weights(self, seed: int | None = None, skip: frozenset[str] = frozenset()) -> int:
         """Initialize every parameter (each module its own, see `models.common.init`) and the buffers,
         in place, after `to_empty`. `skip`: names already loaded, left as they are.
 
         Normal(0, init_std) for projections and embeddings, the residual-stream writers scaled down,
-        norms at one. With a seed, every module's values depend only on the seed and its name.
+        norms at one. With a seed, every value depends only on the seed, its tensor's name and its
+        position (at every layout). Returns the number of random values this rank drew.
         """
-        init_model(self, seed, frozenset(skip))
+        drawn = init_model(self, seed, frozenset(skip))
         self.init_buffers()
+        return drawn
 
     def init_own_weights(self, init: ParamInit) -> None:
         """The embedding and the head (the blocks' modules initialize themselves)."""
@@ -125,8 +127,8 @@ class Transformer(nn.Module):
             init.normal_(self.embed.weight, "embed.weight", self.args.init_std)
         if self.lm_head is not None and self.lm_head.weight is not getattr(self.embed, "weight", None):
             # A tied head held apart from the embedding (a pipeline stage without it) draws the embedding's values.
-            seed_module = "embed" if self.args.head_is_tied else None
-            init.normal_(self.lm_head.weight, "lm_head.weight", self.args.init_std, seed_module)
+            same_as = "embed.weight" if self.args.head_is_tied else None
+            init.normal_(self.lm_head.weight, "lm_head.weight", self.args.init_std, same_as)
         elif self.lm_head is not None:
             init.claimed.add("lm_head.weight")
 

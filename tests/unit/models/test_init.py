@@ -1,6 +1,8 @@
 """Each module initializes its own parameters: every tensor written, finite, seeded by name, equal
 at every pipeline cut, and never over a tensor that was loaded."""
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -68,3 +70,14 @@ def test_skipped_tensors_keep_their_loaded_values():
     fresh.to_empty(device="cpu")
     fresh.init_weights(seed=3)
     assert torch.equal(model.layers["1"].mlp.gate_proj.weight, fresh.layers["1"].mlp.gate_proj.weight)
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_no_two_random_tensors_get_the_same_values(family):
+    """Seeded by the tensor's name, not its module's: a module's same-shaped tensors (stacked experts'
+    gate and up projections) differ."""
+    model = _materialized(get_flavor(f"{family}:debug"))
+    model.init_weights(seed=0)
+    drawn = [(n, p) for n, p in model.named_parameters() if p.std() > 0]  # not a constant (norms, zero B)
+    for (a, p), (b, q) in itertools.combinations(drawn, 2):
+        assert p.shape != q.shape or not torch.equal(p, q), (a, b)
