@@ -138,17 +138,21 @@ def load_hf_weights(model: nn.Module, path: str | os.PathLike, spec: FamilySpec)
     for `init_weights`: adapters, a new score head). Logs the bytes this rank read."""
     path = Path(path)
     params = dict(model.named_parameters(remove_duplicate=False))
+    # Saved buffers (DeepSeek's routing bias) load when the checkpoint has them; else init_weights sets them.
+    buffers = {name: t for name, t in model.state_dict(keep_vars=True).items() if name not in params}
     adapter = spec.adapter(model.args)
+    targets = {**params, **buffers}
+
     def held(name: str) -> bool:
-        return any(target in params for target in adapter.head_aliases(name))
+        return any(target in targets for target in adapter.head_aliases(name))
 
     loaded, bytes_read = set(), [0]
     try:
         for name, tensor in adapter.from_hf(iter_hf_tensors(path, bytes_read), wanted=held):
             for target in adapter.head_aliases(name):
-                if target not in params:
+                if target not in targets:
                     continue  # e.g. a tensor for layers this pipeline stage does not hold
-                param = params[target]
+                param = targets[target]
                 if tuple(tensor.shape) != tuple(param.shape):
                     raise UserError(f"tensor {adapter.hf_name(name)} in {path} has shape {tuple(tensor.shape)}, "
                                     f"but the config implies {tuple(param.shape)}")

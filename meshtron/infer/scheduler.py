@@ -217,9 +217,9 @@ class Scheduler:
         cache = self.model.new_cache(self.slots, self.columns, device=self.device)
         cache.key_valid[:] = False
         for layer, (k, v) in enumerate(zip(solo.k, solo.v)):
-            _, G, _, D = k.shape
-            cache.k[layer] = torch.zeros((self.slots, G, self.columns, D), dtype=k.dtype, device=k.device)
-            cache.v[layer] = torch.zeros((self.slots, G, self.columns, D), dtype=v.dtype, device=v.device)
+            G = k.shape[1]
+            cache.k[layer] = torch.zeros((self.slots, G, self.columns, k.shape[-1]), dtype=k.dtype, device=k.device)
+            cache.v[layer] = torch.zeros((self.slots, G, self.columns, v.shape[-1]), dtype=v.dtype, device=v.device)
         return cache
 
     def _shift(self, by: int) -> None:

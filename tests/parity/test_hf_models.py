@@ -129,8 +129,27 @@ CASES = {
              rope_parameters=dict(rope_theta=1000000.0, rope_type="yarn", factor=2.0,
                                   original_max_position_embeddings=128)),
     ),
+    "deepseekv3-qlora-groups-yarn": (
+        "DeepseekV3Config",
+        # Layer 0 dense; 8 experts in 4 groups, 2 groups kept, 3 chosen; two shared experts' width; queries through
+        # their latent; interleaved RoPE with YaRN and its attention-scale correction (mscale != mscale_all_dim).
+        dict(num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
+             n_shared_experts=2, moe_intermediate_size=24, first_k_dense_replace=1, q_lora_rank=40, kv_lora_rank=24,
+             qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, routed_scaling_factor=2.5, num_mtp_layers=0,
+             rope_parameters=dict(rope_theta=10000.0, rope_type="yarn", factor=4.0, original_max_position_embeddings=16,
+                                  mscale=0.7, mscale_all_dim=1.0, beta_fast=32, beta_slow=1)),
+    ),
+    "deepseekv3-noqlora-halfrope": (
+        "DeepseekV3Config",
+        # Queries projected directly, RoPE on halves, unnormalized weights, one group, biases on attention.
+        dict(num_key_value_heads=4, n_routed_experts=6, num_experts_per_tok=2, n_group=1, topk_group=1,
+             n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=2, q_lora_rank=None, kv_lora_rank=16,
+             qk_rope_head_dim=16, qk_nope_head_dim=8, v_head_dim=20, norm_topk_prob=False, rope_interleave=False,
+             attention_bias=True, num_mtp_layers=0, rope_parameters=dict(rope_theta=10000.0, rope_type="default")),
+    ),
 }
 MOE_CASES = ["mixtral-top2-window", "qwen2moe-shared-mlponly", "qwen3moe-qknorm-sparsestep"]
+DEEPSEEK_CASES = ["deepseekv3-qlora-groups-yarn", "deepseekv3-noqlora-halfrope"]
 
 
 def make_hf_model(case: str, tmp_path, edit=None):
@@ -150,6 +169,9 @@ def make_hf_model(case: str, tmp_path, edit=None):
                 p.normal_(0.0, 0.5)
             elif "experts" in name:  # experts large enough that a wrong one changes the logits
                 p.normal_(0.0, 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek's routing bias: it changes the choice
+                b.normal_(0.0, 0.3)
         if edit is not None:
             edit(model)
     model.eval()
@@ -227,7 +249,7 @@ def test_internlm3_published_config_loads(tmp_path):
                                   "gemma2-softcap-window", "phi3-longrope-partial", "smollm3-nope-window",
                                   "gemma3-qknorm-ropebases", "glm4-interleaved-partial", "olmo2-postnorm-qknorm-linear",
                                   "granite-multipliers", "starcoder2-layernorm-gelu-window",
-                                  "internlm3-bias-dynamic", *MOE_CASES])
+                                  "internlm3-bias-dynamic", *MOE_CASES, *DEEPSEEK_CASES])
 def test_round_trip_identical_tensors(case, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -257,7 +279,8 @@ def test_round_trip_identical_tensors(case, tmp_path):
 @pytest.mark.parametrize("case", ["mistral-window-default", "gemma2-softcap-window", "phi3-longrope-partial",
                                   "smollm3-nope-window", "gemma3-qknorm-ropebases", "glm4-interleaved-partial",
                                   "olmo2-postnorm-qknorm-linear", "granite-multipliers",
-                                  "starcoder2-layernorm-gelu-window", "internlm3-bias-dynamic", *MOE_CASES])
+                                  "starcoder2-layernorm-gelu-window", "internlm3-bias-dynamic", *MOE_CASES,
+                                  *DEEPSEEK_CASES])
 def test_greedy_generation_matches_transformers(case, tmp_path):
     from meshtron.infer.generation import SamplingParams, generate
 

@@ -55,8 +55,8 @@ class ModelArgs:
             return False
         return not self.sliding_layers or layer_id in self.sliding_layers
 
-    def num_params(self, include_embedding: bool = True) -> int:
-        """Parameter count from the shapes alone (no model needed)."""
+    def attention_params(self) -> int:
+        """One layer's attention parameters (a family with another attention overrides this)."""
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
         attn = self.dim * (q + 2 * kv) + q * self.dim
@@ -66,6 +66,11 @@ class ModelArgs:
             attn += self.dim
         if self.qk_norm:
             attn += 2 * self.head_dim
+        return attn
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Parameter count from the shapes alone (no model needed)."""
+        attn = self.attention_params()
         mlp = 3 * self.dim * self.ffn_dim + (2 * self.ffn_dim + self.dim if self.mlp_bias else 0)
         per_layer = attn + mlp + 2 * self.dim
         total = self.num_layers * per_layer + self.dim

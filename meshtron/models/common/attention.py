@@ -39,9 +39,10 @@ class KVCache:
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} tokens > max_len {self.max_len}")
         if self.k[layer_id] is None:
-            shape = (B, G, self.max_len, D)
-            self.k[layer_id] = torch.zeros(shape, dtype=k_BGSD.dtype, device=k_BGSD.device)
-            self.v[layer_id] = torch.zeros(shape, dtype=v_BGSD.dtype, device=v_BGSD.device)
+            # v's width may differ from k's (latent attention caches its latent as k, its rotary key as v).
+            self.k[layer_id] = torch.zeros((B, G, self.max_len, D), dtype=k_BGSD.dtype, device=k_BGSD.device)
+            self.v[layer_id] = torch.zeros((B, G, self.max_len, v_BGSD.shape[-1]), dtype=v_BGSD.dtype,
+                                           device=v_BGSD.device)
         self.k[layer_id][:, :, self.offset : end] = k_BGSD
         self.v[layer_id][:, :, self.offset : end] = v_BGSD
         return self.k[layer_id][:, :, :end], self.v[layer_id][:, :, :end]

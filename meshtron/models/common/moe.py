@@ -34,6 +34,7 @@ HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 # model (Hugging Face directory or checkpoint) too.
 ROUTING_FIELDS = frozenset({"aux_loss_coef", "capacity_factor"})
 SCORE_FUNCS = ("softmax", "sigmoid")
+GROUP_SCORES = ("max", "top2")
 
 
 @dataclass
@@ -44,6 +45,7 @@ class MoEArgs(ModelArgs):
     num_experts_per_token: int = 2
     expert_ffn_dim: int = 14336
     shared_expert_ffn_dim: int = 0  # 0: no shared expert; else one gated by sigmoid(x @ w) (Qwen2-MoE)
+    shared_expert_gated: bool = True  # False: the shared expert's output is added as is (DeepSeek)
     score_func: str = "softmax"  # router scores: softmax over experts, or an independent sigmoid per expert
     norm_topk: bool = True  # renormalize the K chosen scores to sum to one (Mixtral; Qwen's norm_topk_prob)
     route_scale: float = 1.0  # multiplies the chosen scores
@@ -51,6 +53,15 @@ class MoEArgs(ModelArgs):
     dense_layers: tuple[int, ...] = field(default_factory=tuple)  # layers kept dense (Qwen's mlp_only_layers)
     capacity_factor: float | None = None  # None: dropless; else rows per expert <= ceil(f * N * K / E)
     aux_loss_coef: float = 0.0  # weight of the load-balancing loss in training (0: not computed)
+    # Group-limited routing (DeepSeek's n_group / topk_group): experts form `num_groups` equal groups and a
+    # token's K experts come from its `topk_groups` best groups, a group scored by its best expert ("max",
+    # DeepSeek-V2) or the sum of its two best ("top2", DeepSeek-V3).
+    num_groups: int = 1
+    topk_groups: int = 1
+    group_score: str = "max"
+    # A per-expert bias (float32 buffer) added to the scores for choosing the K only, not to their weights
+    # (DeepSeek-V3's e_score_correction_bias).
+    router_bias: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -62,12 +73,25 @@ class MoEArgs(ModelArgs):
                              f"({self.num_experts})")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be positive (or None for dropless), not {self.capacity_factor}")
+        self._check_groups()
+
+    def _check_groups(self) -> None:
+        if self.group_score not in GROUP_SCORES:
+            raise ValueError(f"group_score must be one of {', '.join(GROUP_SCORES)}, not {self.group_score!r}")
+        if self.num_groups < 1 or self.num_experts % self.num_groups:
+            raise ValueError(f"num_groups ({self.num_groups}) must divide num_experts ({self.num_experts})")
+        if not 0 < self.topk_groups <= self.num_groups:
+            raise ValueError(f"topk_groups ({self.topk_groups}) must be in 1..num_groups ({self.num_groups})")
+        if self.topk_groups * (self.num_experts // self.num_groups) < self.num_experts_per_token:
+            raise ValueError(f"topk_groups ({self.topk_groups}) groups of {self.num_experts // self.num_groups} "
+                             f"experts hold fewer than num_experts_per_token ({self.num_experts_per_token})")
 
     def is_moe_layer(self, layer_id: int) -> bool:
         return layer_id not in self.dense_layers and (layer_id + 1) % self.moe_step == 0
 
     def _moe_mlp_params(self, experts: int) -> int:
-        shared = 3 * self.dim * self.shared_expert_ffn_dim + self.dim if self.shared_expert_ffn_dim else 0
+        gate = self.dim if self.shared_expert_gated else 0
+        shared = 3 * self.dim * self.shared_expert_ffn_dim + gate if self.shared_expert_ffn_dim else 0
         return experts * 3 * self.dim * self.expert_ffn_dim + self.num_experts * self.dim + shared
 
     def _params_with(self, experts: int, include_embedding: bool) -> int:
@@ -156,24 +180,45 @@ class RouterStats:
 
 
 class Router(nn.Module):
-    """Scores E experts per token from a (E, D) weight and keeps the top K."""
+    """Scores E experts per token from a (E, D) weight and keeps the top K, optionally from the best groups
+    only and chosen with a per-expert bias (`MoEArgs.num_groups`, `router_bias`); the chosen experts'
+    weights are their unbiased scores."""
 
     def __init__(self, args: MoEArgs):
         super().__init__()
         self.top_k, self.score_func = args.num_experts_per_token, args.score_func
         self.norm_topk, self.route_scale, self.std = args.norm_topk, args.route_scale, args.init_std
+        self.num_groups, self.topk_groups, self.group_score = args.num_groups, args.topk_groups, args.group_score
         self.weight = nn.Parameter(torch.empty(args.num_experts, args.dim))
+        bias = torch.zeros(args.num_experts, dtype=torch.float32) if args.router_bias else None
+        self.register_buffer("expert_bias", bias)
 
     def init_weights(self, init: ParamInit) -> None:
         init.normal_(self.weight, "weight", self.std)
+        if self.expert_bias is not None:
+            init.fill_(self.expert_bias, "expert_bias", 0.0)
+
+    def limit_to_groups(self, choice_NE: torch.Tensor) -> torch.Tensor:
+        """The choice scores with the experts outside each token's `topk_groups` best groups at -inf."""
+        N, E = choice_NE.shape
+        grouped = choice_NE.view(N, self.num_groups, E // self.num_groups)
+        group_scores = grouped.amax(-1) if self.group_score == "max" else grouped.topk(2, dim=-1).values.sum(-1)
+        best = group_scores.topk(self.topk_groups, dim=-1).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        return grouped.masked_fill(~keep[..., None], float("-inf")).view(N, E)
 
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router logits (N, E), chosen experts (N, K), their weights (N, K) in float32)."""
         logits = F.linear(x_ND, self.weight)
         scores = logits.float().softmax(-1) if self.score_func == "softmax" else logits.float().sigmoid()
-        weights, experts = torch.topk(scores, self.top_k, dim=-1)
+        choice = scores if self.expert_bias is None else scores + self.expert_bias
+        if self.num_groups > 1:
+            choice = self.limit_to_groups(choice)
+        experts = torch.topk(choice, self.top_k, dim=-1).indices
+        weights = scores.gather(-1, experts)
         if self.norm_topk:
-            weights = weights / weights.sum(-1, keepdim=True)
+            # The tiny term is DeepSeek's guard against a zero sum (sigmoid scores can all underflow).
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return logits, experts, weights * self.route_scale
 
 
@@ -196,7 +241,8 @@ class MoE(nn.Module):
         self.shared_expert = self.shared_expert_gate = None
         if args.shared_expert_ffn_dim:
             self.shared_expert = GatedMLP(args.dim, args.shared_expert_ffn_dim, std=args.init_std, out_std=out_std)
-            self.shared_expert_gate = nn.Linear(args.dim, 1, bias=False)
+            if args.shared_expert_gated:
+                self.shared_expert_gate = nn.Linear(args.dim, 1, bias=False)
         self.router_stats: RouterStats | None = None
 
     def init_weights(self, init: ParamInit) -> None:
@@ -222,8 +268,10 @@ class MoE(nn.Module):
         out_RD = self.experts(x_ND[token_R], counts)
         out_RD = (out_RD.float() * weights_NK.flatten()[order, None]).to(x_ND.dtype)
         y_ND = torch.zeros_like(x_ND).index_add(0, token_R, out_RD)
-        if self.shared_expert is not None:
+        if self.shared_expert_gate is not None:
             y_ND = y_ND + torch.sigmoid(self.shared_expert_gate(x_ND)) * self.shared_expert(x_ND)
+        elif self.shared_expert is not None:
+            y_ND = y_ND + self.shared_expert(x_ND)
         if torch.is_grad_enabled():  # a training forward; not generation, evaluation or a frozen reference pass
             self.router_stats = RouterStats(selected, logits.float().softmax(-1).sum(0), B * S, dropped)
         return y_ND.view(B, S, D)

@@ -24,12 +24,14 @@ from meshtron.models.common.rope import RotaryEmbedding
 
 class TransformerBlock(nn.Module):
     """Pre-norm block. `mlp`: the feed-forward module (default: the gated MLP; an MoE layer in the MoE
-    families). `attn_options` go to `Attention` (a family's scale, soft-cap, rotary layout)."""
+    families). `attn`: the attention module (default: `Attention` with `attn_options`, a family's scale,
+    soft-cap, rotary layout; DeepSeek's latent attention)."""
 
-    def __init__(self, args: ModelArgs, layer_id: int, mlp: nn.Module | None = None, **attn_options):
+    def __init__(self, args: ModelArgs, layer_id: int, mlp: nn.Module | None = None, attn: nn.Module | None = None,
+                 **attn_options):
         super().__init__()
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attn = Attention(args, layer_id, **attn_options)
+        self.attn = attn or Attention(args, layer_id, **attn_options)
         self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = mlp or GatedMLP(args.dim, args.ffn_dim, bias=args.mlp_bias, std=args.init_std,
                                    out_std=residual_std(args))

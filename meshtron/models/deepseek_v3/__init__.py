@@ -1,0 +1,80 @@
+"""The DeepSeek-V3 family (DeepSeek-V3 / R1, Kimi K2, Moonlight): multi-head latent attention with the
+latent cached, `first_k_dense_replace` dense layers, then MoE layers with an ungated shared expert
+(`moe_intermediate_size * n_shared_experts` wide) and DeepSeek-V3's routing: float32 sigmoid scores, the
+`e_score_correction_bias` added for the choice only, the choice limited to the `topk_group` best of
+`n_group` groups (a group scored by its two best experts), the chosen experts' unbiased scores normalized
+(`norm_topk_prob`) and scaled by `routed_scaling_factor`. Multi-token prediction layers are not built."""
+
+from meshtron.models.common.adapter import StateDictAdapter, TensorGroup, renames
+from meshtron.models.common.hf_dense import DENSE_GROUPS, dense_args_from_hf, dense_hf_kwargs
+from meshtron.models.common.moe import stacked_experts_group
+from meshtron.models.deepseek_v3.args import FLAVORS, DeepSeekArgs
+from meshtron.models.deepseek_v3.model import DeepSeekTransformer
+from meshtron.models.deepseek_v3.parallelize import PLAN
+from meshtron.models.spec import FamilySpec
+
+
+def adapter(args: DeepSeekArgs) -> StateDictAdapter:
+    """Stacked experts <-> one tensor per expert on disk; the router is the checkpoint's `gate` (its bias
+    `e_score_correction_bias`), the shared expert its `shared_experts`; attention maps by name."""
+    hf = "model.layers.{i}.mlp"
+    groups = [
+        stacked_experts_group("layers.{i}.mlp.experts", hf + ".experts.{e}.{name}.weight",
+                              ("gate_proj", "up_proj", "down_proj"), args.num_experts),
+        *renames([("layers.{i}.mlp.router.weight", hf + ".gate.weight"),
+                  ("layers.{i}.mlp.router.expert_bias", hf + ".gate.e_score_correction_bias"),
+                  ("layers.{i}.mlp.shared_expert.{rest}", hf + ".shared_experts.{rest}")]),
+        *DENSE_GROUPS,
+    ]
+    return StateDictAdapter(args, groups, args.family)
+
+
+def deepseek_args_from_hf(cfg, family: str, **routing) -> DeepSeekArgs:
+    """The fields DeepSeek-V2 and V3 configs share; `routing`: the family's router fields."""
+    bias = bool(cfg.attention_bias)
+    dense = dense_args_from_hf(cfg, family, qkv_bias=bias, out_bias=bias, qk_norm=False).to_dict()
+    dense.update(num_kv_heads=cfg.num_attention_heads, head_dim=cfg.qk_rope_head_dim)
+    return DeepSeekArgs(
+        **dense, num_experts=cfg.n_routed_experts, num_experts_per_token=cfg.num_experts_per_tok,
+        expert_ffn_dim=cfg.moe_intermediate_size, shared_expert_ffn_dim=cfg.moe_intermediate_size * (cfg.n_shared_experts or 0),
+        shared_expert_gated=False, route_scale=cfg.routed_scaling_factor,
+        dense_layers=tuple(range(cfg.first_k_dense_replace or 0)), q_lora_rank=cfg.q_lora_rank,
+        kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim, v_head_dim=cfg.v_head_dim, **routing)
+
+
+def deepseek_hf_kwargs(args: DeepSeekArgs) -> dict:
+    """The config keywords DeepSeek-V2 and V3 share; refuses what their configs cannot express."""
+    first_dense = len(args.dense_layers)
+    if (args.qkv_bias != args.out_bias or args.mlp_bias or args.qk_norm or args.sliding_window is not None
+            or args.moe_step != 1 or args.dense_layers != tuple(range(first_dense)) or args.shared_expert_gated
+            or args.shared_expert_ffn_dim % args.expert_ffn_dim or args.capacity_factor is not None):
+        raise ValueError("a DeepSeek config has one attention_bias, no MLP bias, q/k norm or window, the first "
+                         "layers dense and the rest MoE, dropless, with an ungated shared expert a multiple of "
+                         "an expert's width")
+    kwargs = dense_hf_kwargs(args)
+    del kwargs["head_dim"]  # the config derives it (qk_rope_head_dim)
+    return dict(**kwargs, n_routed_experts=args.num_experts, num_experts_per_tok=args.num_experts_per_token,
+                moe_intermediate_size=args.expert_ffn_dim, n_shared_experts=args.shared_expert_ffn_dim // args.expert_ffn_dim,
+                routed_scaling_factor=args.route_scale, first_k_dense_replace=first_dense,
+                q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank, qk_rope_head_dim=args.head_dim,
+                qk_nope_head_dim=args.qk_nope_head_dim, v_head_dim=args.v_head_dim, attention_bias=args.qkv_bias)
+
+
+def args_from_hf(cfg) -> DeepSeekArgs:
+    return deepseek_args_from_hf(cfg, "deepseek_v3", score_func="sigmoid", router_bias=True, group_score="top2",
+                                 num_groups=cfg.n_group or 1, topk_groups=cfg.topk_group or 1,
+                                 norm_topk=bool(cfg.norm_topk_prob), rope_interleave=bool(cfg.rope_interleave))
+
+
+def hf_config_from_args(args: DeepSeekArgs):
+    from transformers import DeepseekV3Config
+
+    if args.score_func != "sigmoid" or not args.router_bias or args.group_score != "top2":
+        raise ValueError("a deepseek_v3 config routes by sigmoid scores with a bias, groups scored by their two "
+                         "best experts")
+    return DeepseekV3Config(**deepseek_hf_kwargs(args), n_group=args.num_groups, topk_group=args.topk_groups,
+                            norm_topk_prob=args.norm_topk, rope_interleave=args.rope_interleave, num_mtp_layers=0)
+
+
+SPEC = FamilySpec("deepseek_v3", ("deepseek_v3",), FLAVORS, args_from_hf, hf_config_from_args,
+                  build=DeepSeekTransformer, adapter=adapter, plan=PLAN, args_cls=DeepSeekArgs)
