@@ -86,7 +86,7 @@ def test_grpo_logs_rollout_and_training_metrics(grpo_single):
         assert r["reward_std"] > 0 and 0 < r["completion_length"] <= r["completion_length_max"] <= 6
     # The policy starts as its reference: no KL before the first update, some after it.
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6) and steps[1]["kl"] > 0
-    assert steps[1]["loss"] != 0 and all("clip_fraction" in r for r in steps)
+    assert steps[1]["loss"] != 0 and all("clip_fraction" in r and r["train_tokens_per_s"] > 0 for r in steps)
     evals = [r for r in grpo_single if "eval_reward" in r]
     assert [r["step"] for r in evals] == [0, 4] and "eval_reward/math" in evals[0]
 

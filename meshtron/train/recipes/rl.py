@@ -59,7 +59,7 @@ def gathered(model: nn.Module):
         reshard(model)
 
 
-def token_logps(model: nn.Module, batch: dict) -> torch.Tensor:
+def per_token_logps(model: nn.Module, batch: dict) -> torch.Tensor:
     """(B, S) log-prob of each labelled token of a prepared batch (0 elsewhere)."""
     nll = model(batch["input_ids"], position_ids=batch["position_ids"], mask=batch["mask"],
                 head=functools.partial(head_token_nll, labels_BS=batch["labels"]))
@@ -77,6 +77,7 @@ class GRPORecipe(Recipe):
         self.batches: list[dict] = []  # the current rollout's micro-batches
         self.train_sums: dict[str, torch.Tensor] = {}  # summed token metrics of the training forwards
         self.rollout_metrics: dict[str, float] = {}
+        self.training_since = 0.0  # when the current step's training began (train_tokens_per_s)
 
     # ---- set-up ---------------------------------------------------------------------------
 
@@ -102,6 +103,7 @@ class GRPORecipe(Recipe):
             self.batches = self._rollout(trainer)
         else:
             self.rollout_metrics = {}
+        self.training_since = time.perf_counter()  # the step's forwards, backwards and update follow
         return self.batches
 
     def _generate(self, model: nn.Module, token_ids: list[list[int]], temperature: float, seed: int | None):
@@ -192,7 +194,7 @@ class GRPORecipe(Recipe):
         for key, model in models.items():
             for batch in batches:
                 with trainer.train_context():
-                    batch[key] = token_logps(model, self.prepare_batch(batch)).float()
+                    batch[key] = per_token_logps(model, self.prepare_batch(batch)).float()
         if "old_logps" in models:
             reshard(trainer.model)  # forwards without a backward leave the root's parameters gathered
 
@@ -227,7 +229,7 @@ class GRPORecipe(Recipe):
 
     def loss_sum(self, model, batch) -> torch.Tensor:
         rl = self.config.rl
-        logps = token_logps(model, batch)
+        logps = per_token_logps(model, batch)
         mask = (batch["labels"] != IGNORE_INDEX).float()
         old = batch.get("old_logps", logps.detach())
         loss, clipped, kl = token_losses(logps, old, batch["advantages"], clip_low=rl.clip_low,
@@ -244,10 +246,14 @@ class GRPORecipe(Recipe):
         sums, self.train_sums = self.train_sums, {}
         metrics = dict(self.rollout_metrics)
         if sums:
+            sums["trained_tokens"] = sum((b["document_ids"] == 0).sum() for b in self.batches).float()
             keys = sorted(sums)
             totals = dict(zip(keys, self.trainer._dp_sum(torch.stack([sums[k] for k in keys])).tolist()))
             tokens = max(totals["tokens"], 1.0)
             metrics["clip_fraction"] = totals["clipped"] / tokens
+            # Prompt and completion tokens through the model per second of the step's training (per rank).
+            metrics["train_tokens_per_s"] = (totals["trained_tokens"] / self.trainer.dims.dp_size
+                                             / max(time.perf_counter() - self.training_since, 1e-9))
             if "kl" in totals:
                 metrics["kl"] = totals["kl"] / tokens
         return metrics
