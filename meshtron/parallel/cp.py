@@ -9,15 +9,15 @@ whole sequence's description and this rank's place in it) and `masks.attend` han
 Algorithms (`parallel.cp_algo`):
 - ring: key/value blocks rotate around the ranks (P2P; the next block's transfer overlaps this
   block's attention). Each block is computed with its log-sum-exp and the blocks merge exactly;
-  pairs of chunks that the mask leaves empty (the future, beyond the window) are skipped. The
+  blocks that the mask leaves empty (the future, beyond the window) are skipped. The
   backward rotates the blocks again and sends each block's key/value gradients home with it.
 - ulysses: all-to-all from sequence shards to head shards, the model's own attention backend over
   the whole sequence, all-to-all back. Key/value heads are repeated when fewer than the degree.
 - hybrid: Ulysses inside groups of `cp_ulysses` neighbouring cp ranks, ring across the groups.
 
 Shapes: B batch, H query heads, G key/value heads, R = H / G, S local sequence, L chunk length,
-D head_dim. The ring's block kernel is plain math (scores of one chunk pair at a time),
-in float32 (or the inputs' dtype if wider), the same on every device: torch's CUDA-only ring (`context_parallel`) is not used.
+D head_dim. The ring's block kernel is plain math (the scores of up to ROW_TILE queries of one chunk
+against one chunk of keys at a time), in float32 (or the inputs' dtype if wider), the same on every device: torch's CUDA-only ring (`context_parallel`) is not used.
 """
 
 import math
@@ -30,6 +30,8 @@ import torch.distributed._functional_collectives as funcol
 from meshtron.errors import UserError
 
 CP_ALGOS = ("ring", "ulysses", "hybrid")
+# Queries per ring block: a block's scores are B x H x ROW_TILE x (S / 2cp) floats at most.
+ROW_TILE = 1024
 
 
 def ulysses_degree(cp: int, algo: str, cp_ulysses: int) -> int:
@@ -138,7 +140,8 @@ class ContextShard:
 
     def _ring(self, q, k, v, window, scale, softcap) -> torch.Tensor:
         L = self.full.q_len // (2 * self.cp.cp.size)
-        plan = RingPlan(self.cp.ring, self.cp.ring_chunks(), L, self.full.document_ids, window, scale, softcap)
+        plan = RingPlan(self.cp.ring, self.cp.ring_chunks(), L, self.full.document_ids, window, scale, softcap,
+                        q.device)
         return RingAttention.apply(q, k, v, plan)
 
     def _whole(self, q_BHSD, k_BGSD, v_BGSD, window, scale, softcap) -> torch.Tensor:
@@ -203,36 +206,41 @@ class RingPlan:
     window: int | None
     scale: float
     softcap: float | None
+    device: torch.device
 
-    def visible(self, q_chunk: int, k_chunk: int):
-        """What queries of q_chunk see of keys of k_chunk: False (nothing), None (everything) or a
-        boolean mask (B or 1, 1, 1, L, L) that broadcasts over heads."""
-        L = self.L
-        if k_chunk > q_chunk or (self.window is not None and (q_chunk - k_chunk - 1) * L + 1 >= self.window):
+    def visible(self, q_start: int, q_len: int, k_start: int, k_len: int):
+        """What the queries at global positions q_start.. see of the keys at k_start..: False (nothing),
+        None (everything) or a boolean mask (B or 1, 1, 1, q_len, k_len) that broadcasts over heads."""
+        newest_gap = q_start + q_len - 1 - k_start  # the largest query - key distance
+        oldest_gap = q_start - (k_start + k_len - 1)  # the smallest
+        if newest_gap < 0 or (self.window is not None and oldest_gap >= self.window):
             return False
-        if k_chunk < q_chunk and self.window is None and self.document_ids is None:
+        if oldest_gap >= 0 and (self.window is None or newest_gap < self.window) and self.document_ids is None:
             return None
-        q_pos = torch.arange(q_chunk * L, (q_chunk + 1) * L)
-        k_pos = torch.arange(k_chunk * L, (k_chunk + 1) * L)
+        q_pos = torch.arange(q_start, q_start + q_len, device=self.device)
+        k_pos = torch.arange(k_start, k_start + k_len, device=self.device)
         mask = (k_pos[None] <= q_pos[:, None])[None]
         if self.window is not None:
             mask = mask & (k_pos[None] > q_pos[:, None] - self.window)[None]
         if self.document_ids is not None:
             docs = self.document_ids
-            q_pos, k_pos = q_pos.to(docs.device), k_pos.to(docs.device)
-            mask = mask.to(docs.device) & (docs[:, q_pos, None] == docs[:, None, k_pos])
+            mask = mask & (docs[:, q_pos, None] == docs[:, None, k_pos])
         if not bool(mask.any()):
             return False
         return mask[:, None, None]
 
     def pairs(self, src: int):
-        """(query slice, key slice, mask) of each chunk pair between this rank's queries and the keys of
-        ring rank `src` that has anything visible."""
+        """(query slice, key slice, mask) of each block between this rank's queries and the keys of ring
+        rank `src` with anything visible: a tile of at most ROW_TILE queries of one chunk against one
+        chunk of keys, so that a block's scores stay small however long the chunks are."""
+        L, tile = self.L, min(self.L, ROW_TILE)
         for qi, qc in enumerate(self.chunks[self.axis.rank]):
-            for ki, kc in enumerate(self.chunks[src]):
-                mask = self.visible(qc, kc)
-                if mask is not False:
-                    yield slice(qi * self.L, (qi + 1) * self.L), slice(ki * self.L, (ki + 1) * self.L), mask
+            for row in range(0, L, tile):
+                rows = min(tile, L - row)
+                for ki, kc in enumerate(self.chunks[src]):
+                    mask = self.visible(qc * L + row, rows, kc * L, L)
+                    if mask is not False:
+                        yield slice(qi * L + row, qi * L + row + rows), slice(ki * L, (ki + 1) * L), mask
 
 
 class _Shift:

@@ -1,7 +1,7 @@
 """The context-parallel attention op itself (meshtron.parallel.cp), on 4 gloo processes: forward and
 gradients of ring (cp = 4, and cp = 2 in two groups), Ulysses (cp = 4, fewer key/value heads than
 ranks) and hybrid (2 x 2) against one process's attention over the whole sequence (SDPA under the
-dense mask), for causal packed documents with a sliding window, grouped-query heads and a soft-cap.
+dense mask), for causal packed documents with a sliding window, grouped-query heads and a soft-cap; ring blocks tiled smaller than a chunk.
 """
 
 import os
@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from meshtron.models.common.masks import AttentionMask, attend
+from meshtron.parallel import cp
 from meshtron.parallel.cp import Axis, ContextParallel
 
 WORLD = 4
@@ -49,7 +50,7 @@ def _groups(size: int, rank: int) -> Axis:
 
 
 def _layout(rank: int, ring: int, ulysses: int) -> ContextParallel:
-    cp = _groups(ring * ulysses, rank)
+    cp_axis = _groups(ring * ulysses, rank)
     ring_ranks = [[base + j * ulysses + i for j in range(ring)] for base in range(0, WORLD, ring * ulysses)
                   for i in range(ulysses)]
     ring_axis = Axis()
@@ -57,12 +58,14 @@ def _layout(rank: int, ring: int, ulysses: int) -> ContextParallel:
         group = dist.new_group(ranks)
         if rank in ranks and ring > 1:
             ring_axis = Axis(group, ring, ranks.index(rank))
-    return ContextParallel(cp, ring_axis, _groups(ulysses, rank) if ulysses > 1 else Axis())
+    return ContextParallel(cp_axis, ring_axis, _groups(ulysses, rank) if ulysses > 1 else Axis())
 
 
 def _worker(rank: int, port: int, failures):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    # Ring blocks of 3 queries: tiles that end inside chunks (4 or 8 tokens here) and chunks of several tiles.
+    cp.ROW_TILE = 3
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         q, k, v, dout, docs = _inputs()
