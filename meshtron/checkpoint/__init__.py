@@ -6,6 +6,7 @@ meshtron checkpoint: `path` is a run directory (its newest complete checkpoint) 
 `checkpoints/step-N` directory (or a directory written by `meshtron convert --to native`).
 """
 
+import logging
 from pathlib import Path
 
 import torch
@@ -17,7 +18,17 @@ from meshtron.errors import UserError
 from meshtron.models.common.args import ModelArgs
 from meshtron.models.registry import build_model, model_args_from_dict
 
-def _load_lora_base(model: nn.Module, manifest: dict, checkpoint_dir: Path) -> None:
+log = logging.getLogger(__name__)
+
+def local_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters and buffers this process holds (its shards of distributed ones)."""
+    from torch.distributed.tensor import DTensor
+
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.to_local().nbytes if isinstance(t, DTensor) else t.nbytes for t in tensors)
+
+
+def _load_lora_base(model: nn.Module, manifest: dict, checkpoint_dir: Path, no_dist: bool) -> None:
     base = manifest.get("base_model") or {}
     path = Path(base.get("path", ""))
     if not path.is_dir():
@@ -30,7 +41,7 @@ def _load_lora_base(model: nn.Module, manifest: dict, checkpoint_dir: Path) -> N
         load_hf_weights(model, path, get_family(model.args.family))
     else:
         base_state = {k: v for k, v in model.state_dict().items() if ".lora_A." not in k and ".lora_B." not in k}
-        load_checkpoint({"model": base_state}, resolve_checkpoint(path), no_dist=True)
+        load_checkpoint({"model": base_state}, resolve_checkpoint(path), no_dist=no_dist)
 
 
 __all__ = ["CheckpointManager", "load_for_inference", "load_model_weights", "read_manifest", "resolve_checkpoint"]
@@ -50,9 +61,13 @@ def load_model_weights(model: nn.Module, checkpoint_dir: Path, base_only: bool =
 
 
 def load_for_inference(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, tp_mesh=None
 ) -> tuple[nn.Module, ModelArgs, Path | None]:
-    """(model in eval mode, its ModelArgs, the checkpoint's tokenizer directory or None)."""
+    """(model in eval mode, its ModelArgs, the checkpoint's tokenizer directory or None).
+
+    With `tp_mesh` the model is sharded for tensor-parallel inference before it is materialized, and
+    each rank reads only the parts of the checkpoint its shards need (DCP reshards on load). Logs
+    the bytes of weights this rank holds."""
     checkpoint_dir = resolve_checkpoint(path)
     manifest = read_manifest(checkpoint_dir)
     args = model_args_from_dict(manifest["model_args"], f"{checkpoint_dir}/manifest.json model_args")
@@ -64,16 +79,24 @@ def load_for_inference(
 
         # Inference runs on a float base even for QLoRA runs (their adapters were trained on it, dequantized).
         apply_lora(model, LoRAConfig(**{**lora, "quantize_base": ""}))
+    if tp_mesh is not None:
+        from meshtron.infer.tp import parallelize_for_inference
+
+        parallelize_for_inference(model, tp_mesh)
     model.to_empty(device=device)
     model.to(dtype)
     model.init_buffers()
     state = model.state_dict()
+    # One process reads the whole model itself, even inside a distributed job; tensor-parallel ranks
+    # load together, each its shards.
+    no_dist = tp_mesh is None
     if lora:
-        _load_lora_base(model, manifest, checkpoint_dir)
+        _load_lora_base(model, manifest, checkpoint_dir, no_dist)
         state = {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
     # DCP reads each tensor into the one given here, casting from the stored dtype.
-    # no_dist: this process reads the whole model itself, even inside a distributed job.
-    load_checkpoint({"model": state}, checkpoint_dir, no_dist=True)
+    load_checkpoint({"model": state}, checkpoint_dir, no_dist=no_dist)
+    log.info("rank %d holds %d bytes of weights from %s", torch.distributed.get_rank() if not no_dist else 0,
+             local_bytes(model), checkpoint_dir)
     model.eval()
     tokenizer = manifest.get("tokenizer")
     return model, args, (checkpoint_dir / tokenizer) if tokenizer else None

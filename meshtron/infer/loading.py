@@ -40,9 +40,8 @@ def load_for_generation(
 ) -> LoadedModel:
     """Model (eval mode), tokenizer and stop ids from an HF directory or a meshtron checkpoint.
 
-    With `tp_mesh` the model is sharded for tensor-parallel inference: an HF directory is built
-    on the meta device, sharded, then each rank streams in only its shards; a checkpoint is
-    loaded whole on each rank, then sharded.
+    With `tp_mesh` the model is sharded for tensor-parallel inference: built on the meta device,
+    sharded, then each rank loads only its shards (from an HF directory or a checkpoint).
     """
     from transformers import AutoTokenizer
 
@@ -61,15 +60,11 @@ def load_for_generation(
         if not ((root / MANIFEST).is_file() or (root / "checkpoints").is_dir() or any(root.glob("step-*"))):
             raise UserError(f"{root} is neither a Hugging Face model directory (no config.json) nor a meshtron "
                             "checkpoint (no checkpoints/step-N); give an HF model directory or a run directory")
-        model, _, tokenizer_dir = load_for_inference(root, device=device, dtype=torch_dtype)
+        model, _, tokenizer_dir = load_for_inference(root, device=device, dtype=torch_dtype, tp_mesh=tp_mesh)
         if tokenizer_dir is None:
             raise UserError(f"checkpoint {root} carries no tokenizer; generation needs one (train with a "
                             "tokenizer in the manifest, or convert the checkpoint and add tokenizer files)")
         tokenizer_dir = Path(tokenizer_dir)
-        if tp_mesh is not None:
-            from meshtron.infer.tp import parallelize_for_inference
-
-            parallelize_for_inference(model, tp_mesh)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     return LoadedModel(model, tokenizer, tokenizer_dir, stop_token_ids(tokenizer, tokenizer_dir))

@@ -2,6 +2,7 @@
 the same tokens as one process, for greedy decoding of a batch and for seeded sampling."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 ARGS = ["--prompt", "Hello world", "--prompt", "Hi", "--chat", "--max-new-tokens", "12", "--dtype", "float32"]
 
 
-def _run(cmd):
+def _run(cmd, with_stderr=False):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # A session of its own, so that a hung run is killed with its worker processes.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -23,7 +24,7 @@ def _run(cmd):
         out, err = proc.communicate()
         pytest.fail(f"timed out: {' '.join(cmd)}\n{err[-3000:]}")
     assert proc.returncode == 0, err[-3000:]
-    return out
+    return (out, err) if with_stderr else out
 
 
 @pytest.mark.parametrize("sampling", [[], ["--temperature", "0.9", "--top-k", "50", "--seed", "3"]],
@@ -37,15 +38,22 @@ def test_tp2_generates_the_same_tokens_as_one_process(tiny_llama_dir, sampling):
     assert tp2 == single
 
 
-def test_tp2_from_a_meshtron_checkpoint(tiny_llama_dir, tiny_native_dir):
-    """A checkpoint is loaded whole on each rank, then sharded."""
+def test_tp2_from_a_meshtron_checkpoint_loads_half_the_weights_per_rank(tiny_llama_dir, tiny_native_dir):
+    """The model is sharded before it is materialized and each rank loads only its shards: about half
+    the weights of one process per rank (the norms are replicated), never the whole model."""
+    from meshtron.checkpoint import load_for_inference, local_bytes
+
     def generate(model):
         return ["-m", "meshtron", "generate", "--model", str(model), *ARGS]
 
     expected = _run([sys.executable, *generate(tiny_llama_dir)])
-    tp2 = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                *generate(tiny_native_dir)])
+    tp2, log = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                     *generate(tiny_native_dir)], with_stderr=True)
     assert tp2 == expected
+    whole = local_bytes(load_for_inference(tiny_native_dir)[0])
+    held = {int(rank): int(n) for rank, n in re.findall(r"rank (\d+) holds (\d+) bytes of weights", log)}
+    assert sorted(held) == [0, 1], log[-3000:]
+    assert all(0.5 * whole <= n <= 0.52 * whole for n in held.values()), (held, whole)
 
 
 def test_a_process_count_the_heads_cannot_split_names_the_counts_that_work_once(tiny_llama_dir, tmp_path):
