@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from meshtron.errors import UserError
-from meshtron.models import (deepseek_v3, gemma2, gemma3, glm4, granite, internlm3, llama, mistral, mixtral, olmo2,
-                             phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, smollm3, starcoder2)
+from meshtron.models import (deepseek_v2, deepseek_v3, gemma2, gemma3, glm4, granite, internlm3, llama, mistral,
+                             mixtral, olmo2, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, smollm3, starcoder2)
 from meshtron.models.common.args import ModelArgs
 from meshtron.models.spec import FamilySpec
 
@@ -13,7 +13,7 @@ FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec for spec in (llama.SPEC, mistral.SPEC, qwen2.SPEC, qwen3.SPEC, gemma2.SPEC, phi3.SPEC,
                                  gemma3.SPEC, glm4.SPEC, smollm3.SPEC, olmo2.SPEC, granite.SPEC, starcoder2.SPEC,
                                  internlm3.SPEC, mixtral.SPEC, qwen2_moe.SPEC, qwen3_moe.SPEC,
-                                 deepseek_v3.SPEC)
+                                 deepseek_v2.SPEC, deepseek_v3.SPEC)
 }
 _BY_MODEL_TYPE = {t: spec for spec in FAMILIES.values() for t in spec.hf_model_types}
 

@@ -81,8 +81,8 @@ def test_unsupported_model_type(tiny_hf_dir):
     cfg["model_type"] = "gpt2"
     (tiny_hf_dir / "config.json").write_text(json.dumps(cfg))
     assert_user_error(run_cli("generate", "--model", str(tiny_hf_dir), "--prompt", "x"),
-                      "'gpt2'", "deepseek_v3, gemma2, gemma3_text, glm4, granite, internlm3, llama, mistral, mixtral, "
-                      "olmo2, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, smollm3, starcoder2")
+                      "'gpt2'", "deepseek_v2, deepseek_v3, gemma2, gemma3_text, glm4, granite, internlm3, llama, "
+                      "mistral, mixtral, olmo2, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, smollm3, starcoder2")
 
 
 def _rewrite_weights(path, change):

@@ -147,9 +147,20 @@ CASES = {
              qk_rope_head_dim=16, qk_nope_head_dim=8, v_head_dim=20, norm_topk_prob=False, rope_interleave=False,
              attention_bias=True, num_mtp_layers=0, rope_parameters=dict(rope_theta=10000.0, rope_type="default")),
     ),
+    "deepseekv2-qlora-grouplimited-yarn": (
+        "DeepseekV2Config",
+        # Softmax scores; 8 experts in 4 groups (each scored by its best), 2 kept, 3 chosen, scaled, not
+        # renormalized; queries through their latent; YaRN with both mscales.
+        dict(num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=3, topk_method="group_limited_greedy",
+             n_group=4, topk_group=2, n_shared_experts=2, moe_intermediate_size=24, first_k_dense_replace=1,
+             q_lora_rank=40, kv_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12,
+             routed_scaling_factor=1.5, rope_parameters=dict(rope_theta=10000.0, rope_type="yarn", factor=4.0,
+                                                             original_max_position_embeddings=16, mscale=0.707,
+                                                             mscale_all_dim=0.707)),
+    ),
 }
 MOE_CASES = ["mixtral-top2-window", "qwen2moe-shared-mlponly", "qwen3moe-qknorm-sparsestep"]
-DEEPSEEK_CASES = ["deepseekv3-qlora-groups-yarn", "deepseekv3-noqlora-halfrope"]
+DEEPSEEK_CASES = ["deepseekv3-qlora-groups-yarn", "deepseekv3-noqlora-halfrope", "deepseekv2-qlora-grouplimited-yarn"]
 
 
 def make_hf_model(case: str, tmp_path, edit=None):

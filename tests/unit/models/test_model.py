@@ -57,19 +57,21 @@ def test_published_sizes_are_registered():
 def test_moe_flavors_have_the_published_total_and_active_sizes():
     # (total, active) billions as published: Mixtral-8x7B 46.7 / 12.9, Mixtral-8x22B 141 / 39,
     # Qwen1.5-MoE-A2.7B 14.3 / 2.7, Qwen2-57B-A14B 57.4 / 14, Qwen3-30B-A3B 30.5 / 3.3, Qwen3-235B-A22B 235 / 22,
-    # DeepSeek-V3 671 / 37 (the main model; its multi-token prediction module adds 14B).
+    # DeepSeek-V3 671 / 37 (the main model; its multi-token prediction module adds 14B), DeepSeek-V2-Lite 15.7 / 2.4
+    # (active without the embedding: 2.45 here).
     published = {"mixtral:8x7b": (46.7, 12.9), "mixtral:8x22b": (140.6, 39.2),
                  "qwen2_moe:qwen1.5-moe-a2.7b": (14.3, 2.7), "qwen2_moe:qwen2-57b-a14b": (57.4, 14.2),
                  "qwen3_moe:30b-a3b": (30.5, 3.4), "qwen3_moe:235b-a22b": (235.1, 22.2),
-                 "deepseek_v3:671b": (671.0, 37.6)}
+                 "deepseek_v3:671b": (671.0, 37.6), "deepseek_v2:lite": (15.7, 2.7)}
     for name, (total, active) in published.items():
         args = get_flavor(name)
         assert (round(args.num_params() / 1e9, 1), round(args.num_active_params() / 1e9, 1)) == (total, active), name
 
 
 def test_unknown_model_type_lists_supported():
-    with pytest.raises(UserError, match="deepseek_v3, gemma2, gemma3_text, glm4, granite, internlm3, llama, mistral, mixtral, olmo2, "
-                                        "phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, smollm3, starcoder2"):
+    with pytest.raises(UserError, match="deepseek_v2, deepseek_v3, gemma2, gemma3_text, glm4, granite, internlm3, llama, "
+                                        "mistral, mixtral, olmo2, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, smollm3, "
+                                        "starcoder2"):
         family_for_model_type("gpt2")
     with pytest.raises(UserError, match="debug"):
         get_flavor("llama:nope")
