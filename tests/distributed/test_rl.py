@@ -1,6 +1,6 @@
 """The grpo recipe on the Trainer with a tiny model and the real SmolLM2 tokenizer: its metrics in
-metrics.jsonl, the same run at dp_shard=2 (the rollout gathered once under FSDP2: no deadlock when
-ranks decode different numbers of steps) equal to one process, and a resumed run equal to the
+metrics.jsonl, the same run at dp_shard=2 and dp_replicate=2 (the rollout gathered once under FSDP2:
+no deadlock when ranks decode different numbers of steps) equal to one process, and a resumed run equal to the
 uninterrupted one (the rollout's sampling included)."""
 
 import os
@@ -100,9 +100,11 @@ def assert_same_run(records, reference):
         assert [r.get(key) for r in records] == [r.get(key) for r in reference]
 
 
-def test_grpo_fsdp2_matches_single_process(run_train, grpo_setup, grpo_single, tmp_path):
+@pytest.mark.parametrize("layout", [["--parallel.dp_shard", "2"],
+                                    ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "1"]], ids=["fsdp2", "ddp"])
+def test_grpo_data_parallel_matches_single_process(run_train, grpo_setup, grpo_single, tmp_path, layout):
     config, env = grpo_setup
-    _, records = run_train(config, tmp_path, nproc=2, overrides=["--parallel.dp_shard", "2"], env=env)
+    _, records = run_train(config, tmp_path, nproc=2, overrides=layout, env=env)
     assert_same_run(records, grpo_single)
 
 
