@@ -311,26 +311,28 @@ def _block_backward(dout, delta, q, k, v, lse, plan: RingPlan, mask):
 
 
 class RingAttention(torch.autograd.Function):
-    """q (B, H, S, D), k and v (B, G, S, D) -> out (B, H, S, D), attention over the whole ring."""
+    """q (B, H, S, D), k (B, G, S, D) and v (B, G, S, Dv) -> out (B, H, S, Dv), attention over the whole
+    ring (Dv: the value head size, which multi-head latent attention sets apart from D)."""
 
     @staticmethod
     def forward(ctx, q_BHSD, k_BGSD, v_BGSD, plan: RingPlan):
         B, H, S, D = q_BHSD.shape
-        G = k_BGSD.shape[1]
+        G, Dv = k_BGSD.shape[1], v_BGSD.shape[-1]
         q = q_BHSD.view(B, G, H // G, S, D)
-        out = torch.zeros(B, G, H // G, S, D, dtype=_acc(q), device=q.device)
+        out = torch.zeros(B, G, H // G, S, Dv, dtype=_acc(q), device=q.device)
         lse = torch.full((B, G, H // G, S), float("-inf"), dtype=_acc(q), device=q.device)
-        kv = torch.stack([k_BGSD, v_BGSD])
+        kv = _pack(k_BGSD, v_BGSD)
         for step, src in _ring_steps(plan.axis):
             shift = _Shift(kv, plan.axis) if step < plan.axis.size - 1 else None
+            k, v = _unpack(kv, D)
             for qs, ks, mask in plan.pairs(src):
-                block_out, block_lse = _block_forward(q[..., qs, :], kv[0][..., ks, :], kv[1][..., ks, :], plan, mask)
+                block_out, block_lse = _block_forward(q[..., qs, :], k[..., ks, :], v[..., ks, :], plan, mask)
                 _merge(out[..., qs, :], lse[..., qs], block_out, block_lse)
             if shift is not None:
                 kv = shift.wait()
         ctx.plan = plan
         ctx.save_for_backward(q_BHSD, k_BGSD, v_BGSD, out, lse)
-        return out.view(B, H, S, D).to(q_BHSD.dtype)
+        return out.view(B, H, S, Dv).to(q_BHSD.dtype)
 
     @staticmethod
     def backward(ctx, dout_BHSD):
@@ -339,24 +341,36 @@ class RingAttention(torch.autograd.Function):
         B, H, S, D = q_BHSD.shape
         G = k_BGSD.shape[1]
         q = q_BHSD.view(B, G, H // G, S, D)
-        dout = dout_BHSD.reshape(B, G, H // G, S, D).to(out.dtype)
+        dout = dout_BHSD.reshape(out.shape).to(out.dtype)
         delta = (dout * out).sum(-1)
-        dq = torch.zeros_like(out)
-        kv = torch.stack([k_BGSD, v_BGSD])
+        dq = torch.zeros(q.shape, dtype=out.dtype, device=q.device)
+        kv = _pack(k_BGSD, v_BGSD)
         dkv = torch.zeros(kv.shape, dtype=out.dtype, device=kv.device)  # travels with the block it belongs to
         for step, src in _ring_steps(plan.axis):
             shift = _Shift(kv, plan.axis) if step < plan.axis.size - 1 else None
+            (k, v), (dk, dv) = _unpack(kv, D), _unpack(dkv, D)
             for qs, ks, mask in plan.pairs(src):
                 dq_blk, dk_blk, dv_blk = _block_backward(dout[..., qs, :], delta[..., qs], q[..., qs, :],
-                                                         kv[0][..., ks, :], kv[1][..., ks, :], lse[..., qs], plan, mask)
+                                                         k[..., ks, :], v[..., ks, :], lse[..., qs], plan, mask)
                 dq[..., qs, :] += dq_blk
-                dkv[0][..., ks, :] += dk_blk
-                dkv[1][..., ks, :] += dv_blk
+                dk[..., ks, :] += dk_blk
+                dv[..., ks, :] += dv_blk
             if plan.axis.size > 1:
                 dkv = _Shift(dkv, plan.axis).wait()  # after `size` shifts each block's gradient is home
             if shift is not None:
                 kv = shift.wait()
-        return (dq.view(B, H, S, D).to(q_BHSD.dtype), dkv[0].to(k_BGSD.dtype), dkv[1].to(v_BGSD.dtype), None)
+        dk, dv = _unpack(dkv, D)
+        return dq.view(B, H, S, D).to(q_BHSD.dtype), dk.to(k_BGSD.dtype), dv.to(v_BGSD.dtype), None
+
+
+def _pack(k_BGSD: torch.Tensor, v_BGSD: torch.Tensor) -> torch.Tensor:
+    """k and v side by side along the last dim (their head sizes may differ): one message per ring step."""
+    return torch.cat([k_BGSD, v_BGSD], dim=-1)
+
+
+def _unpack(kv: torch.Tensor, key_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of k and v in a `_pack`ed tensor."""
+    return kv[..., :key_dim], kv[..., key_dim:]
 
 
 def _ring_steps(axis: Axis):
