@@ -28,6 +28,9 @@ CASES = {
     "qwen2_moe-nosp": ("qwen2_moe:debug", [*TP2, "--parallel.sequence_parallel", "false"]),
     "qwen3_moe": ("qwen3_moe:debug", TP2),
     "qwen3_moe-pp": ("qwen3_moe:debug", ["--parallel.pp", "2"]),  # no load-balancing loss in this flavor
+    # Latent attention split by heads (its shared rotary key's gradient summed over the ranks).
+    "deepseek_v3": ("deepseek_v3:debug", TP2),
+    "deepseek_v2-nosp": ("deepseek_v2:debug", [*TP2, "--parallel.sequence_parallel", "false"]),
 }
 
 

@@ -18,7 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import Shard
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 from meshtron.models.common.args import ModelArgs
@@ -68,6 +69,9 @@ class LatentAttention(nn.Module):
             self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
         self.kv_a_proj_with_mqa = nn.Linear(args.dim, self.kv_rank + self.rope_dim, bias=args.qkv_bias)
         self.kv_a_layernorm = RMSNorm(self.kv_rank, LATENT_NORM_EPS)
+        # Identity; under tensor parallel the point where the shared rotary key's gradient, which each rank
+        # computes from its own heads only, is summed over the ranks (`mla_projection_plan`).
+        self.rotary_key = nn.Identity()
         self.kv_b_proj = nn.Linear(self.kv_rank, args.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(args.num_heads * self.v_dim, args.dim, bias=args.out_bias)
         self.core = AttentionCore(None, mla_scale(args))
@@ -98,7 +102,7 @@ class LatentAttention(nn.Module):
         q_nope, q_rot = self.query(x_BSE).split([self.nope_dim, self.rope_dim], dim=-1)
         latent, k_rot = self.kv_a_proj_with_mqa(x_BSE).split([self.kv_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent).unsqueeze(1)
-        q_rot, k_rot = apply_rotary(q_rot, k_rot.unsqueeze(1), cos, sin, self.rotary)
+        q_rot, k_rot = apply_rotary(q_rot, self.rotary_key(k_rot).unsqueeze(1), cos, sin, self.rotary)
         if cache is not None:  # the latent in k's place, the rotary key in v's
             latent, k_rot = cache.update(self.layer_id, latent, k_rot)
         k, v = self.expand(latent, k_rot)
@@ -133,4 +137,17 @@ def mla_projection_plan(args, sequence_parallel: bool) -> dict[str, ParallelStyl
     column-wise projections all-reduce their input's gradient)."""
     q = "attn.q_b_proj" if args.q_lora_rank else "attn.q_proj"
     out = RowwiseParallel(output_layouts=Shard(1), use_local_output=False) if sequence_parallel else RowwiseParallel()
-    return {q: ColwiseParallel(), "attn.kv_b_proj": ColwiseParallel(), "attn.o_proj": out}
+    return {q: ColwiseParallel(), "attn.kv_b_proj": ColwiseParallel(), "attn.o_proj": out,
+            "attn.rotary_key": SumGradient()}
+
+
+class SumGradient(ParallelStyle):
+    """Identity forward on a replicated tensor; backward sums its gradient over the ranks (each rank's part
+    comes from its own heads): the tensor is marked replicated with a partial gradient, which DTensor
+    all-reduces when the gradient goes back to the replicated input."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def output_fn(mod, out, mesh):
+            return DTensor.from_local(out, mesh, (Replicate(),), run_check=False).to_local(grad_placements=(Partial(),))
+
+        return distribute_module(module, device_mesh, output_fn=output_fn)
