@@ -1,4 +1,5 @@
-"""The online RL objective (GRPO and its DAPO, Dr. GRPO and BNPO variants) on given log-probs.
+"""The online RL objectives on given log-probs: GRPO (and its DAPO, Dr. GRPO and BNPO variants), and
+PPO's per-token rewards, GAE, advantage whitening and clipped value loss.
 
 Everything here is a pure function of tensors, so that the recipe (meshtron.train.recipes.rl)
 and the tests share one definition. Shapes: B completions, T completion tokens (padded), a
@@ -94,3 +95,71 @@ def token_losses(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch
         kl = kl_estimate(logps, ref_logps, kl_estimator)
         loss = loss + kl_coef * kl
     return loss, active, kl
+
+
+# ---- PPO with a critic: per-token rewards, GAE, whitening, the clipped value loss ------------------
+
+WHITEN_EPS = 1e-8
+
+
+def ppo_token_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None = None,
+                      kl_coef: float = 0.0) -> torch.Tensor:
+    """(B, T) per-token rewards of PPO for RLHF: -kl_coef x the per-token KL estimate to the
+    reference on every completion token, plus the completion's sequence reward (B,) on its last
+    token. `mask` must be right-padded (a completion's tokens come first)."""
+    rewards = torch.zeros_like(mask, dtype=scores.dtype)
+    if kl is not None and kl_coef:
+        rewards = rewards - kl_coef * kl * mask
+    last = (mask.sum(-1).long() - 1).clamp(min=0)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    rewards[rows, last] += scores * (mask.sum(-1) > 0)
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns), both (B, T) and 0 off the mask: generalized advantage estimation,
+    A_t = delta_t + gamma lam A_{t+1} with delta_t = r_t + gamma V_{t+1} - V_t, the value after a
+    completion's last token being 0 (the episode ends there); returns = A + V, the critic's target."""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(values - mean) / sqrt(var + 1e-8) over the masked entries (the unbiased variance, as TRL's
+    PPO whitens advantages), 0 off the mask."""
+    n = mask.sum()
+    mean = (values * mask).sum() / n
+    var = (((values - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1)
+    return (values - mean) * torch.rsqrt(var + WHITEN_EPS) * mask
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       value_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token value loss, clip-active mask): 0.5 max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2),
+    the critic kept within value_clip of its rollout-time prediction as PPO keeps the policy; active
+    where the clipped term is the larger one."""
+    outside = (values - old_values).abs() > value_clip
+    # V itself where the clip does not bind (old + (V - old) would round differently from V).
+    clipped = torch.where(outside, old_values + torch.clamp(values - old_values, -value_clip, value_clip), values)
+    unclipped_sq, clipped_sq = (values - returns) ** 2, (clipped - returns) ** 2
+    return 0.5 * torch.max(unclipped_sq, clipped_sq), outside & (clipped_sq > unclipped_sq)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var(returns - values) / Var(returns) over the masked tokens: 1 for a perfect critic, 0 for
+    one that predicts the mean, negative for worse."""
+    n = mask.sum()
+
+    def var(x):
+        mean = (x * mask).sum() / n
+        return (((x - mean) * mask) ** 2).sum() / n
+
+    return 1 - var(returns - values) / var(returns).clamp(min=1e-12)
