@@ -4,7 +4,8 @@ init; a checkpoint saved at cp = 2 resumes in one process.
 
 Tiny models on mock data with packed documents (two per sequence, positions restarting at each),
 5 AdamW steps in float32; mistral:debug adds a sliding window (8 tokens, so the ring skips chunk
-pairs beyond it). Layouts differ only in the order of float32 reductions.
+pairs beyond it), deepseek_v3:debug latent attention (value heads narrower than query/key heads)
+and MoE layers. Layouts differ only in the order of float32 reductions.
 """
 
 import pytest
@@ -43,11 +44,12 @@ LAYOUTS = [
     ("llama:debug", 4, ["--parallel.cp", "2", "--parallel.tp", "2", "--parallel.dp_shard", "1"]),
     ("llama:debug", 2, ["--parallel.cp", "2", "--recompute.mode", "selective"]),
     ("mistral:debug", 2, ["--parallel.cp", "2"]),
+    ("deepseek_v3:debug", 2, ["--parallel.cp", "2"]),
     pytest.param("llama:debug", 4, ["--parallel.cp", "4"], marks=pytest.mark.slow),
     pytest.param("mistral:debug", 4, ["--parallel.cp", "4", "--parallel.cp_algo", "ulysses"], marks=pytest.mark.slow),
 ]
-IDS = ["ring2", "ulysses2", "hybrid2x2", "ring2-fsdp2", "ring2-tp2", "ring2-recompute", "window-ring2", "ring4",
-       "window-ulysses4"]
+IDS = ["ring2", "ulysses2", "hybrid2x2", "ring2-fsdp2", "ring2-tp2", "ring2-recompute", "window-ring2",
+       "latent-ring2", "ring4", "window-ulysses4"]
 
 
 @pytest.mark.parametrize("model, nproc, layout", LAYOUTS, ids=IDS)
