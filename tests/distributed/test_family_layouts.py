@@ -31,6 +31,8 @@ CASES = {
     # Latent attention split by heads (its shared rotary key's gradient summed over the ranks).
     "deepseek_v3": ("deepseek_v3:debug", TP2),
     "deepseek_v2-nosp": ("deepseek_v2:debug", [*TP2, "--parallel.sequence_parallel", "false"]),
+    "deepseek_v3-pp": ("deepseek_v3:debug", ["--parallel.pp", "2"]),
+    "deepseek_v3-fsdp": ("deepseek_v3:debug", ["--parallel.dp_shard", "2"]),
 }
 
 

@@ -307,6 +307,30 @@ def test_greedy_generation_matches_transformers(case, tmp_path):
         assert new == expected[0, len(prompt):].tolist()
 
 
+def test_deepseek_checkpoint_with_a_multi_token_prediction_layer_loads_without_it(tmp_path):
+    """A published DeepSeek-V3 checkpoint holds its MTP module as layer num_hidden_layers (a decoder layer plus
+    enorm, hnorm, eh_proj, embed_tokens and shared_head): those tensors are skipped, the model is unchanged."""
+    from safetensors.torch import load_file, save_file
+
+    hf_model, path = make_hf_model("deepseekv3-qlora-groups-yarn", tmp_path)
+    tensors = load_file(str(path / "model.safetensors"))
+    mtp = BASE["num_hidden_layers"]
+    for name, t in list(tensors.items()):
+        if name.startswith("model.layers.2."):  # an MoE layer's tensors, as the MTP module's decoder layer
+            tensors[name.replace("model.layers.2.", f"model.layers.{mtp}.")] = t.clone()
+    for name in ("enorm.weight", "hnorm.weight", "shared_head.norm.weight"):
+        tensors[f"model.layers.{mtp}.{name}"] = torch.ones(BASE["hidden_size"])
+    tensors[f"model.layers.{mtp}.eh_proj.weight"] = torch.zeros(BASE["hidden_size"], 2 * BASE["hidden_size"])
+    for name in ("embed_tokens.weight", "shared_head.head.weight"):
+        tensors[f"model.layers.{mtp}.{name}"] = torch.zeros(BASE["vocab_size"], BASE["hidden_size"])
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    ours, args = load_hf_model(path)
+    assert args.num_layers == mtp
+    tokens = torch.randint(0, BASE["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(tokens) - hf_model(tokens).logits).abs().max().item() <= TOL
+
+
 @pytest.mark.parametrize("case", MOE_CASES)
 def test_moe_load_balancing_loss_matches_transformers(case, tmp_path):
     """The load-balancing loss from the router statistics our MoE layers record in one forward equals

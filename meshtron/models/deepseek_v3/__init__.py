@@ -3,7 +3,8 @@ latent cached, `first_k_dense_replace` dense layers, then MoE layers with an ung
 (`moe_intermediate_size * n_shared_experts` wide) and DeepSeek-V3's routing: float32 sigmoid scores, the
 `e_score_correction_bias` added for the choice only, the choice limited to the `topk_group` best of
 `n_group` groups (a group scored by its two best experts), the chosen experts' unbiased scores normalized
-(`norm_topk_prob`) and scaled by `routed_scaling_factor`. Multi-token prediction layers are not built."""
+(`norm_topk_prob`) and scaled by `routed_scaling_factor`. Multi-token prediction layers are not built; a
+checkpoint's are skipped on load."""
 
 from meshtron.models.common.adapter import StateDictAdapter, TensorGroup, renames
 from meshtron.models.common.hf_dense import DENSE_GROUPS, dense_args_from_hf, dense_hf_kwargs
@@ -25,8 +26,17 @@ def adapter(args: DeepSeekArgs) -> StateDictAdapter:
                   ("layers.{i}.mlp.router.expert_bias", hf + ".gate.e_score_correction_bias"),
                   ("layers.{i}.mlp.shared_expert.{rest}", hf + ".shared_experts.{rest}")]),
         *DENSE_GROUPS,
+        *MTP_GROUPS,
     ]
     return StateDictAdapter(args, groups, args.family)
+
+
+# The multi-token prediction layers of published checkpoints (model.layers.{num_hidden_layers}...): a decoder
+# layer's tensors plus these. Named so that they are recognized; no model of ours holds them, so they are
+# skipped unread on load.
+MTP_GROUPS = renames([(f"mtp.{{i}}.{name}", f"model.layers.{{i}}.{name}")
+                      for name in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "embed_tokens.weight",
+                                   "shared_head.norm.weight", "shared_head.head.weight")])
 
 
 def deepseek_args_from_hf(cfg, family: str, **routing) -> DeepSeekArgs:
