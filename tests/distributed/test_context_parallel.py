@@ -42,13 +42,14 @@ LAYOUTS = [
     ("llama:debug", 4, ["--parallel.cp", "4", "--parallel.cp_algo", "hybrid", "--parallel.cp_ulysses", "2"]),
     ("llama:debug", 4, ["--parallel.cp", "2", "--parallel.dp_shard", "2"]),
     ("llama:debug", 4, ["--parallel.cp", "2", "--parallel.tp", "2", "--parallel.dp_shard", "1"]),
+    ("llama:debug", 4, ["--parallel.cp", "2", "--parallel.dp_replicate", "2", "--parallel.dp_shard", "1"]),
     ("llama:debug", 2, ["--parallel.cp", "2", "--recompute.mode", "selective"]),
     ("mistral:debug", 2, ["--parallel.cp", "2"]),
     ("deepseek_v3:debug", 2, ["--parallel.cp", "2"]),
     pytest.param("llama:debug", 4, ["--parallel.cp", "4"], marks=pytest.mark.slow),
     pytest.param("mistral:debug", 4, ["--parallel.cp", "4", "--parallel.cp_algo", "ulysses"], marks=pytest.mark.slow),
 ]
-IDS = ["ring2", "ulysses2", "hybrid2x2", "ring2-fsdp2", "ring2-tp2", "ring2-recompute", "window-ring2",
+IDS = ["ring2", "ulysses2", "hybrid2x2", "ring2-fsdp2", "ring2-tp2", "ring2-hsdp2", "ring2-recompute", "window-ring2",
        "latent-ring2", "ring4", "window-ulysses4"]
 
 
