@@ -16,15 +16,17 @@ class LetterTokenizer:
         return "".join(chr(ord("a") + i % 26) for i in ids)
 
 
-def _model():
-    m = build_model(get_flavor("llama:debug"))
+def _model(flavor: str = "llama:debug"):
+    m = build_model(get_flavor(flavor))
     m.to_empty(device="cpu")
     m.init_weights(seed=5)
     return m.eval()
 
 
-def test_requests_with_their_own_limits_match_generation_alone():
-    m = _model()
+# deepseek_v3: latent attention, whose cache holds the latent as k and the rotary key (narrower) as v.
+@pytest.mark.parametrize("flavor", ["llama:debug", "deepseek_v3:debug"])
+def test_requests_with_their_own_limits_match_generation_alone(flavor):
+    m = _model(flavor)
     scheduler = Scheduler(m, LetterTokenizer(), pad_id=0, max_batch_size=4)
     prompts, limits = [[5, 6, 7], [9, 10], [3], [11, 12, 13, 14], [8]], [3, 9, 5, 1, 7]
     futures = [scheduler.submit(Request(p, SamplingParams(max_new_tokens=n))) for p, n in zip(prompts, limits)]
