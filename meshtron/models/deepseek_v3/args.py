@@ -43,12 +43,12 @@ class DeepSeekArgs(MoEArgs):
 
 
 def deepseek_v3(dim, num_layers, num_heads, ffn_dim, expert_ffn_dim, num_experts, dense_layers, vocab_size,
-                **fields) -> DeepSeekArgs:
+                num_shared=1, norm_eps=1e-6, **fields) -> DeepSeekArgs:
     return DeepSeekArgs(family="deepseek_v3", vocab_size=vocab_size, dim=dim, num_layers=num_layers,
                         num_heads=num_heads, num_kv_heads=num_heads, ffn_dim=ffn_dim, expert_ffn_dim=expert_ffn_dim,
-                        num_experts=num_experts, shared_expert_ffn_dim=expert_ffn_dim, shared_expert_gated=False,
-                        dense_layers=tuple(range(dense_layers)), score_func="sigmoid", router_bias=True,
-                        group_score="top2", norm_topk=True, norm_eps=1e-6, **fields)
+                        num_experts=num_experts, shared_expert_ffn_dim=num_shared * expert_ffn_dim,
+                        shared_expert_gated=False, dense_layers=tuple(range(dense_layers)), score_func="sigmoid",
+                        router_bias=True, group_score="top2", norm_topk=True, norm_eps=norm_eps, **fields)
 
 
 # DeepSeek-V3 / R1 (config.json of deepseek-ai/DeepSeek-V3): YaRN x40 over 4096 positions.
@@ -62,4 +62,10 @@ FLAVORS = {
     "671b": deepseek_v3(7168, 61, 128, 18432, 2048, 256, 3, 129280, head_dim=64, q_lora_rank=1536, kv_lora_rank=512,
                         qk_nope_head_dim=128, v_head_dim=128, num_experts_per_token=8, num_groups=8, topk_groups=4,
                         route_scale=2.5, max_seq_len=163840, rope_scaling=_V3_ROPE),
+    # Moonlight-16B-A3B (Moonshot AI; DeepSeek-V3's architecture): queries without a latent, 2 shared experts,
+    # one group, plain RoPE with base 50000.
+    "moonlight-16b-a3b": deepseek_v3(2048, 27, 16, 11264, 1408, 64, 1, 163840, num_shared=2, norm_eps=1e-5,
+                                     head_dim=64, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
+                                     v_head_dim=128, num_experts_per_token=6, route_scale=2.446, max_seq_len=8192,
+                                     rope_theta=50000.0),
 }

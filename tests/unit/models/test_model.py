@@ -58,14 +58,19 @@ def test_moe_flavors_have_the_published_total_and_active_sizes():
     # (total, active) billions as published: Mixtral-8x7B 46.7 / 12.9, Mixtral-8x22B 141 / 39,
     # Qwen1.5-MoE-A2.7B 14.3 / 2.7, Qwen2-57B-A14B 57.4 / 14, Qwen3-30B-A3B 30.5 / 3.3, Qwen3-235B-A22B 235 / 22,
     # DeepSeek-V3 671 / 37 (the main model; its multi-token prediction module adds 14B), DeepSeek-V2-Lite 15.7 / 2.4
-    # (active without the embedding: 2.45 here).
+    # (active without the embedding: 2.45 here), Moonlight-16B-A3B 16 / 3 (15.29 / 2.24 without embedding and head).
     published = {"mixtral:8x7b": (46.7, 12.9), "mixtral:8x22b": (140.6, 39.2),
                  "qwen2_moe:qwen1.5-moe-a2.7b": (14.3, 2.7), "qwen2_moe:qwen2-57b-a14b": (57.4, 14.2),
                  "qwen3_moe:30b-a3b": (30.5, 3.4), "qwen3_moe:235b-a22b": (235.1, 22.2),
-                 "deepseek_v3:671b": (671.0, 37.6), "deepseek_v2:lite": (15.7, 2.7)}
+                 "deepseek_v3:671b": (671.0, 37.6), "deepseek_v2:lite": (15.7, 2.7),
+                 "deepseek_v3:moonlight-16b-a3b": (16.0, 2.9)}
     for name, (total, active) in published.items():
         args = get_flavor(name)
         assert (round(args.num_params() / 1e9, 1), round(args.num_active_params() / 1e9, 1)) == (total, active), name
+    moonlight = get_flavor("deepseek_v3:moonlight-16b-a3b")
+    embedding_and_head = 2 * moonlight.vocab_size * moonlight.dim
+    assert round((moonlight.num_params() - embedding_and_head) / 1e9, 2) == 15.29
+    assert round((moonlight.num_active_params() - embedding_and_head) / 1e9, 2) == 2.24
 
 
 def test_unknown_model_type_lists_supported():
