@@ -14,7 +14,7 @@ COMMANDS = "/clear starts a new conversation, /exit (or Ctrl-D) quits, Ctrl-C st
 
 
 def add_arguments(parser) -> None:
-    from meshtron.cli.generate import add_sampling_arguments
+    from meshtron.cli.generate import add_compile_argument, add_sampling_arguments
 
     parser.add_argument("--model", required=True, help="HF model directory or meshtron checkpoint/run directory")
     parser.add_argument("--system", default=None, help="system prompt")
@@ -22,16 +22,18 @@ def add_arguments(parser) -> None:
                         help="exchanges of history kept (older ones are dropped; fewer if the context is full)")
     add_sampling_arguments(parser)
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on CPU)")
+    add_compile_argument(parser)
 
 
 def run(args) -> int:
-    from meshtron.cli.generate import sampling_params
+    from meshtron.cli.generate import decode_mode, sampling_params
     from meshtron.infer.chat import ChatSession
     from meshtron.infer.loading import load_for_generation
 
     params = sampling_params(args)
     loaded = load_for_generation(args.model, dtype=args.dtype)
-    session = ChatSession(loaded, params, system=args.system, max_turns=args.max_turns)
+    session = ChatSession(loaded, params, system=args.system, max_turns=args.max_turns,
+                          decode=decode_mode(args))
     print(f"meshtron chat: {COMMANDS}", file=sys.stderr)
     while True:
         try:

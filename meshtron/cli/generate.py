@@ -20,6 +20,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (greedy only)")
     parser.add_argument("--stream", action="store_true", help="print text as it is produced")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: float32 on CPU)")
+    add_compile_argument(parser)
+
+
+def add_compile_argument(parser) -> None:
+    parser.add_argument("--compile", action="store_true",
+                        help="decode with static shapes, compiled once (CUDA graphs on GPU); the first reply "
+                             "waits for the compilation")
+
+
+def decode_mode(args) -> str:
+    return "compiled" if args.compile else "dynamic"
 
 
 def add_sampling_arguments(parser) -> None:
@@ -67,6 +78,9 @@ def run(args) -> int:
     if args.stream and len(args.prompt) > 1:
         raise UserError("--stream prints one completion; give a single --prompt")
     tp_mesh, device = init_tp_mesh()
+    if tp_mesh is not None and args.compile:
+        close_tp(tp_mesh)
+        raise UserError("--compile decodes on one process; run without torchrun (or drop --compile)")
     try:
         return _generate(args, params, tp_mesh, device)
     finally:
@@ -89,7 +103,7 @@ def _generate(args, params, tp_mesh, device) -> int:
     out = sys.stdout if is_main_process() else None
     on_text = (lambda row, chunk: (out.write(chunk), out.flush())) if args.stream and out else None
     completions = generate_text(loaded.model, loaded.tokenizer, prompts, params,
-                                pad_id=pad_token_id(loaded.tokenizer), on_text=on_text)
+                                pad_id=pad_token_id(loaded.tokenizer), on_text=on_text, decode=decode_mode(args))
     if out:
         for completion in completions:
             out.write(("" if args.stream else completion.text) + "\n")

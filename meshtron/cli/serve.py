@@ -11,6 +11,8 @@ log = logging.getLogger("meshtron.serve")
 
 
 def add_arguments(parser) -> None:
+    from meshtron.cli.generate import add_compile_argument
+
     parser.add_argument("--model", required=True, help="HF model directory or meshtron checkpoint/run directory")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 exposes it)")
@@ -22,6 +24,7 @@ def add_arguments(parser) -> None:
                         help="context limit, prompt plus generated tokens (default: the model's)")
     parser.add_argument("--max-tokens", type=int, default=1024,
                         help="the most tokens a request may ask for, and the default when it asks for none")
+    add_compile_argument(parser)
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests generated together at most")
     parser.add_argument("--kv-cache-gb", type=float, default=None,
                         help="memory for the KV cache of the running requests; bounds the batch below "
@@ -39,6 +42,7 @@ def run(args) -> int:
     except ImportError as e:
         raise UserError(f"meshtron serve needs fastapi and uvicorn ({e}); install them with "
                         "pip install 'meshtron[serve]'") from None
+    from meshtron.cli.generate import decode_mode
     from meshtron.infer.loading import load_for_generation
 
     for flag, value in (("--max-tokens", args.max_tokens), ("--max-batch-size", args.max_batch_size),
@@ -57,7 +61,7 @@ def run(args) -> int:
     name = args.served_model_name or Path(args.model).resolve().name
     kv_cache_bytes = int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else None
     app = build_app(loaded, name, limits, max_batch_size=args.max_batch_size, api_key=api_key,
-                    kv_cache_bytes=kv_cache_bytes)
+                    kv_cache_bytes=kv_cache_bytes, decode=decode_mode(args))
     log.info("serving %r at http://%s:%d/v1 (context %d tokens, max_tokens %d)",
              name, args.host, args.port, limits.max_model_len, limits.max_tokens)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

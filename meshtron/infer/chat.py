@@ -15,13 +15,15 @@ class ChatSession:
     conversation goes on from the last complete exchange.
     """
 
-    def __init__(self, loaded: LoadedModel, params: SamplingParams, system: str | None = None, max_turns: int = 16):
+    def __init__(self, loaded: LoadedModel, params: SamplingParams, system: str | None = None, max_turns: int = 16,
+                 decode: str = "dynamic"):
         if max_turns < 1:
             raise UserError(f"--max-turns must be >= 1, got {max_turns}")
         self.loaded = loaded
         self.params = replace(params, stop_token_ids=loaded.stop_token_ids)
         self.system = system
         self.max_turns = max_turns
+        self.decode = decode  # as in `generate`
         self.history: list[dict] = []  # alternating user / assistant messages
 
     def clear(self) -> None:
@@ -46,6 +48,7 @@ class ChatSession:
         (completion,) = generate_text(
             self.loaded.model, self.loaded.tokenizer, [ids], self.params,
             pad_id=pad_token_id(self.loaded.tokenizer), on_text=(lambda row, chunk: on_text(chunk)) if on_text else None,
+            decode=self.decode,
         )
         self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": completion.text}]
         self.history = self.history[-2 * self.max_turns :]

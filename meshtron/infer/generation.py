@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from meshtron.infer.static import check_decode_mode, prepare_buffers, round_up_columns, step_function
 from meshtron.infer.streaming import IncrementalDecoder
 from meshtron.models.common.masks import AttentionMask
 
@@ -127,6 +128,7 @@ def generate(
     params: SamplingParams,
     pad_id: int = 0,
     on_tokens: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], Sequence[bool] | None] | None = None,
+    decode: str = "dynamic",
 ) -> list[list[int]]:
     """Generate for a batch of token-id prompts; returns the new tokens per prompt (stop token excluded).
 
@@ -135,7 +137,12 @@ def generate(
     else None); it may return a per-row sequence of bools, True for rows to finish now (a stop
     string, a row's own token limit). Beam search (`params.num_beams > 1`) runs prompt by prompt
     and calls no hook.
+
+    `decode`: "dynamic" (the cached forward, its shapes growing by one key per step), "static" or
+    "compiled" (a step of fixed shapes over a preallocated cache, compiled once with "compiled";
+    see meshtron/infer/static.py). All three give the same greedy tokens.
     """
+    check_decode_mode(decode)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if params.num_beams > 1:
@@ -144,7 +151,8 @@ def generate(
     tokens, valid = _left_pad(prompts, pad_id, device)
     B, L = tokens.shape
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    cache = model.new_cache(B, L + params.max_new_tokens, device=device)
+    columns = L + params.max_new_tokens if decode == "dynamic" else round_up_columns(L + params.max_new_tokens)
+    cache = model.new_cache(B, columns, device=device)
     cache.key_valid[:, :L] = valid
 
     generator = None
@@ -160,6 +168,7 @@ def generate(
     next_pos = positions[:, -1:] + 1
 
     logits = model(tokens, **cached_inputs(model, cache, L, positions), num_last=1)[:, -1]
+    step_fn = _decoder(model, cache, decode, device)
     for i in range(params.max_new_tokens):
         step = next_tokens(process_logits(logits, params, seen), params, generator)
         step = torch.where(active, step, torch.full_like(step, pad_id))
@@ -175,11 +184,30 @@ def generate(
         # One host sync per step: the loop must know whether any row still runs.
         if i + 1 == params.max_new_tokens or not active.any():
             break
-        logits = model(step[:, None], **cached_inputs(model, cache, 1, next_pos))[:, -1]
+        logits = step_fn(step[:, None], next_pos)
         next_pos = next_pos + 1
 
     out = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(B)]
     return [_cut_at_stop(row, params.stop_token_ids) for row in out]
+
+
+def _decoder(model: nn.Module, cache, decode: str, device: torch.device):
+    """`step(tokens_B1, positions_B1) -> logits_BV`: one decode step after the prefill into `cache`."""
+    if decode == "dynamic":
+        return lambda tokens, positions: model(tokens, **cached_inputs(model, cache, 1, positions))[:, -1]
+    slot = torch.tensor(cache.offset, device=device)
+    prepare_buffers(cache, slot)
+    fn = step_function(decode, device)
+
+    def step(tokens, positions):
+        if decode == "compiled" and device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        # A copy: a CUDA graph's replay overwrites its output in place.
+        logits = fn(model, tokens, positions, slot, cache.key_valid, cache.k, cache.v).clone()
+        slot.add_(1)
+        return logits
+
+    return step
 
 
 def _cut_at_stop(row: list[int], stop_token_ids: Sequence[int]) -> list[int]:
@@ -263,6 +291,7 @@ def generate_text(
     on_text: Callable[[int, str], None] | None = None,
     cancelled: Callable[[int], bool] | None = None,
     on_logprob: Callable[[int, TokenLogprob], None] | None = None,
+    decode: str = "dynamic",
 ) -> list[Completion]:
     """Generate and detokenize, honouring stop strings; `on_text(row, chunk)` streams text, and
     `on_logprob(row, entry)` each token's log-probabilities (when `params.logprobs` is set) before
@@ -271,7 +300,7 @@ def generate_text(
     `max_new_tokens` gives each row its own limit (at most `params.max_new_tokens`), so that
     requests with different limits can share a batch. Streamed chunks never split a character
     and hold back text that may be the start of a stop string. A row for which `cancelled(row)`
-    turns True (its client went away) stops at the next step.
+    turns True (its client went away) stops at the next step. `decode` is `generate`'s.
     """
     limits = list(max_new_tokens) if max_new_tokens is not None else [params.max_new_tokens] * len(prompts)
     assert len(limits) == len(prompts) and max(limits, default=0) <= params.max_new_tokens
@@ -304,7 +333,7 @@ def generate_text(
                 if push(row, token):
                     break
     else:
-        generated = generate(model, prompts, params, pad_id=pad_id, on_tokens=on_tokens)
+        generated = generate(model, prompts, params, pad_id=pad_id, on_tokens=on_tokens, decode=decode)
     # Rows finished by a stop string or their own limit were padded after they stopped.
     ids = [row_ids[:count] for row_ids, count in zip(generated, counts)]
     completions = []

@@ -37,6 +37,7 @@ from meshtron.infer.generation import (
     next_tokens,
     process_logits,
 )
+from meshtron.infer.static import check_decode_mode, prepare_buffers, step_function
 from meshtron.infer.streaming import IncrementalDecoder
 
 log = logging.getLogger(__name__)
@@ -92,11 +93,14 @@ class Stats:
 
 class Scheduler:
     def __init__(self, model, tokenizer, pad_id: int, max_batch_size: int = 8, max_len: int | None = None,
-                 kv_cache_bytes: int | None = None):
+                 kv_cache_bytes: int | None = None, decode: str = "dynamic"):
         """`max_len`: the most tokens (prompt + generated) of one request, the cache's columns
         (default: the model's max_seq_len). `kv_cache_bytes`: a memory budget for the shared
-        cache; it bounds the slots below `max_batch_size` when smaller."""
+        cache; it bounds the slots below `max_batch_size` when smaller. `decode` as in `generate`:
+        "static" and "compiled" run every slot over every column at each step (fixed shapes)."""
+        check_decode_mode(decode)
         self.model = model
+        self.decode = decode
         self.tokenizer = tokenizer
         self.pad_id = pad_id
         self.columns = max_len or model.args.max_seq_len
@@ -108,6 +112,7 @@ class Scheduler:
         self._waiting: list[tuple[float, Request]] = []
         self._rows: list[_Running | None] = [None] * self.slots
         self._cache = None
+        self._slot = None  # the static step's write column, a tensor (static and compiled decode)
         self._thread = threading.Thread(target=self._loop, name="meshtron-generate", daemon=True)
         self._thread.start()
 
@@ -220,15 +225,18 @@ class Scheduler:
             G = k.shape[1]
             cache.k[layer] = torch.zeros((self.slots, G, self.columns, k.shape[-1]), dtype=k.dtype, device=k.device)
             cache.v[layer] = torch.zeros((self.slots, G, self.columns, v.shape[-1]), dtype=v.dtype, device=v.device)
+        if self.decode != "dynamic":
+            self._slot = torch.tensor(0, device=self.device)
+            prepare_buffers(cache, self._slot)
         return cache
 
     def _shift(self, by: int) -> None:
-        """Move every row's columns right (by > 0) or left (by < 0); the columns moved in are unused."""
+        """Move every row's columns right (by > 0) or left (by < 0); the columns moved in are unused.
+        In place: a static step's buffers keep their addresses."""
         cache = self._cache
-        for buffers in (cache.k, cache.v):
-            for layer, t in enumerate(buffers):
-                buffers[layer] = torch.roll(t, by, dims=2)
-        cache.key_valid = torch.roll(cache.key_valid, by, dims=1)
+        for t in [*cache.k, *cache.v]:
+            t.copy_(torch.roll(t, by, dims=2))
+        cache.key_valid.copy_(torch.roll(cache.key_valid, by, dims=1))
         if by > 0:
             cache.key_valid[:, :by] = False
         else:
@@ -244,8 +252,9 @@ class Scheduler:
         if unused and (cache.offset == self.columns or unused * 2 >= cache.offset):
             self._shift(-unused)
         rows = [i for i, r in enumerate(self._rows) if r is not None]
-        # Slots are taken lowest first: the step runs the rows up to the last one in use, not all slots.
-        n = rows[-1] + 1
+        # Slots are taken lowest first: the step runs the rows up to the last one in use, not all slots
+        # (all of them with a static step, whose shapes must not change).
+        n = rows[-1] + 1 if self.decode == "dynamic" else self.slots
         tokens = torch.full((n, 1), self.pad_id, dtype=torch.long)
         positions = torch.zeros((n, 1), dtype=torch.long)
         for i in rows:
@@ -254,14 +263,29 @@ class Scheduler:
         active = torch.zeros(self.slots, dtype=torch.bool)
         active[rows] = True
         cache.key_valid[:, cache.offset] = active.to(self.device)
+        if self.decode == "dynamic":
+            logits = self._cached_step(n, tokens.to(self.device), positions.to(self.device))
+        else:
+            self._slot.fill_(cache.offset)
+            if self.decode == "compiled" and self.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+            step = step_function(self.decode, self.device)
+            # A copy: a CUDA graph's replay overwrites its output in place.
+            logits = step(self.model, tokens.to(self.device), positions.to(self.device), self._slot,
+                          cache.key_valid, cache.k, cache.v).clone()
+            cache.offset += 1
+        for i in rows:
+            self._sample(i, logits[i : i + 1])
+
+    def _cached_step(self, n: int, tokens_n1: torch.Tensor, positions_n1: torch.Tensor) -> torch.Tensor:
+        """The cached forward of the first `n` rows over the columns written so far."""
+        cache = self._cache
         view = self.model.new_cache(n, self.columns, device=self.device)
         view.k, view.v = [t[:n] for t in cache.k], [t[:n] for t in cache.v]  # views: writes land in the cache
         view.key_valid, view.offset = cache.key_valid[:n], cache.offset
-        inputs = cached_inputs(self.model, view, 1, positions.to(self.device))
-        logits = self.model(tokens.to(self.device), **inputs)[:, -1]
+        logits = self.model(tokens_n1, **cached_inputs(self.model, view, 1, positions_n1))[:, -1]
         cache.offset = view.offset
-        for i in rows:
-            self._sample(i, logits[i : i + 1])
+        return logits
 
     def _sample(self, row: int, logits_1V: torch.Tensor) -> None:
         """Choose the row's next token with its own parameters and stream it; finish the row when done."""

@@ -98,11 +98,11 @@ class CompletionRequest(_Sampling):
 
 
 def build_app(loaded: LoadedModel, model_name: str, limits: ServerLimits, max_batch_size: int = 8,
-              api_key: str | None = None, kv_cache_bytes: int | None = None) -> FastAPI:
+              api_key: str | None = None, kv_cache_bytes: int | None = None, decode: str = "dynamic") -> FastAPI:
     from meshtron.infer.loading import pad_token_id
 
     scheduler = Scheduler(loaded.model, loaded.tokenizer, pad_token_id(loaded.tokenizer), max_batch_size,
-                          max_len=limits.max_model_len, kv_cache_bytes=kv_cache_bytes)
+                          max_len=limits.max_model_len, kv_cache_bytes=kv_cache_bytes, decode=decode)
     tokenizer = loaded.tokenizer
     created = int(time.time())
     app = FastAPI(title="meshtron", version="0.1.0")

@@ -57,11 +57,13 @@ def test_a_cancelled_request_stops_and_a_waiting_one_never_starts():
         waiting.result(timeout=60)
 
 
-def test_requests_joining_and_leaving_the_running_batch_match_generation_alone():
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_requests_joining_and_leaving_the_running_batch_match_generation_alone(decode):
     """Requests arrive while others run (each joins at the next decode step), leave at their own
-    limits, and sample their own way; a small cache forces the rows to be shifted both ways."""
+    limits, and sample their own way; a small cache forces the rows to be shifted both ways. With the
+    static step every slot runs over every column, the free ones and those not yet written masked."""
     m = _model()
-    scheduler = Scheduler(m, LetterTokenizer(), pad_id=0, max_batch_size=3, max_len=24)
+    scheduler = Scheduler(m, LetterTokenizer(), pad_id=0, max_batch_size=3, max_len=24, decode=decode)
     specs = [([5, 6, 7], SamplingParams(max_new_tokens=12)),
              ([9, 10], SamplingParams(max_new_tokens=3)),
              ([3] * 11, SamplingParams(max_new_tokens=9)),  # longer than the columns written so far
