@@ -117,6 +117,13 @@ class TrainConfig:
     """Compile each transformer block with torch.compile (regional compilation: one compile
     serves every block). Faster steps on GPU after a compile of tens of seconds."""
 
+    float8: str = ""
+    """Float8 training of the transformer blocks' linear layers through torchao's float8 linear
+    conversion: "" (off), tensorwise (one scale per tensor) or rowwise (one per row, more accurate).
+    Matmuls run in float8 on GPUs that have it (compute capability 8.9 and up, best with compile)
+    and are emulated in the compute dtype elsewhere; weights, checkpoints and HF export are
+    unchanged. Needs torchao; not with LoRA or tensor parallel."""
+
     eval_interval: int = 0
     """Measure the held-out loss (data.eval_paths) every this many steps; 0 means only before and
     after training."""

@@ -227,6 +227,7 @@ def validate(cfg: JobConfig) -> None:
         if cfg.lora.quantize_base and cfg.parallel.tp != 1:
             raise UserError("QLoRA (lora.quantize_base = 'nf4') does not run with tensor parallel yet; set "
                             "parallel.tp = 1 (FSDP/HSDP work) or use a float base")
+    _validate_float8(cfg)
     _check_choice(cfg.parallel.pp_schedule, PP_SCHEDULES, "parallel.pp_schedule")
     _check_choice(cfg.parallel.cp_algo, CP_ALGOS, "parallel.cp_algo")
     if cfg.parallel.pp > 1 and cfg.train.recipe not in ("pretrain", "sft"):
@@ -245,6 +246,17 @@ def validate(cfg: JobConfig) -> None:
     _validate_rl(cfg)
     if cfg.checkpoint.resume not in ("auto", "none") and not Path(cfg.checkpoint.resume).exists():
         raise UserError(f"checkpoint.resume = {cfg.checkpoint.resume!r}: no such checkpoint; use auto, none or a path")
+
+
+def _validate_float8(cfg) -> None:
+    if not cfg.train.float8:
+        return
+    _check_choice(cfg.train.float8, ("tensorwise", "rowwise"), "train.float8")
+    if cfg.lora.rank:
+        raise UserError("train.float8 converts the full model's linears; it does not combine with LoRA (set "
+                        "lora.rank = 0 or train.float8 = '')")
+    if cfg.parallel.tp != 1:
+        raise UserError("train.float8 does not run with tensor parallel yet; set parallel.tp = 1 (FSDP/HSDP work)")
 
 
 def _validate_rl(cfg: JobConfig) -> None:

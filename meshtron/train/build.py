@@ -185,7 +185,7 @@ def build_parallel_model(config: JobConfig, source: ModelSource, dims: ParallelD
 
     1. build on the meta device (no memory);
     2. keep one pipeline stage's layers (with pipeline parallel);
-    3. converters change the structure (LoRA adapters; see train/converters.py);
+    3. converters change the structure (LoRA adapters, float8 linears; see train/converters.py);
     4. parallelize: TP, recompute, compile, FSDP (after step 7 for a converter that needs the whole
        weights: QLoRA);
     5. materialize (`to_empty`);
@@ -199,7 +199,7 @@ def build_parallel_model(config: JobConfig, source: ModelSource, dims: ParallelD
     dims.check_model(args.num_heads, args.num_kv_heads, args.ffn_dim, args.vocab_size, config.train.seq_length,
                      config.parallel.sequence_parallel)
     compute, master = precision(config, device.type)
-    converters = build_converters(config, source.kind, dims.dp_shard)
+    converters = build_converters(config, source.kind, dims.dp_shard, device.type)
     model = build_model(args, device="meta")
     model.set_attention(config.model.attention)
     if stage is not None:

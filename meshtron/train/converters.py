@@ -1,5 +1,5 @@
 """Model converters: steps that change a built model's structure (LoRA adapters, an NF4 base for
-QLoRA; float8 later), applied at fixed points of the build order in `build_parallel_model`:
+QLoRA, float8 linears), applied at fixed points of the build order in `build_parallel_model`:
 
 1. `convert(model)` on the meta device, after the pipeline cut and before parallelizing, so that
    the parallel plan shards the converted modules (LoRA adapters follow their base layer);
@@ -11,8 +11,10 @@ A converter whose `after_load` needs the whole weights (`needs_full_weights`, QL
 are cut from unsharded tensors) moves parallelizing after step 2.
 """
 
+import dataclasses
 import logging
 
+import torch
 from torch import nn
 
 from meshtron.config.job import JobConfig, LoRAConfig
@@ -64,8 +66,41 @@ class QLoRAConverter(LoRAConverter):
         quantize_base_nf4(model, num_shards=self.num_shards)
 
 
-def build_converters(config: JobConfig, source_kind: str, dp_shard: int) -> list[ModelConverter]:
+class Float8Converter(ModelConverter):
+    """The blocks' linear layers become torchao's `Float8Linear` (`recipe`: tensorwise or rowwise
+    scaling): inputs, weights and gradients are cast to float8 with dynamic scales around each matmul.
+    Parameters keep their names, shapes and dtype, so loading, checkpoints and HF export see the
+    same model. The head stays as it is (its logits feed the loss in full precision), and so do
+    linears whose sizes are not multiples of 16 (float8 matmuls need them). Where the device has no
+    float8 matmul (a CPU, a GPU below compute capability 8.9) torchao emulates it: the same casts and
+    scales, the product in the compute dtype."""
+
+    def __init__(self, recipe: str, device_type: str):
+        try:
+            from torchao.float8 import Float8LinearConfig
+        except ImportError:
+            raise UserError("train.float8 needs torchao: pip install torchao") from None
+        emulate = not (device_type == "cuda" and torch.cuda.get_device_capability() >= (8, 9))
+        self.recipe = recipe
+        self.config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=emulate)
+
+    def convert(self, model: nn.Module) -> None:
+        from torchao.float8 import convert_to_float8_training
+
+        def takes_float8(module: nn.Module, fqn: str) -> bool:
+            return (isinstance(module, nn.Linear) and fqn.split(".")[-1] != "lm_head"
+                    and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+        convert_to_float8_training(model, config=self.config, module_filter_fn=takes_float8)
+        converted = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
+        log.info("float8 (%s scaling%s): %d linear layers converted", self.recipe,
+                 ", emulated" if self.config.emulate else "", converted)
+
+
+def build_converters(config: JobConfig, source_kind: str, dp_shard: int, device_type: str = "cpu") -> list[ModelConverter]:
     lora = config.lora
+    if config.train.float8:
+        return [Float8Converter(config.train.float8, device_type)]
     if lora.rank <= 0:
         return []
     if source_kind == "flavor":
