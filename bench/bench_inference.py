@@ -8,10 +8,12 @@ Each measurement is the median of --repeats runs after one warm-up run; the two
 implementations alternate run by run, so that load from other processes falls on both alike.
 
     python bench/bench_inference.py                              # SmolLM2, CPU: batch 1 and 8
-    python bench/bench_inference.py --device cuda --batch-sizes 1 16 --hf-static-compile
+    python bench/bench_inference.py --batch-sizes 1 --compile --hf-static-compile   # the issue's CPU targets
+    python bench/bench_inference.py --device cuda --batch-sizes 1 16 --hf-static-compile --compile
 
-On GPU, --hf-static-compile gives transformers its static cache and torch.compile (the fast
-configuration); --compile compiles meshtron's decode step the same way.
+--hf-static-compile adds transformers with its static cache and torch.compile (mode
+"reduce-overhead": CUDA graphs on GPU), beside its default dynamic cache; --compile runs
+meshtron's static-shape decode compiled the same way (meshtron/infer/static.py).
 """
 
 import argparse
@@ -32,8 +34,9 @@ def parse_args():
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--hf-static-compile", action="store_true", help="transformers with static cache + torch.compile")
-    p.add_argument("--compile", action="store_true", help="torch.compile meshtron's model")
+    p.add_argument("--hf-static-compile", action="store_true",
+                   help="also transformers with static cache + torch.compile")
+    p.add_argument("--compile", action="store_true", help="meshtron's compiled static-shape decode")
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args()
 
@@ -79,43 +82,52 @@ def main():
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     ours = load_for_generation(args.model, dtype=str(dtype).removeprefix("torch."), device=device)
-    if args.compile:
-        ours.model.compile()
-    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
-    hf_extra = {}
-    if args.hf_static_compile:
-        hf_extra = {"cache_implementation": "static"}
-        hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+    decode = "compiled" if args.compile else "dynamic"
+
+    def hf_runner(static_compile: bool):
+        hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+        extra = {}
+        if static_compile:
+            extra = {"cache_implementation": "static"}
+            hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+
+        @torch.no_grad()
+        def run(tokens, n):
+            out = hf.generate(tokens.to(device), attention_mask=torch.ones_like(tokens, device=device),
+                              do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0, **extra)
+            assert out.shape[1] == tokens.shape[1] + n
+
+        return run
 
     def run_ours(tokens, n):
-        generate(ours.model, tokens.tolist(), SamplingParams(max_new_tokens=n))
+        generate(ours.model, tokens.tolist(), SamplingParams(max_new_tokens=n), decode=decode)
 
-    @torch.no_grad()
-    def run_hf(tokens, n):
-        out = hf.generate(tokens.to(device), attention_mask=torch.ones_like(tokens, device=device), do_sample=False,
-                          max_new_tokens=n, min_new_tokens=n, pad_token_id=0, **hf_extra)
-        assert out.shape[1] == tokens.shape[1] + n
+    impls = {"transformers": hf_runner(False)}
+    if args.hf_static_compile:
+        impls["transformers static+compile"] = hf_runner(True)
+    impls["meshtron" + (" compiled" if args.compile else "")] = run_ours
 
     rows = []
     for batch_size in batch_sizes:
         tokens = prompts_for(ours.tokenizer, batch_size, args.prompt_tokens)
-        impls = {"transformers": run_hf, "meshtron": run_ours}
         first = timed_pair({name: (lambda fn=fn: fn(tokens, 1)) for name, fn in impls.items()}, args.repeats, sync)
         full = timed_pair({name: (lambda fn=fn: fn(tokens, args.new_tokens)) for name, fn in impls.items()},
                           args.repeats, sync)
         for name in impls:
             decode = batch_size * (args.new_tokens - 1) / (full[name] - first[name])
             rows.append({"impl": name, "batch": batch_size, "ttft_ms": first[name] * 1000, "decode_tok_s": decode})
-            print(f"{name:>12}  batch {batch_size:>3}  TTFT {first[name] * 1000:8.1f} ms  decode {decode:9.1f} tok/s",
+            print(f"{name:>28}  batch {batch_size:>3}  TTFT {first[name] * 1000:8.1f} ms  decode {decode:9.1f} tok/s",
                   flush=True)
     for batch_size in batch_sizes:
-        hf_row, our_row = (r for r in rows if r["batch"] == batch_size)
-        print(f"batch {batch_size}: meshtron / transformers decode = "
-              f"{our_row['decode_tok_s'] / hf_row['decode_tok_s']:.2f}x, TTFT = "
-              f"{hf_row['ttft_ms'] / our_row['ttft_ms']:.2f}x faster")
+        *hf_rows, our_row = (r for r in rows if r["batch"] == batch_size)
+        for hf_row in hf_rows:
+            print(f"batch {batch_size}: {our_row['impl']} / {hf_row['impl']} decode = "
+                  f"{our_row['decode_tok_s'] / hf_row['decode_tok_s']:.2f}x, TTFT = "
+                  f"{hf_row['ttft_ms'] / our_row['ttft_ms']:.2f}x faster")
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print(f"machine: {machine}; torch {torch.__version__}; dtype {dtype}; prompt {args.prompt_tokens}, "
+    load = f", load average {open('/proc/loadavg').read().split()[0]}" if device.type == "cpu" else ""
+    print(f"machine: {machine}{load}; torch {torch.__version__}; dtype {dtype}; prompt {args.prompt_tokens}, "
           f"new {args.new_tokens}")
     if args.json:
         with open(args.json, "w") as f:

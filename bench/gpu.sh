@@ -3,7 +3,8 @@
 # as a dated block with the card's name:
 #   - training on the Llama-3.2-1B and SmolLM2 shapes (meshtron eager and compiled, transformers
 #     eager and compiled; bench/bench_train.py),
-#   - decode at batch 1 and 16 against transformers' static cache + torch.compile
+#   - decode at batch 1 and 16, meshtron's compiled static-shape decode against transformers' dynamic cache
+#     and its static cache + torch.compile
 #     (bench/bench_inference.py),
 #   - the peak memory of the chunked loss (bench/bench_loss.py),
 #   - `meshtron serve` under 16 concurrent requests against the same sent one by one
@@ -28,7 +29,7 @@ if [[ $mode == gpu ]]; then
 else
     device="CPU ($(nproc) logical CPUs, load average $(cut -d' ' -f1 /proc/loadavg) at the start)"
     train=("--shape tiny --steps 3 --warmup 1")
-    infer=(--device cpu --batch-sizes 1 --prompt-tokens 16 --new-tokens 8)
+    infer=(--device cpu --batch-sizes 1 --prompt-tokens 16 --new-tokens 8 --hf-static-compile --compile)
     loss=(--seq-length 256)
     serve=(--requests 4 --repeats 1)
 fi
