@@ -246,7 +246,8 @@ class ParallelConfig:
     ring degree is cp / cp_ulysses."""
 
     ep: int = 1
-    """Expert-parallel degree (not available in this version: must be 1)."""
+    """Expert-parallel degree: each MoE layer's experts are split over ep ranks, which are data-parallel
+    ranks for the rest of the model (ep divides dp_shard x cp and adds no processes)."""
 
 
 @dataclass
@@ -419,7 +420,8 @@ class LogConfig:
     """Write TensorBoard event files to OUTPUT_DIR/tensorboard."""
 
     plot: bool = True
-    """Draw the loss curve to OUTPUT_DIR/loss.png at the end of the run."""
+    """Draw the loss curve to OUTPUT_DIR/loss.png at the end of the run (and an MoE model's expert load to
+    OUTPUT_DIR/expert_load.png)."""
 
     straggler_fraction: float = 0.2
     """Warn, naming the rank, when one rank's data wait exceeds the other ranks' median by more than this

@@ -1,11 +1,11 @@
 """Parallelism applied to a single-device model from outside, in one order.
 
-`parallelize` is that order, written once: tensor (+ sequence) parallel, then activation
-recompute, then torch.compile of each block, then FSDP2 last (it must see the final modules and
-the TP-sharded parameters).
+`parallelize` is that order, written once: tensor (+ sequence) parallel, then expert parallel (the
+experts are left whole by TP), then activation recompute, then torch.compile of each block, then FSDP2
+last (it must see the final modules and the TP- and EP-sharded parameters).
 Pipeline parallel comes first, outside this function: each pipeline stage is a pruned model
-(meshtron.parallel.pipeline) that then goes through this same order. Context and expert
-parallel slot in before TP when they land (see ARCHITECTURE.md).
+(meshtron.parallel.pipeline) that then goes through this same order. Context parallel slots in before
+TP when it lands (see ARCHITECTURE.md).
 The model is on the meta device throughout; it is materialized afterwards.
 """
 
@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from meshtron.parallel.dims import AXES, Meshes, ParallelDims
+from meshtron.parallel.ep import apply_ep
 from meshtron.parallel.fsdp import apply_fsdp
 from meshtron.parallel.plan import ParallelPlan
 from meshtron.parallel.recompute import apply_recompute
@@ -37,6 +38,8 @@ def parallelize(
 ) -> nn.Module:
     if dims.tp_enabled:
         apply_tp(model, plan, meshes.tp, sequence_parallel)
+    if dims.ep_enabled:
+        apply_ep(model, plan, meshes.ep)
     apply_recompute(model, plan, recompute_mode, recompute_layers)
     if compile_blocks:
         # In place (nn.Module.compile), so parameter names stay free of an `_orig_mod.` prefix;
@@ -44,5 +47,5 @@ def parallelize(
         for block in plan.blocks_of(model):
             block.compile()
     if dims.fsdp_enabled:
-        apply_fsdp(model, plan, meshes.fsdp, param_dtype, reduce_dtype, reshard_after_forward)
+        apply_fsdp(model, plan, meshes, param_dtype, reduce_dtype, reshard_after_forward)
     return model

@@ -5,10 +5,13 @@ axis has size 1), so that code asks for an axis by name and never branches on wh
 Flattened views: `dp` (dp_replicate x dp_shard: who sees different data) and `dp_shard_cp`
 (dp_shard x cp: over what FSDP shards, since cp ranks hold the same parameters and each computes
 gradients from its part of the sequences) and `loss` (dp x cp: every rank whose loss tokens differ).
-Under hybrid context parallel, cp is further split into (cp_ring, cp_ulysses). tp is innermost so that its ranks are neighbours
+Under hybrid context parallel, cp is further split into (cp_ring, cp_ulysses). Expert parallel (`ep`)
+adds no axis of processes: it splits dp_shard_cp into (expert_fsdp, ep), the ranks that shard the same
+experts and those that hold different experts (see parallel/ep.py). tp is innermost so that its ranks are neighbours
 (one node, fastest links); dp_replicate is outer so that HSDP replicates across nodes.
 """
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -55,6 +58,7 @@ class ParallelDims:
     pp: int = 1
     cp: int = 1
     cp_ulysses: int = 1  # the Ulysses degree inside cp (1: ring only; cp: Ulysses only)
+    ep: int = 1
 
     @classmethod
     def resolve(cls, *, dp_replicate: int, dp_shard: int, tp: int, world_size: int, pp: int = 1, cp: int = 1,
@@ -63,9 +67,7 @@ class ParallelDims:
         if cp > 1 and ep > 1:
             raise UserError("context parallel (parallel.cp > 1) does not run with expert parallel yet; set "
                             "parallel.ep = 1 or parallel.cp = 1")
-        if ep != 1:
-            raise UserError(f"parallel.ep = {ep}: ep parallelism is not available in this version; set it to 1")
-        for name, value in (("dp_replicate", dp_replicate), ("tp", tp), ("pp", pp), ("cp", cp)):
+        for name, value in (("dp_replicate", dp_replicate), ("tp", tp), ("pp", pp), ("cp", cp), ("ep", ep)):
             if value < 1:
                 raise UserError(f"parallel.{name} must be >= 1, got {value}")
         others = dp_replicate * tp * pp * cp
@@ -87,9 +89,12 @@ class ParallelDims:
         if cp > 1 and pp > 1:
             raise UserError("context parallel (parallel.cp > 1) does not run with pipeline parallel yet; set "
                             "parallel.pp = 1 or parallel.cp = 1")
+        if (dp_shard * cp) % ep:
+            raise UserError(f"parallel.ep = {ep} does not divide dp_shard x cp = {dp_shard} x {cp}: expert parallel "
+                            "borrows data-parallel ranks, so choose an ep that divides dp_shard x cp")
         ulysses = context_parallel.ulysses_degree(cp, cp_algo, cp_ulysses) if cp > 1 else 1
         return cls(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, world_size=world_size, pp=pp, cp=cp,
-                   cp_ulysses=ulysses)
+                   cp_ulysses=ulysses, ep=ep)
 
     @property
     def dp_size(self) -> int:
@@ -114,6 +119,16 @@ class ParallelDims:
     @property
     def pp_enabled(self) -> bool:
         return self.pp > 1
+
+    @property
+    def ep_enabled(self) -> bool:
+        return self.ep > 1
+
+    def check_experts(self, num_experts: int) -> None:
+        """Expert parallel splits each MoE layer's experts evenly."""
+        if self.ep_enabled and num_experts % self.ep:
+            raise UserError(f"the model's num_experts ({num_experts}) is not divisible by parallel.ep = {self.ep}; "
+                            "choose an ep that divides the number of experts")
 
     def check_model(self, num_heads: int, num_kv_heads: int, ffn_dim: int, vocab_size: int, seq_length: int,
                     sequence_parallel: bool) -> None:
@@ -149,8 +164,15 @@ class ParallelDims:
         else:  # hybrid: Ulysses over neighbouring cp ranks, the ring across them
             split = world._unflatten("cp", (self.cp // self.cp_ulysses, self.cp_ulysses), ("cp_ring", "cp_ulysses"))
             cp_ring, cp_ulysses = split["cp_ring"], split["cp_ulysses"]
-        return Meshes(world=world, dp=dp, fsdp=fsdp, tp=world["tp"], pp=world["pp"], cp=world["cp"], loss=loss,
-                      cp_ring=cp_ring, cp_ulysses=cp_ulysses)
+        meshes = Meshes(world=world, dp=dp, fsdp=fsdp, tp=world["tp"], pp=world["pp"], cp=world["cp"], loss=loss,
+                        cp_ring=cp_ring, cp_ulysses=cp_ulysses)
+        if not self.ep_enabled:
+            return meshes
+        experts = dp_shard_cp._unflatten(0, (self.dp_shard * self.cp // self.ep, self.ep), ("expert_fsdp", "ep"))
+        expert_fsdp = experts["expert_fsdp"]
+        if self.dp_replicate > 1:
+            expert_fsdp = DeviceMesh._concatenate([world["dp_replicate"], expert_fsdp])
+        return dataclasses.replace(meshes, ep=experts["ep"], expert_fsdp=expert_fsdp)
 
 
 @dataclass(frozen=True)
@@ -170,3 +192,7 @@ class Meshes:
     loss: DeviceMesh  # dp x cp, flattened: ranks whose loss tokens differ
     cp_ring: DeviceMesh | None  # the ring of context parallel (None: no ring)
     cp_ulysses: DeviceMesh | None  # its Ulysses groups (None: no Ulysses)
+    # With expert parallel (else None): the ranks holding different experts, and what fully_shard shards
+    # the experts over (the data-parallel ranks holding the same ones, 1-D or 2-D like `fsdp`).
+    ep: DeviceMesh | None = None
+    expert_fsdp: DeviceMesh | None = None

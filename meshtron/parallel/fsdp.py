@@ -4,26 +4,32 @@ Each block of the family's plan is one FSDP unit; the root unit holds the embedd
 output head (so that tied embedding and head stay in one unit). On a 1-D mesh (dp_shard)
 this is FSDP/ZeRO-3; on a 2-D mesh (dp_replicate, dp_shard) it is HSDP, and with a shard
 degree of 1 it is DDP (parameters replicated, gradients all-reduced).
+
+Under expert parallel each MoE block's experts are a unit of their own, sharded over the ranks that hold
+the same experts (`Meshes.expert_fsdp`), on their second dim (the expert dim is ep's).
 """
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
 
+from meshtron.parallel.dims import Meshes
 from meshtron.parallel.plan import ParallelPlan
 
 
-def apply_fsdp(model: nn.Module, plan: ParallelPlan, dp_mesh: DeviceMesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
-               reshard_after_forward: bool = True) -> None:
+def apply_fsdp(model: nn.Module, plan: ParallelPlan, meshes: Meshes, param_dtype: torch.dtype,
+               reduce_dtype: torch.dtype, reshard_after_forward: bool = True) -> None:
     """Wrap blocks, then the root. param_dtype is the compute dtype; reduce_dtype that of gradient reduction.
 
     `reshard_after_forward=False` keeps the gathered parameters between forward and backward: a
     pipeline stage runs several micro-batches' forwards before their backwards and would
     otherwise gather its parameters again for each.
     """
+    dp_mesh = meshes.fsdp
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    if meshes.ep is not None:
+        _shard_experts(model, plan, meshes.expert_fsdp, dp_mesh.size(), mp_policy, reshard_after_forward)
     shards = dp_mesh.size(dp_mesh.ndim - 1)  # (torch 2.11 takes no negative mesh dim)
 
     def placement(param: nn.Parameter):
@@ -39,3 +45,18 @@ def apply_fsdp(model: nn.Module, plan: ParallelPlan, dp_mesh: DeviceMesh, param_
         fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy,
                     reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, shard_placement_fn=placement)
+
+
+def _shard_experts(model: nn.Module, plan: ParallelPlan, mesh, dp_size: int, mp_policy: MixedPrecisionPolicy,
+                   reshard_after_forward: bool) -> None:
+    """Each MoE block's experts, split over ep already, as one unit over `mesh`. An expert's gradient sums
+    the rows that every rank of its ep group sent it, so it is divided by all data-parallel ranks (as the
+    other gradients are), not by the ranks of `mesh` only."""
+    for experts in plan.experts_of(model):
+        fully_shard(experts, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward,
+                    shard_placement_fn=lambda param: Shard(1))
+        experts.set_gradient_divide_factor(dp_size)
+        # gloo has no pre-multiplied sum (NCCL's PreMulSum): sum, then divide. Not on one shard rank, where
+        # torch 2.13 would divide twice (it divides its copy of the gradient and then again after it).
+        if mesh.device_type != "cuda" and mesh.size(mesh.ndim - 1) > 1:
+            experts.set_force_sum_reduction_for_comms(True)

@@ -22,6 +22,8 @@ class ParallelPlan:
     tp_block: TPPlan
     # The same for a block with an MoE feed-forward (where `args.is_moe_layer`); None: the family has none.
     tp_moe_block: TPPlan | None = None
+    # The submodule of an MoE block holding its stacked experts (what expert parallel splits); None: no MoE.
+    experts: str | None = None
     # The submodule of a block that selective recompute wraps (the largest activation: the scores).
     recompute_unit: str = "attn.core"
     # The container of the blocks. Each block gets the block plan, is a unit of full recompute and
@@ -31,6 +33,13 @@ class ParallelPlan:
 
     def blocks_of(self, model: nn.Module) -> list[nn.Module]:
         return list(getattr(model, self.blocks).values())
+
+    def experts_of(self, model: nn.Module) -> list[nn.Module]:
+        """The experts modules of the MoE blocks the model holds."""
+        if self.experts is None:
+            return []
+        return [block.get_submodule(self.experts) for layer_id, block in getattr(model, self.blocks).items()
+                if model.args.is_moe_layer(int(layer_id))]
 
     def block_plans(self, model: nn.Module, sequence_parallel: bool):
         """(block, its tensor-parallel plan) for every block the model holds."""

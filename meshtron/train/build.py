@@ -198,6 +198,11 @@ def build_parallel_model(config: JobConfig, source: ModelSource, dims: ParallelD
     args = source.args
     dims.check_model(args.num_heads, args.num_kv_heads, args.ffn_dim, args.vocab_size, config.train.seq_length,
                      config.parallel.sequence_parallel)
+    if dims.ep_enabled:
+        if not hasattr(args, "num_experts"):
+            raise UserError(f"parallel.ep = {dims.ep} splits the experts of a Mixture-of-Experts model, and "
+                            f"{args.family} has none; set parallel.ep = 1")
+        dims.check_experts(args.num_experts)
     compute, master = precision(config, device.type)
     converters = build_converters(config, source.kind, dims.dp_shard, device.type)
     model = build_model(args, device="meta")

@@ -1,4 +1,5 @@
-"""Training metrics: metrics.jsonl, TensorBoard, a console progress line with ETA, the loss plot.
+"""Training metrics: metrics.jsonl, TensorBoard, a console progress line with ETA, the loss plot (and for an
+MoE model the expert load plot).
 
 MFU follows the PaLM paper (appendix B): a token costs 6 N FLOPs in the matrices (forward and
 backward), N the parameters excluding the input embedding, plus 12 L H Q T for attention
@@ -34,15 +35,18 @@ def flops_per_token(args: ModelArgs, seq_length: int) -> float:
 
 class RouterMetrics:
     """A step's MoE router metrics, from the statistics of every forward (`models.common.moe.RouterStats`):
-    the load-balancing loss (mean over forwards and data-parallel ranks), the rows routed to the busiest and
-    the idlest expert over the mean (summed over layers, forwards and ranks), rows dropped by a capacity."""
+    the load-balancing loss and router z-loss (means over forwards and data-parallel ranks), the rows routed
+    to the busiest and the idlest expert over the mean (summed over layers, forwards and ranks), each
+    expert's rows over the mean (`moe_expert_load`, a list: what plot_expert_load draws), rows dropped by
+    a capacity. `layer_load` (MoE layers x experts, this rank's rows of the step) is what
+    auxiliary-loss-free balancing updates its biases from."""
 
     def __init__(self):
-        self.aux, self.forwards, self.load, self.dropped = 0.0, 0, 0.0, 0.0
+        self.aux, self.z_loss, self.forwards, self.layer_load, self.dropped = 0.0, 0.0, 0, 0.0, 0.0
 
-    def add(self, aux: torch.Tensor, stats: list) -> None:
-        self.aux, self.forwards = self.aux + aux.detach(), self.forwards + 1
-        self.load = self.load + torch.stack([s.selected_E for s in stats]).sum(0)
+    def add(self, aux: torch.Tensor, z_loss: torch.Tensor, stats: list) -> None:
+        self.aux, self.z_loss, self.forwards = self.aux + aux.detach(), self.z_loss + z_loss.detach(), self.forwards + 1
+        self.layer_load = self.layer_load + torch.stack([s.selected_E for s in stats])
         self.dropped = self.dropped + sum(s.dropped for s in stats)
 
     def take(self, dp_sum, dp_size: int) -> dict[str, float]:
@@ -51,11 +55,14 @@ class RouterMetrics:
         if not self.forwards:
             return {}
         aux = dp_sum(self.aux / self.forwards) / dp_size
-        load = dp_sum(self.load)
+        z_loss = dp_sum(self.z_loss / self.forwards) / dp_size
+        load = dp_sum(self.layer_load.sum(0))
         dropped = dp_sum(torch.as_tensor(self.dropped, dtype=torch.float32, device=load.device))
         self.__init__()
-        return {"moe_aux_loss": aux.item(), "moe_load_max": (load.max() / load.mean()).item(),
-                "moe_load_min": (load.min() / load.mean()).item(), "moe_dropped": int(dropped.item())}
+        share = load / load.mean()
+        return {"moe_aux_loss": aux.item(), "moe_z_loss": z_loss.item(), "moe_load_max": share.max().item(),
+                "moe_load_min": share.min().item(), "moe_dropped": int(dropped.item()),
+                "moe_expert_load": [round(x, 4) for x in share.tolist()]}
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -159,16 +166,22 @@ def read_metrics(metrics_file: Path, key: str = "loss") -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_loss(metrics_file: Path, out_png: Path, key: str = "loss", eval_key: str = "eval_loss") -> Path | None:
     """Draw a training metric (the loss unless `key` says otherwise) against step, with a moving average
     and its held-out counterpart `eval_key`, to a PNG; None if there is nothing to draw."""
     records = read_metrics(metrics_file, key=key) if Path(metrics_file).is_file() else []
     if not records:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     steps = [r["step"] for r in records]
     losses = [r[key] for r in records]
@@ -187,6 +200,34 @@ def plot_loss(metrics_file: Path, out_png: Path, key: str = "loss", eval_key: st
     if not any(math.isnan(x) for x in losses):
         ax.legend()
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return Path(out_png)
+
+
+def plot_expert_load(metrics_file: Path, out_png: Path) -> Path | None:
+    """Draw an MoE run's expert load against step to a PNG: each expert's rows over the mean (all layers) as
+    a heat map, and the busiest and idlest expert's as lines. None for a run without router metrics."""
+    records = read_metrics(metrics_file, key="moe_expert_load") if Path(metrics_file).is_file() else []
+    if not records:
+        return None
+    plt = _pyplot()
+    steps = [r["step"] for r in records]
+    load_ES = torch.tensor([r["moe_expert_load"] for r in records]).T
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    image = top.imshow(load_ES, aspect="auto", cmap="viridis", interpolation="nearest",
+                       extent=(steps[0] - 0.5, steps[-1] + 0.5, load_ES.shape[0] - 0.5, -0.5))
+    fig.colorbar(image, ax=top, label="rows / mean")
+    top.set_ylabel("expert")
+    top.set_title("expert load (all MoE layers)")
+    bottom.plot(steps, [r["moe_load_max"] for r in records], label="busiest expert")
+    bottom.plot(steps, [r["moe_load_min"] for r in records], label="idlest expert")
+    bottom.axhline(1.0, color="gray", linewidth=0.8)
+    bottom.set_xlabel("step")
+    bottom.set_ylabel("rows / mean")
+    bottom.legend()
+    bottom.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

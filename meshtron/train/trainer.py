@@ -32,9 +32,10 @@ from meshtron.train.data import build_data_loader, build_training_dataset, one_p
 from meshtron.train.guard import StepGuard, finite_on_every_rank
 from meshtron.train.losses import IGNORE_INDEX, loss_context
 from meshtron.train.lr import build_lr_scheduler
-from meshtron.models.common.moe import load_balancing_loss, take_router_stats
+from meshtron.models.common.moe import (load_balancing_loss, moe_layers, router_z_loss, take_router_stats,
+                                        update_expert_bias)
 from meshtron.train.metrics import (MetricsLogger, RouterMetrics, flops_per_token, peak_flops, peak_memory_gb,
-                                    plot_loss)
+                                    plot_expert_load, plot_loss)
 from meshtron.train.ops import FaultDrill, HangWatchdog, LastGoodState, StepTimer, StragglerMonitor
 from meshtron.train.optim import build_optimizer, clip_grad_norm
 from meshtron.train.recipes import build_recipe
@@ -56,6 +57,11 @@ class TrainState(Stateful):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.step, self.tokens_seen = int(state_dict["step"]), int(state_dict["tokens_seen"])
+
+
+# What each MoE routing field of model.args trains, for messages.
+ROUTER_TERMS = {"aux_loss_coef": "load-balancing loss", "z_loss_coef": "router z-loss",
+                "bias_update_rate": "auxiliary-loss-free balancing"}
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -102,9 +108,10 @@ class Trainer:
 
             self.recipe.context_parallel = ContextParallel.from_meshes(self.meshes)
         self.model_args = self.source.args = self.recipe.model_args(self.source.args)
-        if getattr(self.model_args, "aux_loss_coef", 0.0) and self.dims.pp > 1:
-            raise UserError("the MoE load-balancing loss is not supported with pipeline parallel yet: train with "
-                            "parallel.pp = 1, or without it (model.args = {aux_loss_coef = 0})")
+        for field in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            if getattr(self.model_args, field, 0.0) and self.dims.pp > 1:
+                raise UserError(f"the MoE {ROUTER_TERMS[field]} is not supported with pipeline parallel yet: train "
+                                f"with parallel.pp = 1, or without it (model.args = {{{field} = 0}})")
         layout = self._pipeline_layout()
         self.data_loader = build_data_loader(
             config, data_kind=self.recipe.data_kind, default_handler=self.recipe.default_handler,
@@ -346,15 +353,23 @@ class Trainer:
         return _local(loss_sum.detach())
 
     def _router_loss(self) -> torch.Tensor | None:
-        """The MoE load-balancing loss of the forward just run, times `aux_loss_coef` and divided by the
-        number of micro-batches: as transformers adds it to each forward's mean loss, its gradient is the
-        mean over the step's forwards (data-parallel ranks average gradients). None for a dense model."""
+        """The MoE load-balancing loss of the forward just run times `aux_loss_coef`, plus its router z-loss
+        times `z_loss_coef`, divided by the number of micro-batches: as transformers adds the first to each
+        forward's mean loss, its gradient is the mean over the step's forwards (data-parallel ranks average
+        gradients). None for a dense model."""
         stats = take_router_stats(self.model)
         if not stats:
             return None
-        aux = load_balancing_loss(stats, self.model_args.num_experts)
-        self.router_metrics.add(aux, stats)
-        return self.model_args.aux_loss_coef / self.grad_accum_steps * aux
+        aux, z_loss = load_balancing_loss(stats, self.model_args.num_experts), router_z_loss(stats)
+        self.router_metrics.add(aux, z_loss, stats)
+        return (self.model_args.aux_loss_coef * aux + self.model_args.z_loss_coef * z_loss) / self.grad_accum_steps
+
+    def _update_expert_bias(self) -> None:
+        """Auxiliary-loss-free balancing: each router's bias moves towards balance by the step's expert
+        counts, summed over data-parallel ranks so that every rank applies the same update."""
+        rate = getattr(self.model_args, "bias_update_rate", 0.0)
+        if rate and self.router_metrics.forwards:
+            update_expert_bias(moe_layers(self.model), self._dp_sum(self.router_metrics.layer_load), rate)
 
     def forward_backward_micro_batches(self, batches: list[dict[str, torch.Tensor]], loss_scale: float) -> torch.Tensor:
         """The plain micro-batch loop (the PipelineRunner has the same call); returns the summed loss."""
@@ -395,6 +410,8 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         loss = self._loss_sum(loss_sum) / max(units.item(), 1.0)
         applied = self._apply_step(loss, grad_norm)
+        if applied:
+            self._update_expert_bias()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
         metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "loss_tokens": int(units.item())}
@@ -665,12 +682,15 @@ class Trainer:
         return bool(flag.item())
 
     def _finish_run(self) -> None:
-        """Rank 0: the loss plot and the sample text."""
+        """Rank 0: the loss plot (and an MoE model's expert load plot) and the sample text."""
         if self.config.log.plot:
             for key, eval_key in (("loss", "eval_loss"), *self.recipe.plots):
                 png = plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / f"{key}.png", key, eval_key)
                 if png is not None:
                     log.info("%s curve: %s", key, png)
+            png = plot_expert_load(self.run_dir / "metrics.jsonl", self.run_dir / "expert_load.png")
+            if png is not None:
+                log.info("expert load: %s", png)
         if self.config.train.sample_prompt:
             skip = sample_skip_reason(self.model_args.num_params())
             if skip:

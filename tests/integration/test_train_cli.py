@@ -262,6 +262,11 @@ def test_moe_flavor_trains_with_its_load_balancing_loss(tmp_path):
     # At perfect balance the loss is num_experts_per_token (2); it cannot be below that.
     assert all(2.0 <= r["moe_aux_loss"] < 2.5 and r["moe_load_max"] >= 1.0 >= r["moe_load_min"] for r in recs)
     assert all(r["moe_dropped"] == 0 for r in recs)  # dropless
+    # Each expert's share over the mean: 4 experts, mean 1, bounded by the busiest and idlest.
+    assert all(len(r["moe_expert_load"]) == 4 and sum(r["moe_expert_load"]) == pytest.approx(4.0, abs=1e-3)
+               and max(r["moe_expert_load"]) == pytest.approx(r["moe_load_max"], abs=1e-4) for r in recs)
+    assert all(r["moe_z_loss"] > 0 for r in recs)  # logged, though its weight is 0 here
+    assert (tmp_path / "aux" / "expert_load.png").stat().st_size > 0
     result = meshtron_train(config, tmp_path / "no_aux", "--train.steps", "1", "--model.args", "{aux_loss_coef = 0.0}")
     assert result.returncode == 0, result.stderr
     first = records(tmp_path / "no_aux")[0]

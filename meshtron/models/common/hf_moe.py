@@ -39,5 +39,9 @@ def moe_hf_kwargs(args: MoEArgs) -> dict:
     if args.score_func != "softmax" or args.route_scale != 1.0 or args.capacity_factor is not None:
         raise ValueError("Hugging Face MoE configs of these families route by softmax, unscaled and dropless; "
                          "set score_func = 'softmax', route_scale = 1.0 and capacity_factor = None to export")
+    if args.bias_update_rate:
+        raise ValueError("Hugging Face MoE configs of these families have no routing bias, which auxiliary-loss-free "
+                         "balancing (bias_update_rate) trained into this model's expert choice; it cannot be exported "
+                         "to them (meshtron generate, chat and eval use the checkpoint as it is)")
     return dict(num_experts_per_tok=args.num_experts_per_token, output_router_logits=args.aux_loss_coef > 0,
                 router_aux_loss_coef=args.aux_loss_coef or 0.001)

@@ -11,8 +11,9 @@ expert, so that each expert's tokens are one contiguous slice and all experts ru
 others are dropped (their routed contribution is zero) and counted.
 
 Each forward with gradients on records its router statistics (`MoE.router_stats`), replacing the last
-one's; `take_router_stats` collects them over a model's MoE layers, from which `load_balancing_loss` is computed (the Trainer adds it to the loss) and the
-expert load is logged.
+one's; `take_router_stats` collects them over a model's MoE layers, from which `load_balancing_loss` and
+`router_z_loss` are computed (the Trainer adds them to the loss), the expert load is logged and, with
+auxiliary-loss-free balancing, each router's bias is updated after the step (`update_expert_bias`).
 """
 
 import math
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from meshtron.models.common.adapter import TensorGroup
 from meshtron.models.common.args import ModelArgs
@@ -32,7 +34,7 @@ from meshtron.models.common.transformer import Transformer, TransformerBlock
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 # MoEArgs fields that change how a model trains, not its weights: `model.args` may set them on a pretrained
 # model (Hugging Face directory or checkpoint) too.
-ROUTING_FIELDS = frozenset({"aux_loss_coef", "capacity_factor"})
+ROUTING_FIELDS = frozenset({"aux_loss_coef", "z_loss_coef", "bias_update_rate", "capacity_factor"})
 SCORE_FUNCS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2")
 
@@ -60,8 +62,12 @@ class MoEArgs(ModelArgs):
     topk_groups: int = 1
     group_score: str = "max"
     # A per-expert bias (float32 buffer) added to the scores for choosing the K only, not to their weights
-    # (DeepSeek-V3's e_score_correction_bias).
+    # (DeepSeek-V3's e_score_correction_bias); trained by auxiliary-loss-free balancing (bias_update_rate).
     router_bias: bool = False
+    z_loss_coef: float = 0.0  # weight of the router z-loss (ST-MoE) in training
+    # Auxiliary-loss-free balancing (DeepSeek-V3): after each step every expert's routing bias (`router_bias`,
+    # implied) moves by this much towards balance (0: the bias, if any, stays as loaded).
+    bias_update_rate: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -71,6 +77,9 @@ class MoEArgs(ModelArgs):
         if not 0 < self.num_experts_per_token <= self.num_experts:
             raise ValueError(f"num_experts_per_token ({self.num_experts_per_token}) must be in 1..num_experts "
                              f"({self.num_experts})")
+        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, not {getattr(self, name)}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be positive (or None for dropless), not {self.capacity_factor}")
         self._check_groups()
@@ -162,11 +171,15 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x: rows sorted by expert, counts[e] of them for expert e. Returns (R, D)."""
+        # Under expert parallel the weights are split over ranks (DTensors) and x and counts are this rank's
+        # experts' rows (parallel/ep.py): compute with this rank's slice.
+        gate_proj, up_proj, down_proj = (w.to_local() if isinstance(w, DTensor) else w
+                                         for w in (self.gate_proj, self.up_proj, self.down_proj))
         offsets = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        grouped = self.grouped_mm and grouped_mm_runs(x_RD, self.gate_proj.shape[1])
-        gate = grouped_linear(x_RD, self.gate_proj, offsets, grouped)
-        up = grouped_linear(x_RD, self.up_proj, offsets, grouped)
-        return grouped_linear(self.act(gate) * up, self.down_proj, offsets, grouped)
+        grouped = self.grouped_mm and grouped_mm_runs(x_RD, gate_proj.shape[1])
+        gate = grouped_linear(x_RD, gate_proj, offsets, grouped)
+        up = grouped_linear(x_RD, up_proj, offsets, grouped)
+        return grouped_linear(self.act(gate) * up, down_proj, offsets, grouped)
 
 
 @dataclass
@@ -177,12 +190,13 @@ class RouterStats:
     prob_sum_E: torch.Tensor  # float32 sum over tokens of softmax(router logits): differentiable
     num_tokens: int
     dropped: torch.Tensor  # rows dropped by the capacity (0 when dropless)
+    z_loss: torch.Tensor  # mean over tokens of logsumexp(router logits)^2: differentiable
 
 
 class Router(nn.Module):
     """Scores E experts per token from a (E, D) weight and keeps the top K, optionally from the best groups
-    only and chosen with a per-expert bias (`MoEArgs.num_groups`, `router_bias`); the chosen experts'
-    weights are their unbiased scores."""
+    only and chosen with a per-expert bias (`MoEArgs.num_groups`, `router_bias`, trained by auxiliary-loss-free
+    balancing); the chosen experts' weights are their unbiased scores."""
 
     def __init__(self, args: MoEArgs):
         super().__init__()
@@ -190,7 +204,8 @@ class Router(nn.Module):
         self.norm_topk, self.route_scale, self.std = args.norm_topk, args.route_scale, args.init_std
         self.num_groups, self.topk_groups, self.group_score = args.num_groups, args.topk_groups, args.group_score
         self.weight = nn.Parameter(torch.empty(args.num_experts, args.dim))
-        bias = torch.zeros(args.num_experts, dtype=torch.float32) if args.router_bias else None
+        has_bias = args.router_bias or args.bias_update_rate
+        bias = torch.zeros(args.num_experts, dtype=torch.float32) if has_bias else None
         self.register_buffer("expert_bias", bias)
 
     def init_weights(self, init: ParamInit) -> None:
@@ -273,17 +288,19 @@ class MoE(nn.Module):
         elif self.shared_expert is not None:
             y_ND = y_ND + self.shared_expert(x_ND)
         if torch.is_grad_enabled():  # a training forward; not generation, evaluation or a frozen reference pass
-            self.router_stats = RouterStats(selected, logits.float().softmax(-1).sum(0), B * S, dropped)
+            logits = logits.float()
+            self.router_stats = RouterStats(selected, logits.softmax(-1).sum(0), B * S, dropped,
+                                            logits.logsumexp(-1).square().mean())
         return y_ND.view(B, S, D)
 
 
 def take_router_stats(model: nn.Module) -> list[RouterStats]:
     """The router statistics of the model's MoE layers since their last forward, then forgotten."""
     stats = []
-    for module in model.modules():
-        if isinstance(module, MoE) and module.router_stats is not None:
-            stats.append(module.router_stats)
-            module.router_stats = None
+    for layer in moe_layers(model):
+        if layer.router_stats is not None:
+            stats.append(layer.router_stats)
+            layer.router_stats = None
     return stats
 
 
@@ -295,6 +312,26 @@ def load_balancing_loss(stats: list[RouterStats], num_experts: int) -> torch.Ten
     selected = torch.stack([s.selected_E for s in stats]).sum(0) / rows
     prob = torch.stack([s.prob_sum_E for s in stats]).sum(0) / rows
     return (selected * prob).sum() * num_experts
+
+
+def router_z_loss(stats: list[RouterStats]) -> torch.Tensor:
+    """ST-MoE's router z-loss, summed over the MoE layers (as Megatron adds it per layer): it keeps the
+    router logits small, where their softmax is well conditioned."""
+    return torch.stack([s.z_loss for s in stats]).sum()
+
+
+def moe_layers(model: nn.Module) -> list["MoE"]:
+    """The model's MoE layers, in the order `take_router_stats` returns their statistics."""
+    return [module for module in model.modules() if isinstance(module, MoE)]
+
+
+@torch.no_grad()
+def update_expert_bias(layers: list["MoE"], counts_LE: torch.Tensor, rate: float) -> None:
+    """Auxiliary-loss-free balancing (DeepSeek-V3, Wang et al. 2024): each layer's bias rises by `rate` for
+    the experts that took fewer than the mean of the step's rows (`counts_LE`, one row per layer, counted
+    over every data-parallel rank) and falls by `rate` for those that took more."""
+    for layer, counts_E in zip(layers, counts_LE):
+        layer.router.expert_bias += rate * torch.sign(counts_E.mean() - counts_E)
 
 
 class MoETransformer(Transformer):

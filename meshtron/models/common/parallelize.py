@@ -109,4 +109,5 @@ def moe_block_plan(args: ModelArgs, sequence_parallel: bool) -> dict[str, Parall
 
 DENSE_PLAN = ParallelPlan(tp_model=dense_model_plan, tp_block=dense_block_plan)
 SANDWICH_PLAN = ParallelPlan(tp_model=dense_model_plan, tp_block=sandwich_block_plan)
-MOE_PLAN = ParallelPlan(tp_model=dense_model_plan, tp_block=dense_block_plan, tp_moe_block=moe_block_plan)
+MOE_PLAN = ParallelPlan(tp_model=dense_model_plan, tp_block=dense_block_plan, tp_moe_block=moe_block_plan,
+                        experts="mlp.experts")

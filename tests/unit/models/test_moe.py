@@ -1,12 +1,12 @@
-"""The MoE layer: grouped GEMM against the per-expert loop, capacity dropping, and the load-balancing
-loss against transformers' formula."""
+"""The MoE layer: grouped GEMM against the per-expert loop, capacity dropping, the load-balancing loss
+against transformers' formula, the router z-loss, and the bias of auxiliary-loss-free balancing."""
 
 import pytest
 import torch
 
 from meshtron.models.common.init import init_model
 from meshtron.models.common.moe import (HAS_GROUPED_MM, MoE, MoEArgs, grouped_mm_runs, load_balancing_loss,
-                                        take_router_stats)
+                                        router_z_loss, take_router_stats, update_expert_bias)
 
 ARGS = dict(dim=32, num_heads=4, num_kv_heads=2, head_dim=8, num_layers=2, num_experts=6, num_experts_per_token=2,
             expert_ffn_dim=24, shared_expert_ffn_dim=16)
@@ -98,6 +98,44 @@ def test_load_balancing_loss_equals_transformers():
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=0)
     ours.backward()  # differentiable through the router probabilities
     assert all(moe.router.weight.grad.abs().sum() > 0 for moe in layers)
+
+
+def test_router_z_loss_is_the_mean_squared_logsumexp_summed_over_layers():
+    layers = [make_moe(seed) for seed in range(2)]
+    x = inputs()
+    for moe in layers:
+        moe(x)
+    stats = [s for moe in layers for s in take_router_stats(moe)]
+    expected = sum(torch.nn.functional.linear(x.flatten(0, 1), moe.router.weight).logsumexp(-1).square().mean()
+                   for moe in layers)
+    torch.testing.assert_close(router_z_loss(stats), expected)
+    router_z_loss(stats).backward()
+    assert all(moe.router.weight.grad.abs().sum() > 0 for moe in layers)
+
+
+def test_expert_bias_moves_towards_balance_and_changes_the_choice_only():
+    moe = make_moe(bias_update_rate=0.1)
+    x = inputs()
+    moe(x)
+    counts = take_router_stats(moe)[0].selected_E
+    assert counts.max() > counts.min()  # the random router is unbalanced
+    update_expert_bias([moe], counts[None], 0.1)
+    bias = moe.router.expert_bias
+    assert torch.equal(bias[counts > counts.mean()], torch.full_like(bias[counts > counts.mean()], -0.1))
+    assert torch.equal(bias[counts < counts.mean()], torch.full_like(bias[counts < counts.mean()], 0.1))
+    # A bias large enough for one expert makes every token choose it, with its unbiased score as weight.
+    with torch.no_grad():
+        moe.router.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 10.0, 0.0, 0.0]))
+    logits, experts, weights = moe.router(x.flatten(0, 1))
+    assert (experts == 3).any(-1).all()
+    scores = logits.float().softmax(-1)
+    chosen = scores.gather(-1, experts)
+    torch.testing.assert_close(weights, chosen / chosen.sum(-1, keepdim=True))
+
+
+def test_without_balancing_the_router_has_no_bias():
+    assert make_moe().router.expert_bias is None
+    assert "router.expert_bias" in make_moe(bias_update_rate=0.01).state_dict()
 
 
 def test_routing_fields_apply_to_a_pretrained_moe_model(tmp_path):

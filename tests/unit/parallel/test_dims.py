@@ -22,7 +22,6 @@ def test_dp_shard_takes_the_rest_of_the_world():
         (dict(dp_replicate=1, dp_shard=2, tp=2, world_size=2), "= 4 do not match the world size 2"),
         (dict(dp_replicate=1, dp_shard=-1, tp=3, world_size=4), "world size 4 is not divisible by dp_replicate x tp x pp x cp = 3"),
         (dict(dp_replicate=1, dp_shard=2, tp=1, world_size=2, pp=2), "pp=2 x dp_replicate=1 x dp_shard=2 x cp=1 x tp=1 = 4"),
-        (dict(dp_replicate=1, dp_shard=-1, tp=1, world_size=2, ep=2), "parallel.ep = 2: ep parallelism is not available"),
         (dict(dp_replicate=1, dp_shard=2, tp=1, world_size=2, cp=2), "dp_shard=2 x cp=2 x tp=1 = 4 do not match"),
         (dict(dp_replicate=1, dp_shard=-1, tp=1, world_size=4, cp=2, pp=2), "does not run with pipeline parallel"),
         (dict(dp_replicate=1, dp_shard=-1, tp=1, world_size=4, cp=2, ep=2), "does not run with expert parallel"),
@@ -33,11 +32,21 @@ def test_dp_shard_takes_the_rest_of_the_world():
         (dict(dp_replicate=1, dp_shard=-1, tp=1, world_size=4, cp=4, cp_algo="ring", cp_ulysses=2),
          "parallel.cp_ulysses = 2 applies to cp_algo = hybrid only"),
         (dict(dp_replicate=0, dp_shard=-1, tp=1, world_size=2), "parallel.dp_replicate must be >= 1"),
+        (dict(dp_replicate=1, dp_shard=-1, tp=2, world_size=4, ep=4), "parallel.ep = 4 does not divide dp_shard x cp = 2 x 1"),
+        (dict(dp_replicate=1, dp_shard=-1, tp=1, world_size=2, ep=0), "parallel.ep must be >= 1"),
     ],
 )
 def test_impossible_layouts(kwargs, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ParallelDims.resolve(**kwargs)
+
+
+def test_ep_borrows_data_parallel_ranks():
+    dims = ParallelDims.resolve(dp_replicate=1, dp_shard=-1, tp=1, world_size=2, ep=2)
+    assert (dims.dp_shard, dims.dp_size, dims.ep, dims.ep_enabled, dims.world_size) == (2, 2, 2, True, 2)
+    dims.check_experts(8)
+    with pytest.raises(UserError, match=r"num_experts \(6\) is not divisible by parallel.ep = 4"):
+        ParallelDims.resolve(dp_replicate=1, dp_shard=-1, tp=1, world_size=4, ep=4).check_experts(6)
 
 
 def test_heads_not_divisible_by_tp():
