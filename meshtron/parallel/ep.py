@@ -48,7 +48,8 @@ def local_expert_order(counts_PL: torch.Tensor) -> torch.Tensor:
 
 class ExpertParallel(ParallelStyle):
     """Shards a GroupedExperts module's stacked weights on the expert dim over a 1-D ep mesh and wraps its
-    forward in dispatch and combine. One instance per module: it holds the splits of the forward in flight."""
+    forward in dispatch and combine, which share the splits and order of the forward in flight (per module:
+    a recomputed forward runs both again, in the same order)."""
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         group = device_mesh.get_group()
