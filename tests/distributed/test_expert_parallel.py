@@ -55,14 +55,18 @@ def test_ep2_on_four_ranks_matches_one_process(run_train, tiny_config, one_proce
     assert [r["grad_norm"] for r in records] == pytest.approx([r["grad_norm"] for r in expected[:2]], rel=1e-4)
 
 
-@pytest.mark.slow
-def test_ep2_with_pp2_matches_one_process(run_train, tiny_config, tmp_path):
-    """Each pipeline stage's experts split over ep (qwen3_moe:debug: no load-balancing loss, which pipeline
-    parallel refuses)."""
-    flavor = ["--model.name_or_path", "qwen3_moe:debug", "--train.micro_batch_size", "1", "--train.steps", "2"]
-    _, expected = run_train(tiny_config, tmp_path / "one", overrides=flavor)
-    _, records = run_train(tiny_config, tmp_path / "pp", nproc=4, overrides=[
-        *flavor, "--parallel.pp", "2", "--parallel.dp_shard", "2", "--parallel.ep", "2"])
+QWEN = ["--model.name_or_path", "qwen3_moe:debug", "--train.micro_batch_size", "1", "--train.steps", "2"]
+
+
+@pytest.mark.parametrize("nproc, layout", [
+    (2, ["--parallel.cp", "2", "--parallel.dp_shard", "1"]),  # ep borrows the context-parallel ranks
+    pytest.param(4, ["--parallel.pp", "2", "--parallel.dp_shard", "2"], marks=pytest.mark.slow),
+], ids=["ep2-cp2", "ep2-pp2"])
+def test_ep2_with_cp_or_pp_matches_one_process(run_train, tiny_config, tmp_path, nproc, layout):
+    """qwen3_moe:debug, without the load-balancing loss (refused under pp; under cp each rank's would be
+    over its part of the sequences)."""
+    _, expected = run_train(tiny_config, tmp_path / "one", overrides=QWEN)
+    _, records = run_train(tiny_config, tmp_path / "ep", nproc=nproc, overrides=[*QWEN, *layout, "--parallel.ep", "2"])
     assert losses(records) == pytest.approx(losses(expected), rel=RTOL)
     assert [r["grad_norm"] for r in records] == pytest.approx([r["grad_norm"] for r in expected], rel=1e-4)
 
