@@ -64,9 +64,6 @@ class ParallelDims:
     def resolve(cls, *, dp_replicate: int, dp_shard: int, tp: int, world_size: int, pp: int = 1, cp: int = 1,
                 ep: int = 1, cp_algo: str = "ring", cp_ulysses: int = 0) -> "ParallelDims":
         """Fill in dp_shard = -1 from the world size and check that the degrees multiply to it."""
-        if cp > 1 and ep > 1:
-            raise UserError("context parallel (parallel.cp > 1) does not run with expert parallel yet; set "
-                            "parallel.ep = 1 or parallel.cp = 1")
         for name, value in (("dp_replicate", dp_replicate), ("tp", tp), ("pp", pp), ("cp", cp), ("ep", ep)):
             if value < 1:
                 raise UserError(f"parallel.{name} must be >= 1, got {value}")

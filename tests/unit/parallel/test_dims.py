@@ -24,7 +24,6 @@ def test_dp_shard_takes_the_rest_of_the_world():
         (dict(dp_replicate=1, dp_shard=2, tp=1, world_size=2, pp=2), "pp=2 x dp_replicate=1 x dp_shard=2 x cp=1 x tp=1 = 4"),
         (dict(dp_replicate=1, dp_shard=2, tp=1, world_size=2, cp=2), "dp_shard=2 x cp=2 x tp=1 = 4 do not match"),
         (dict(dp_replicate=1, dp_shard=-1, tp=1, world_size=4, cp=2, pp=2), "does not run with pipeline parallel"),
-        (dict(dp_replicate=1, dp_shard=-1, tp=1, world_size=4, cp=2, ep=2), "does not run with expert parallel"),
         (dict(dp_replicate=1, dp_shard=-1, tp=1, world_size=4, cp=4, cp_algo="hybrid"),
          "hybrid needs parallel.cp_ulysses strictly between 1 and cp = 4"),
         (dict(dp_replicate=1, dp_shard=-1, tp=1, world_size=6, cp=6, cp_algo="hybrid", cp_ulysses=4),
@@ -44,6 +43,8 @@ def test_impossible_layouts(kwargs, message):
 def test_ep_borrows_data_parallel_ranks():
     dims = ParallelDims.resolve(dp_replicate=1, dp_shard=-1, tp=1, world_size=2, ep=2)
     assert (dims.dp_shard, dims.dp_size, dims.ep, dims.ep_enabled, dims.world_size) == (2, 2, 2, True, 2)
+    with_cp = ParallelDims.resolve(dp_replicate=1, dp_shard=1, tp=1, world_size=2, cp=2, ep=2)  # cp ranks too
+    assert (with_cp.dp_size, with_cp.ep) == (1, 2)
     dims.check_experts(8)
     with pytest.raises(UserError, match=r"num_experts \(6\) is not divisible by parallel.ep = 4"):
         ParallelDims.resolve(dp_replicate=1, dp_shard=-1, tp=1, world_size=4, ep=4).check_experts(6)
