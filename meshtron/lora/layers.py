@@ -14,7 +14,9 @@ from torch import nn
 from meshtron.config.job import LoRAConfig
 from meshtron.errors import UserError
 
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The projections of attention (with DeepSeek's latent attention's: models/common/mla.py) and of the MLPs.
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",
+              "gate_proj", "up_proj", "down_proj")
 
 
 def target_names(config: LoRAConfig) -> tuple[str, ...]:

@@ -135,3 +135,30 @@ def test_nf4_base_logits_are_close_to_the_float_base(tmp_path):
         if hasattr(module, "lora_A"):
             w = dict(ref.named_parameters())[f"{name}.weight"].float()
             assert (module.weight.get_original_weight().float() - w).norm() / w.norm() < 0.12, name
+
+
+def test_peft_adapter_matches_on_latent_attention(tmp_path):
+    """LoRA on DeepSeek-V3's latent attention projections (their checkpoint names): PEFT's adapter on the
+    transformers model gives our logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, DeepseekV3Config
+
+    cfg = DeepseekV3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+                           n_group=1, topk_group=1, moe_intermediate_size=32, first_k_dense_replace=1, q_lora_rank=32,
+                           kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_mtp_layers=0)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp_path / "base"))
+    model, args = load_hf_model(tmp_path / "base")
+    targets = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+    config = LoRAConfig(rank=4, alpha=8, targets=targets)
+    assert len(apply_lora(model, config)) == 2 * len(targets)
+    _randomize_adapters(model)
+    tokens = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        ours = model(tokens)
+    save_peft_adapter(model, args, config, tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        assert (peft_model(tokens).logits - ours).abs().max().item() <= TOL
