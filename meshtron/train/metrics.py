@@ -220,6 +220,7 @@ def plot_expert_load(metrics_file: Path, out_png: Path) -> Path | None:
                        extent=(steps[0] - 0.5, steps[-1] + 0.5, load_ES.shape[0] - 0.5, -0.5))
     fig.colorbar(image, ax=top, label="rows / mean")
     top.set_ylabel("expert")
+    top.yaxis.set_major_locator(plt.MaxNLocator(integer=True))  # experts are whole numbers
     top.set_title("expert load (all MoE layers)")
     bottom.plot(steps, [r["moe_load_max"] for r in records], label="busiest expert")
     bottom.plot(steps, [r["moe_load_min"] for r in records], label="idlest expert")
