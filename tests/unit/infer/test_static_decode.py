@@ -24,7 +24,7 @@ def _model(flavor: str):
 PROMPTS = [[5, 6, 7], [9, 10], [3] * 12]
 
 
-@pytest.mark.parametrize("flavor", ["llama:debug", "mistral:debug", "gemma2:debug"])
+@pytest.mark.parametrize("flavor", ["llama:debug", "mistral:debug", "gemma2:debug", "deepseek_v3:debug"])
 def test_static_decode_gives_the_cached_decodes_greedy_tokens(flavor):
     m = _model(flavor)
     params = SamplingParams(max_new_tokens=16)
