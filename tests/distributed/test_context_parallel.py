@@ -14,7 +14,7 @@ RTOL = 2e-5
 
 
 def losses(records):
-    return [r["loss"] for r in records]
+    return [r["loss"] for r in records if "loss" in r]  # (evaluation records have none)
 
 
 def grad_norms(records):
@@ -79,3 +79,43 @@ def test_an_impossible_context_parallel_layout_is_one_clear_error(run_train, tin
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if "meshtron train: error:" in line]
     assert len(errors) == 1 and "train.seq_length (34) is not divisible by 2 x parallel.cp = 4" in errors[0]
+
+
+@pytest.mark.smollm2
+def test_sft_with_held_out_evaluation_at_cp2(run_train, smollm2_dir, tmp_path):
+    """sft (response-only loss on packed samples) and the held-out loss at cp = 2 give the one-process numbers."""
+    import json
+
+    rows = [{"instruction": f"Add {i} and {i}.", "input": "", "output": f"The sum is {2 * i}."} for i in range(40)]
+    data, heldout = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    heldout.write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
+    config = tmp_path / "sft.toml"
+    config.write_text(f"""
+[model]
+name_or_path = "llama:debug"
+args = {{ vocab_size = 49152 }}
+tokenizer = "{smollm2_dir}"
+[data]
+paths = ["{data}"]
+eval_paths = ["{heldout}"]
+[train]
+recipe = "sft"
+steps = 3
+global_batch_size = 4
+micro_batch_size = 2
+seq_length = 64
+[optim]
+lr = 0.01
+[log]
+tensorboard = false
+plot = false
+[checkpoint]
+save_final = false
+""")
+    _, single = run_train(config, tmp_path / "single")
+    _, split = run_train(config, tmp_path / "cp2", nproc=2, overrides=["--parallel.cp", "2"])
+    assert losses(split) == pytest.approx(losses(single), rel=RTOL)
+    evals = [r["eval_loss"] for r in single if "eval_loss" in r]
+    assert len(evals) == 2
+    assert [r["eval_loss"] for r in split if "eval_loss" in r] == pytest.approx(evals, rel=RTOL)
