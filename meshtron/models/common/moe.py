@@ -213,6 +213,16 @@ class Router(nn.Module):
         if self.expert_bias is not None:
             init.fill_(self.expert_bias, "expert_bias", 0.0)
 
+    def _apply(self, fn, recurse=True):
+        """A dtype cast of the model (`model.to(torch.bfloat16)`) leaves the bias in float32, as transformers
+        keeps `e_score_correction_bias`: rounded to bfloat16 it would change the choice of experts, and a
+        balancing update of 1e-3 would vanish in it. Device moves apply."""
+        bias = self.expert_bias
+        super()._apply(fn, recurse)
+        if bias is not None and self.expert_bias.dtype != bias.dtype:
+            self.expert_bias = bias.to(self.expert_bias.device)
+        return self
+
     def limit_to_groups(self, choice_NE: torch.Tensor) -> torch.Tensor:
         """The choice scores with the experts outside each token's `topk_groups` best groups at -inf."""
         N, E = choice_NE.shape

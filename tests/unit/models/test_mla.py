@@ -38,3 +38,16 @@ def test_docs_report_the_671b_cache_sizes():
     assert f"| latent (meshtron) | 512 + 64 = {latent_cache_numbers(args)} | {latent:,} |" in docs
     assert f"= {expanded_cache_numbers(args):,} | {expanded:,} |" in docs
     assert f"{round(expanded / latent)}x smaller" in docs
+
+
+def test_a_bfloat16_cast_keeps_the_routing_bias_in_float32():
+    model = _model()
+    bias = model.layers["1"].mlp.router.expert_bias
+    with torch.no_grad():
+        bias.copy_(1.0 + 1e-3 * torch.arange(bias.numel()))  # steps bfloat16 cannot hold near 1
+    expected = bias.clone()
+    model.to(torch.bfloat16)
+    kept = model.layers["1"].mlp.router.expert_bias
+    assert kept.dtype == torch.float32 and torch.equal(kept, expected)
+    assert model.layers["1"].mlp.router.weight.dtype == torch.bfloat16
+    assert "layers.1.mlp.router.expert_bias" in model.state_dict()
