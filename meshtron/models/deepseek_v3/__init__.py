@@ -46,8 +46,8 @@ def deepseek_args_from_hf(cfg, family: str, **routing) -> DeepSeekArgs:
     dense.update(num_kv_heads=cfg.num_attention_heads, head_dim=cfg.qk_rope_head_dim)
     return DeepSeekArgs(
         **dense, num_experts=cfg.n_routed_experts, num_experts_per_token=cfg.num_experts_per_tok,
-        expert_ffn_dim=cfg.moe_intermediate_size, shared_expert_ffn_dim=cfg.moe_intermediate_size * (cfg.n_shared_experts or 0),
-        shared_expert_gated=False, route_scale=cfg.routed_scaling_factor,
+        expert_ffn_dim=cfg.moe_intermediate_size,
+        shared_expert_ffn_dim=cfg.moe_intermediate_size * (cfg.n_shared_experts or 0), shared_expert_gated=False, route_scale=cfg.routed_scaling_factor,
         dense_layers=tuple(range(cfg.first_k_dense_replace or 0)), q_lora_rank=cfg.q_lora_rank,
         kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim, v_head_dim=cfg.v_head_dim, **routing)
 
@@ -64,8 +64,8 @@ def deepseek_hf_kwargs(args: DeepSeekArgs) -> dict:
     kwargs = dense_hf_kwargs(args)
     del kwargs["head_dim"]  # the config derives it (qk_rope_head_dim)
     return dict(**kwargs, n_routed_experts=args.num_experts, num_experts_per_tok=args.num_experts_per_token,
-                moe_intermediate_size=args.expert_ffn_dim, n_shared_experts=args.shared_expert_ffn_dim // args.expert_ffn_dim,
-                routed_scaling_factor=args.route_scale, first_k_dense_replace=first_dense,
+                moe_intermediate_size=args.expert_ffn_dim,
+                n_shared_experts=args.shared_expert_ffn_dim // args.expert_ffn_dim, routed_scaling_factor=args.route_scale, first_k_dense_replace=first_dense,
                 q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank, qk_rope_head_dim=args.head_dim,
                 qk_nope_head_dim=args.qk_nope_head_dim, v_head_dim=args.v_head_dim, attention_bias=args.qkv_bias)
 
