@@ -44,10 +44,10 @@ def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) ->
 def clipped_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, clip_low: float,
                        clip_high: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The negated clipped surrogate -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) per token, with
-    r = exp(logps - old_logps) and A the completion's advantage; and where the clip was active (the
+    r = exp(logps - old_logps) and A the completion's advantage (B,) or each token's (B, T); and where the clip was active (the
     ratio left the trust region in the direction the advantage pushes)."""
     ratio = torch.exp(logps - old_logps)
-    adv = advantages.unsqueeze(-1)
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
     clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
     loss = -torch.min(ratio * adv, clipped * adv)
     active = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
@@ -106,11 +106,11 @@ def ppo_token_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor
                       kl_coef: float = 0.0) -> torch.Tensor:
     """(B, T) per-token rewards of PPO for RLHF: -kl_coef x the per-token KL estimate to the
     reference on every completion token, plus the completion's sequence reward (B,) on its last
-    token. `mask` must be right-padded (a completion's tokens come first)."""
+    (last masked) token."""
     rewards = torch.zeros_like(mask, dtype=scores.dtype)
     if kl is not None and kl_coef:
         rewards = rewards - kl_coef * kl * mask
-    last = (mask.sum(-1).long() - 1).clamp(min=0)
+    last = mask.shape[-1] - 1 - mask.flip(-1).argmax(-1)
     rows = torch.arange(mask.shape[0], device=mask.device)
     rewards[rows, last] += scores * (mask.sum(-1) > 0)
     return rewards
@@ -132,12 +132,14 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, reduce=None) -> torch.Tensor:
     """(values - mean) / sqrt(var + 1e-8) over the masked entries (the unbiased variance, as TRL's
-    PPO whitens advantages), 0 off the mask."""
-    n = mask.sum()
-    mean = (values * mask).sum() / n
-    var = (((values - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1)
+    PPO whitens advantages), 0 off the mask; `reduce` sums the statistics over other processes too
+    (e.g. an all-reduce over the data-parallel ranks), so that they whiten as one batch."""
+    reduce = reduce or (lambda t: t)
+    n, total = reduce(torch.stack([mask.sum(), (values * mask).sum()])).unbind()
+    mean = total / n
+    var = reduce(((values - mean) * mask).pow(2).sum().reshape(1)).squeeze() / (n - 1).clamp(min=1)
     return (values - mean) * torch.rsqrt(var + WHITEN_EPS) * mask
 
 
@@ -152,14 +154,3 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     unclipped_sq, clipped_sq = (values - returns) ** 2, (clipped - returns) ** 2
     return 0.5 * torch.max(unclipped_sq, clipped_sq), outside & (clipped_sq > unclipped_sq)
 
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """1 - Var(returns - values) / Var(returns) over the masked tokens: 1 for a perfect critic, 0 for
-    one that predicts the mean, negative for worse."""
-    n = mask.sum()
-
-    def var(x):
-        mean = (x * mask).sum() / n
-        return (((x - mean) * mask) ** 2).sum() / n
-
-    return 1 - var(returns - values) / var(returns).clamp(min=1e-12)

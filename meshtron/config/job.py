@@ -55,7 +55,7 @@ class DataConfig:
     handler: str = ""
     """Preprocess handler for raw files (pretrain, alpaca, sharegpt, openai, pairwise, prm); empty
     picks the recipe's: "pretrain" for pretrain, "alpaca" for sft, "pairwise" for dpo, simpo and rm,
-    "prm" for prm. grpo reads prompt files (docs/rl.md) and takes no handler."""
+    "prm" for prm. grpo and ppo read prompt files (docs/rl.md) and take no handler."""
 
     handlers: dict = field(default_factory=dict)
     """Handlers of single raw files, keyed by the path as written in `paths` or `eval_paths`, e.g.
@@ -87,8 +87,8 @@ class TrainConfig:
     recipe: str = "pretrain"
     """How a batch becomes a loss: pretrain (next-token loss on packed documents), sft
     (next-token loss on response tokens only), dpo or simpo (pairwise preferences, see [align]),
-    prm (process reward model on step-labelled data), or grpo (online reinforcement learning on
-    prompts: the model generates, rewards score it, see [rl] and docs/rl.md)."""
+    prm (process reward model on step-labelled data), grpo or ppo (online reinforcement learning on
+    prompts: the model generates, rewards score it; ppo with a critic; see [rl] and docs/rl.md)."""
 
     steps: int = 10
     """Number of optimizer steps of the run (resuming continues up to this count)."""
@@ -343,7 +343,7 @@ class AlignConfig:
 @dataclass
 class RLConfig:
     prompts_per_step: int = 4
-    """grpo: prompts each optimizer step rolls out, over all data-parallel ranks (each rank takes an
+    """grpo, ppo: prompts each optimizer step rolls out, over all data-parallel ranks (each rank takes an
     equal share; a prompt's group of completions stays on one rank). train.global_batch_size must
     be prompts_per_step x group_size (the completions trained on per step)."""
 
@@ -387,6 +387,18 @@ class RLConfig:
     updates_per_rollout: int = 1
     """Optimizer steps on each rollout (TRL's num_iterations); above 1, the rollout policy's
     log-probs are kept for the ratio."""
+
+    gamma: float = 1.0
+    """ppo: discount of GAE over the completion's tokens."""
+
+    lam: float = 0.95
+    """ppo: GAE's lambda (1: the reward-to-go minus the value, lower: more of the critic's estimate)."""
+
+    value_clip: float = 0.2
+    """ppo: the critic's prediction is kept within value_clip of its rollout-time value (clipped value loss)."""
+
+    critic_lr: float = 0.0
+    """ppo: learning rate of the critic's own AdamW (optim's other settings, constant lr); 0 uses optim.lr."""
 
     rewards: dict = field(default_factory=lambda: {"math": 1.0})
     """Reward functions and their weights, e.g. {math = 1.0, format = 0.2}: math (the completion's

@@ -19,7 +19,7 @@ from meshtron.errors import UserError
 from meshtron.models.common.masks import ATTENTION_BACKENDS
 from meshtron.parallel.cp import CP_ALGOS
 
-RECIPES = ("pretrain", "sft", "dpo", "simpo", "rm", "prm", "grpo")
+RECIPES = ("pretrain", "sft", "dpo", "simpo", "rm", "prm", "grpo", "ppo")
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "linear", "wsd")
@@ -279,12 +279,16 @@ def _validate_rl(cfg: JobConfig) -> None:
     bad = [name for name, weight in rl.rewards.items() if isinstance(weight, bool) or not isinstance(weight, (int, float))]
     if bad:
         raise UserError(f"rl.rewards[{bad[0]!r}] must be a number (the reward's weight)")
-    if cfg.train.recipe == "grpo" and cfg.data.mock:
-        raise UserError("the grpo recipe generates from prompts: set data.paths to prompt files (JSON lines with "
+    if cfg.train.recipe in ("grpo", "ppo") and cfg.data.mock:
+        raise UserError(f"the {cfg.train.recipe} recipe generates from prompts: set data.paths to prompt files (JSON lines with "
                         "'prompt' or 'messages'), not data.mock")
     if cfg.train.recipe == "grpo" and rl.group_size < 2:
         raise UserError("rl.group_size must be >= 2: a completion's advantage is its reward against its group's")
-    if cfg.train.recipe == "grpo" and cfg.train.global_batch_size != rl.prompts_per_step * rl.group_size:
+    if cfg.train.recipe == "ppo" and (rl.gamma < 0 or rl.gamma > 1 or rl.lam < 0 or rl.lam > 1):
+        raise UserError(f"rl.gamma and rl.lam must be in [0, 1], got {rl.gamma} and {rl.lam}")
+    if cfg.train.recipe == "ppo" and rl.value_clip <= 0:
+        raise UserError(f"rl.value_clip must be > 0, got {rl.value_clip}")
+    if cfg.train.recipe in ("grpo", "ppo") and cfg.train.global_batch_size != rl.prompts_per_step * rl.group_size:
         raise UserError(f"train.global_batch_size ({cfg.train.global_batch_size}) must be rl.prompts_per_step x "
                         f"rl.group_size ({rl.prompts_per_step} x {rl.group_size} = {rl.prompts_per_step * rl.group_size}"
                         "), the completions trained on per step")

@@ -304,6 +304,7 @@ class Trainer:
             "dataloader": self.data_loader,
             "train_state": self.state,
         }
+        states.update(self.recipe.checkpoint_states())
         if self.grad_scaler is not None:
             states["grad_scaler"] = self.grad_scaler
         manifest = {

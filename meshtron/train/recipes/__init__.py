@@ -5,12 +5,13 @@ from meshtron.config import JobConfig
 from meshtron.train.recipes.alignment import DPORecipe, PRMRecipe, RewardModelRecipe, SimPORecipe
 from meshtron.train.recipes.base import Recipe
 from meshtron.train.recipes.pretrain import PretrainRecipe
+from meshtron.train.recipes.ppo import PPORecipe
 from meshtron.train.recipes.rl import GRPORecipe
 from meshtron.train.recipes.sft import SFTRecipe
 
 RECIPES: dict[str, type[Recipe]] = {"pretrain": PretrainRecipe, "sft": SFTRecipe, "dpo": DPORecipe,
                                     "simpo": SimPORecipe, "rm": RewardModelRecipe, "prm": PRMRecipe,
-                                    "grpo": GRPORecipe}
+                                    "grpo": GRPORecipe, "ppo": PPORecipe}
 
 
 def build_recipe(config: JobConfig) -> Recipe:

@@ -68,6 +68,10 @@ class Recipe:
         """The model this recipe trains, given the source's args (e.g. a score head for rm)."""
         return args
 
+    def checkpoint_states(self) -> dict:
+        """Stateful parts of the recipe's own to checkpoint with the run (ppo: its critic and optimizer)."""
+        return {}
+
     def setup(self, trainer) -> None:
         """Build what the recipe needs beside the model (a reference model, label token ids)."""
 

@@ -71,6 +71,7 @@ class GRPORecipe(Recipe):
     data_kind = "prompts"
     default_handler = ""
     plots = (("reward", "eval_reward"),)
+    needs_old_logps = False  # besides for several updates per rollout
 
     def __init__(self, config):
         super().__init__(config)
@@ -87,7 +88,7 @@ class GRPORecipe(Recipe):
         from meshtron.infer.loading import pad_token_id, stop_token_ids
 
         if trainer.dims.tp_enabled:
-            raise UserError("the grpo recipe does not run with tensor parallel yet; set parallel.tp = 1 and shard "
+            raise UserError(f"the {self.name} recipe does not run with tensor parallel yet; set parallel.tp = 1 and shard "
                             "with parallel.dp_shard")
         self.trainer = trainer
         self.tokenizer = AutoTokenizer.from_pretrained(str(trainer.source.tokenizer_dir))
@@ -158,13 +159,21 @@ class GRPORecipe(Recipe):
         rollout_s = time.perf_counter() - start
         per_function = self._score(prompts, rows)
         rewards = self.rewards.total(per_function)
-        advantages = group_advantages(rewards, rl.group_size, rl.scale_rewards)
-        batches = self._micro_batches([p.token_ids for p in prompts], rows, advantages, device)
+        batches = self._micro_batches([p.token_ids for p in prompts], rows, self.row_values(rewards), device)
         self._add_logps(trainer, batches)
         self._record_rollout(trainer, rows, per_function, rewards, entropy_sum, entropy_count, rollout_s)
+        self.finish_rollout(trainer, batches)
         return batches
 
-    def _micro_batches(self, prompts: list[list[int]], rows: list[list[int]], advantages: torch.Tensor,
+    def row_values(self, rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What each completion's row of the micro-batches carries: its advantage against its group."""
+        rl = self.config.rl
+        return {"advantages": group_advantages(rewards, rl.group_size, rl.scale_rewards)}
+
+    def finish_rollout(self, trainer, batches: list[dict]) -> None:
+        """After the log-probs: anything else the rollout's batches need (ppo: the critic's part)."""
+
+    def _micro_batches(self, prompts: list[list[int]], rows: list[list[int]], per_row: dict[str, torch.Tensor],
                        device) -> list[dict]:
         """Prompt + completion rows in micro-batches, labelled on the completion (its stop token
         included), right-padded to the micro-batch's longest row."""
@@ -182,14 +191,14 @@ class GRPORecipe(Recipe):
                 document_ids[r, :n] = 0
             batch = {"input_ids": input_ids, "labels": labels, "document_ids": document_ids,
                      "position_ids": torch.arange(width).expand(len(sequences), width).clone(),
-                     "advantages": advantages[start:start + mbs].clone()}
+                     **{key: value[start:start + mbs].clone() for key, value in per_row.items()}}
             batches.append({k: v.to(device) for k, v in batch.items()})
         return batches
 
     def _add_logps(self, trainer, batches: list[dict]) -> None:
         """The rollout policy's log-probs (for several updates per rollout) and the reference's."""
         models = {"ref_logps": self.reference} if self.reference is not None else {}
-        if self.config.rl.updates_per_rollout > 1:
+        if self.config.rl.updates_per_rollout > 1 or self.needs_old_logps:
             models["old_logps"] = trainer.model
         for key, model in models.items():
             for batch in batches:

@@ -29,3 +29,22 @@ def test_defaults_load():
 def test_mistakes_are_one_line_errors(overrides, message):
     with pytest.raises(UserError, match=message):
         load_config(None, GRPO + overrides)
+
+
+PPO = ["--train.recipe", "ppo", "--data.paths", "prompts.jsonl", "--train.global_batch_size", "4",
+       "--rl.group_size", "1"]
+
+
+def test_ppo_takes_groups_of_one():
+    cfg = load_config(None, PPO)
+    assert (cfg.rl.gamma, cfg.rl.lam, cfg.rl.value_clip, cfg.rl.critic_lr) == (1.0, 0.95, 0.2, 0.0)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["--rl.lam", "1.5"], r"rl.gamma and rl.lam must be in \[0, 1\]"),
+    (["--rl.value_clip", "0"], "rl.value_clip must be > 0"),
+    (["--data.paths", "", "--data.mock", "true"], "ppo recipe generates from prompts"),
+])
+def test_ppo_mistakes_are_one_line_errors(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, PPO + overrides)

@@ -1,0 +1,105 @@
+"""The ppo recipe on the Trainer with a tiny model and the real SmolLM2 tokenizer: the critic's and the
+rollout's metrics in metrics.jsonl, the same run at dp_shard=2 equal to one process, and a resumed run
+equal to the uninterrupted one."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RTOL = 2e-5
+
+CONFIG = """
+[model]
+name_or_path = "llama:debug"
+args = {{vocab_size = 49152}}
+tokenizer = "{tokenizer}"
+[data]
+paths = ["{data}"]
+[train]
+recipe = "ppo"
+steps = 4
+global_batch_size = 4
+micro_batch_size = 2
+[rl]
+prompts_per_step = 2
+group_size = 2
+max_new_tokens = 6
+kl_coef = 0.05
+updates_per_rollout = 2
+gamma = 1.0
+lam = 0.95
+value_clip = 0.2
+critic_lr = 0.01
+rewards = {{math = 1.0, "tiny_rewards:letters" = 1.0}}
+[optim]
+lr = 0.01
+[lr]
+schedule = "constant"
+[log]
+tensorboard = false
+plot = false
+[checkpoint]
+save_final = false
+"""
+
+# The share of letters in a completion: a reward a random model's completions already spread over.
+REWARD_MODULE = """
+def letters(prompts, completions, **fields):
+    return [sum(ch.isalpha() for ch in c) / max(len(c), 1) for c in completions]
+"""
+
+
+@pytest.fixture(scope="module")
+def ppo_setup(smollm2_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppo")
+    (root / "tiny_rewards.py").write_text(REWARD_MODULE)
+    config = root / "ppo.toml"
+    config.write_text(CONFIG.format(tokenizer=smollm2_dir, data=REPO / "data" / "arithmetic_prompts.jsonl"))
+    env = {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    return config, env
+
+
+@pytest.fixture(scope="module")
+def ppo_single(run_train, ppo_setup, tmp_path_factory):
+    config, env = ppo_setup
+    _, records = run_train(config, tmp_path_factory.mktemp("ppo-single"), env=env)
+    return [r for r in records if "loss" in r]
+
+
+def test_ppo_logs_critic_and_rollout_metrics(ppo_single):
+    assert [r["step"] for r in ppo_single] == [1, 2, 3, 4]
+    rollouts = [r for r in ppo_single if "reward" in r]
+    assert [r["step"] for r in rollouts] == [1, 3]  # updates_per_rollout = 2
+    for r in rollouts:
+        for key in ("reward_std", "reward/tiny_rewards:letters", "completion_length", "value_clip_fraction"):
+            assert key in r
+        assert r["value_loss"] > 0 and r["explained_variance"] <= 1
+    # The policy starts as its reference: no KL in the first rollout's rewards, some after two updates.
+    assert rollouts[0]["kl"] == pytest.approx(0.0, abs=1e-6) and rollouts[1]["kl"] > 0
+    assert all(r["loss"] != 0 and "clip_fraction" in r for r in ppo_single)
+
+
+def test_ppo_data_parallel_matches_single_process(run_train, ppo_setup, ppo_single, tmp_path):
+    config, env = ppo_setup
+    _, records = run_train(config, tmp_path, nproc=2, overrides=["--parallel.dp_shard", "2"], env=env)
+    records = [r for r in records if "loss" in r]
+    # abs: a rollout's first update has ratio 1 and whitened advantages, a loss of 0 up to float32 rounding.
+    for key in ("loss", "grad_norm", "value_loss", "explained_variance", "kl"):
+        assert [r.get(key) for r in records] == pytest.approx([r.get(key) for r in ppo_single], rel=RTOL, abs=1e-5)
+    # The same completions: rewards equal up to the float32 order of summing them over ranks.
+    assert [r.get("reward") for r in records] == pytest.approx([r.get("reward") for r in ppo_single], rel=1e-6)
+
+
+def test_ppo_resume_repeats_the_uninterrupted_run(run_train, ppo_setup, ppo_single, tmp_path):
+    """The critic and its optimizer are in the checkpoint: the resumed run's losses and values are
+    the uninterrupted run's."""
+    config, env = ppo_setup
+    run_train(config, tmp_path, overrides=["--train.steps", "2", "--checkpoint.save_final", "true"], env=env)
+    _, records = run_train(config, tmp_path, env=env)
+    records = [r for r in records if "loss" in r and r["step"] > 2]  # the resumed part
+    assert [r["step"] for r in records] == [3, 4]
+    for key in ("loss", "grad_norm", "value_loss", "explained_variance", "kl"):
+        assert [r.get(key) for r in records] == pytest.approx([r.get(key) for r in ppo_single[2:]], rel=RTOL,
+                                                              abs=1e-5)
