@@ -44,8 +44,8 @@ def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) ->
 def clipped_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, clip_low: float,
                        clip_high: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The negated clipped surrogate -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) per token, with
-    r = exp(logps - old_logps) and A the completion's advantage (B,) or each token's (B, T); and where the clip was active (the
-    ratio left the trust region in the direction the advantage pushes)."""
+    r = exp(logps - old_logps) and A the completion's advantage (B,) or each token's (B, T); and where
+    the clip was active (the ratio left the trust region in the direction the advantage pushes)."""
     ratio = torch.exp(logps - old_logps)
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
     clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)

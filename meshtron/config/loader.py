@@ -280,8 +280,8 @@ def _validate_rl(cfg: JobConfig) -> None:
     if bad:
         raise UserError(f"rl.rewards[{bad[0]!r}] must be a number (the reward's weight)")
     if cfg.train.recipe in ("grpo", "ppo") and cfg.data.mock:
-        raise UserError(f"the {cfg.train.recipe} recipe generates from prompts: set data.paths to prompt files (JSON lines with "
-                        "'prompt' or 'messages'), not data.mock")
+        raise UserError(f"the {cfg.train.recipe} recipe generates from prompts: set data.paths to prompt files "
+                        "(JSON lines with 'prompt' or 'messages'), not data.mock")
     if cfg.train.recipe == "grpo" and rl.group_size < 2:
         raise UserError("rl.group_size must be >= 2: a completion's advantage is its reward against its group's")
     if cfg.train.recipe == "ppo" and (rl.gamma < 0 or rl.gamma > 1 or rl.lam < 0 or rl.lam > 1):

@@ -15,7 +15,8 @@ import dataclasses
 
 import torch
 
-from meshtron.align.rl import aggregate, clipped_value_loss, gae, kl_estimate, masked_whiten, ppo_token_rewards, token_losses
+from meshtron.align.rl import (aggregate, clipped_value_loss, gae, kl_estimate, masked_whiten, ppo_token_rewards,
+                               token_losses)
 from meshtron.train.losses import IGNORE_INDEX
 from meshtron.train.recipes.alignment import reshard
 from meshtron.train.recipes.rl import GRPORecipe, per_token_logps

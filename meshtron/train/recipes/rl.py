@@ -88,8 +88,8 @@ class GRPORecipe(Recipe):
         from meshtron.infer.loading import pad_token_id, stop_token_ids
 
         if trainer.dims.tp_enabled:
-            raise UserError(f"the {self.name} recipe does not run with tensor parallel yet; set parallel.tp = 1 and shard "
-                            "with parallel.dp_shard")
+            raise UserError(f"the {self.name} recipe does not run with tensor parallel yet; set parallel.tp = 1 "
+                            "and shard with parallel.dp_shard")
         self.trainer = trainer
         self.tokenizer = AutoTokenizer.from_pretrained(str(trainer.source.tokenizer_dir))
         self.stop_ids = stop_token_ids(self.tokenizer, trainer.source.tokenizer_dir)
