@@ -20,9 +20,12 @@ SPIKE_WINDOW = 50  # applied steps whose median a spike is measured against
 SPIKE_MIN_HISTORY = 10  # no spike is reported before this many applied steps
 
 
-def finite_on_every_rank(tensors) -> bool:
+def finite_on_every_rank(tensors, read=None):
     """Whether every element of every tensor is finite on every rank. Collective: all ranks must call it,
-    and all get the same answer, so that none steps or saves while another does not."""
+    and all get the same answer, so that none steps or saves while another does not.
+
+    With `read` (scalar tensors on the same device), returns (answer, their values): one transfer from
+    the device brings both, so that a training step waits for the device once."""
     tensors = list(tensors)
     device = tensors[0].device if tensors else torch.device("cpu")
     ok = torch.ones((), device=device)
@@ -30,7 +33,10 @@ def finite_on_every_rank(tensors) -> bool:
         ok = ok * torch.isfinite(t).all()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
+    if read is None:
+        return bool(ok.item())
+    answer, *values = torch.stack([ok, *(r.float().reshape(()) for r in read)]).tolist()
+    return bool(answer), values
 
 
 class StepGuard:

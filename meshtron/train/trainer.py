@@ -390,14 +390,18 @@ class Trainer:
 
     def train_step(self) -> dict | None:
         """One optimizer step over `grad_accum_steps` micro-batches; returns its metrics (None when torchft
-        dropped the step)."""
+        dropped the step).
+
+        The host waits for the device once per step: the check that decides whether the optimizer steps
+        (every rank must agree), which reads the step's metrics with it. The token count scales the loss
+        as a tensor, and the recipe's metric sums cross the data-parallel ranks in one collective, so
+        nothing before the optimizer step stalls the host while it could queue work."""
         batches = self.recipe.next_batches(self)
         units = torch.stack([self.recipe.num_loss_units(b) for b in batches]).sum().to(torch.float32)
         self.timer.phase("forward_backward")
-        units = self._dp_sum(units)
-        scale = self.dims.loss_ranks / max(units.item(), 1.0)
+        units = self._dp_sum(units).clamp(min=1.0)
         runner = self.pipeline or self
-        loss_sum = runner.forward_backward_micro_batches(batches, scale)
+        loss_sum = runner.forward_backward_micro_batches(batches, self.dims.loss_ranks / units)
         self.timer.phase("optimizer")
         if self.ft is not None and not self.ft.average_gradients(self.model.parameters()):
             self.optimizer.zero_grad(set_to_none=True)
@@ -409,42 +413,51 @@ class Trainer:
         pp_group, copies = (self.pipeline.pp_group, self.pipeline.head_copies) if self.pipeline else (None, [])
         grad_norm = clip_grad_norm(list(self.model.parameters()), self.config.optim.grad_clip, pp_group, copies)
         lr = self.optimizer.param_groups[0]["lr"]
-        loss = self._loss_sum(loss_sum) / max(units.item(), 1.0)
-        applied = self._apply_step(loss, grad_norm)
+        loss = self._loss_sum(loss_sum) / units
+        recipe_metrics = self._recipe_metric_tensors(units)
+        read = [_local(loss), _local(grad_norm), units, *recipe_metrics.values()]
+        applied, values = self._apply_step(loss, grad_norm, read)
         if applied:
             self._update_expert_bias()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
-        metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "loss_tokens": int(units.item())}
-        metrics.update(self._recipe_metrics(units))
+        loss_value, grad_norm_value, units_value, *recipe_values = values
+        metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm_value, "loss_tokens": int(units_value)}
+        metrics.update(zip(recipe_metrics, recipe_values))
         metrics.update(self.recipe.step_metrics())
         metrics.update(self.router_metrics.take(self._dp_sum, self.dims.dp_size))
         metrics.update(self.guard.observe(self.state.step + 1, metrics["loss"], metrics["grad_norm"], applied))
         return metrics
 
-    def _apply_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+    def _apply_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, read: list[torch.Tensor]) -> tuple[bool, list]:
         """Step the optimizer (and grad scaler) unless the loss or the gradient norm is not finite on some
-        rank; then no rank changes its parameters, optimizer state or scaler. Returns whether it stepped.
+        rank; then no rank changes its parameters, optimizer state or scaler. Returns whether it stepped,
+        and the values of the scalar tensors `read`, fetched in the same transfer as the check's answer.
 
         Under fp16 an infinite gradient with a finite loss is an overflow of the loss scale: the scaler
         skips that step itself and lowers the scale, as it should, so only the loss is checked.
         """
-        if not finite_on_every_rank([loss] if self.grad_scaler is not None else [loss, grad_norm]):
+        finite, values = finite_on_every_rank([loss] if self.grad_scaler is not None else [loss, grad_norm], read)
+        if not finite:
             if self.grad_scaler is not None:
                 # unscale_ has run: forget this step's record without touching the scale or its growth count.
                 self.grad_scaler.update(new_scale=self.grad_scaler.get_scale())
-            return False
+            return False, values
         if self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             self.optimizer.step()
-        return True
+        return True, values
 
-    def _recipe_metrics(self, units: torch.Tensor, prefix: str = "") -> dict[str, float]:
-        """The recipe's summed metrics, summed over data-parallel ranks and divided by the global units."""
-        return {f"{prefix}{k}": (self._loss_sum(v) / units.clamp(min=1)).item()
-                for k, v in self.recipe.take_metrics().items()}
+    def _recipe_metric_tensors(self, units: torch.Tensor, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The recipe's summed metrics, summed over data-parallel ranks in one collective and divided by the
+        global units (still on the device)."""
+        sums = self.recipe.take_metrics()
+        if not sums:
+            return {}
+        reduced = self._loss_sum(torch.stack([_local(v).float().reshape(()) for v in sums.values()])) / units
+        return {f"{prefix}{name}": value for name, value in zip(sums, reduced.unbind())}
 
     def build_frozen_copy(self) -> nn.Module:
         """A frozen copy of the starting model at the same layout, without adapters (the DPO reference)."""
@@ -616,8 +629,9 @@ class Trainer:
             with self.train_context():
                 loss_sum += _local(self.recipe.loss_sum(self.model, self.recipe.prepare_batch(batch))).float()
         units = self._dp_sum(units)
-        return {"eval_loss": (self._loss_sum(loss_sum) / units.clamp(min=1)).item(),
-                **self._recipe_metrics(units, prefix="eval_")}
+        units = units.clamp(min=1)
+        metrics = {"eval_loss": self._loss_sum(loss_sum) / units, **self._recipe_metric_tensors(units, prefix="eval_")}
+        return dict(zip(metrics, torch.stack(list(metrics.values())).tolist()))
 
     # ---- helpers of the loop ---------------------------------------------------------------
 
