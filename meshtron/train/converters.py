@@ -48,6 +48,11 @@ class LoRAConverter(ModelConverter):
         trainable, total = count_parameters(model)
         log.info("LoRA rank %d on %s: %s trainable parameters of %s (%.2f%%)", self.config.rank,
                  ",".join(self.config.targets), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+        experts = sum(type(m).__name__ == "GroupedExperts" for m in model.modules())
+        if experts:
+            # Adapters wrap nn.Linear; the routed experts are stacked weights computed by grouped GEMM.
+            log.warning("LoRA does not adapt routed experts: the stacked expert weights of %d MoE layers stay frozen "
+                        "(attention, shared experts and dense MLPs are adapted)", experts)
 
     def after_parallelize(self, model: nn.Module) -> None:
         mark_trainable(model, self.config)
