@@ -14,17 +14,25 @@ shifts every row right to make room. The cache's rows (slots) are bounded by `ma
 by a memory budget for the cache; a request that finds no free slot waits. Greedy requests give
 the same tokens as alone. Beam search runs alone between decode steps. A cancelled request (its
 client went away) is dropped while it waits and leaves at the next step once running.
+
+Every decision that depends on timing (which requests start, which clients went away) is taken
+once per iteration, as a `_Step`, before any model work. Under tensor parallel (`collective`) rank 0
+takes it and broadcasts it, and every rank then runs the same step: the same prefills and decode
+steps, collectively, sampling the same tokens from the same gathered logits (a sampling request
+without a seed gets one drawn on rank 0). The other ranks run `follow()` until rank 0's `close()`.
 """
 
 import logging
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
+import torch.distributed as dist
 
 from meshtron.infer.generation import (
     Completion,
@@ -41,6 +49,9 @@ from meshtron.infer.static import check_decode_mode, prepare_buffers, step_funct
 from meshtron.infer.streaming import IncrementalDecoder
 
 log = logging.getLogger(__name__)
+# Under tensor parallel an idle rank 0 still broadcasts an empty step this often, so that the other
+# ranks' waiting broadcast never reaches the process group's timeout.
+IDLE_STEP_S = 60.0
 
 
 @dataclass
@@ -65,6 +76,27 @@ class _Running:
     next_token: int = -1  # sampled, not yet fed to the model
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class _Step:
+    """One iteration of the worker: the slots whose client went away (freed first), then the requests
+    that start, with their arrival times."""
+
+    dropped: list[int]
+    started: list[tuple[float, Request]]
+
+    def to_wire(self) -> tuple:
+        return self.dropped, [(r.prompt_ids, r.params) for _, r in self.started]
+
+    @classmethod
+    def from_wire(cls, wire: tuple) -> "_Step":
+        dropped, started = wire
+        requests = [Request(prompt_ids, params) for prompt_ids, params in started]
+        for request in requests:
+            request.result.set_running_or_notify_cancel()
+        now = time.perf_counter()
+        return cls(dropped, [(now, request) for request in requests])
 
 
 class Stats:
@@ -93,12 +125,15 @@ class Stats:
 
 class Scheduler:
     def __init__(self, model, tokenizer, pad_id: int, max_batch_size: int = 8, max_len: int | None = None,
-                 kv_cache_bytes: int | None = None, decode: str = "dynamic"):
+                 kv_cache_bytes: int | None = None, decode: str = "dynamic", collective: bool = False):
         """`max_len`: the most tokens (prompt + generated) of one request, the cache's columns
         (default: the model's max_seq_len). `kv_cache_bytes`: a memory budget for the shared
-        cache; it bounds the slots below `max_batch_size` when smaller. `decode` as in `generate`:
-        "static" and "compiled" run every slot over every column at each step (fixed shapes)."""
+        cache (per rank); it bounds the slots below `max_batch_size` when smaller. `decode` as in
+        `generate`: "static" and "compiled" run every slot over every column at each step (fixed
+        shapes). `collective`: the model is tensor-parallel over the default process group; rank 0
+        serves (its worker starts here), the others call `follow()`."""
         check_decode_mode(decode)
+        self.collective = collective
         self.model = model
         self.decode = decode
         self.tokenizer = tokenizer
@@ -113,30 +148,42 @@ class Scheduler:
         self._rows: list[_Running | None] = [None] * self.slots
         self._cache = None
         self._slot = None  # the static step's write column, a tensor (static and compiled decode)
+        self._closed = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="meshtron-generate", daemon=True)
-        self._thread.start()
+        if not collective or dist.get_rank() == 0:
+            self._thread.start()
 
     def _row_bytes(self) -> int:
-        """Bytes of one slot of the cache: keys and values of every layer over all columns."""
+        """Bytes of one slot of the cache on this rank: keys and values of every layer over all columns
+        (under tensor parallel, of this rank's key/value heads)."""
         a = self.model.args
         dtype = next(self.model.parameters()).dtype
-        return 2 * a.num_layers * a.num_kv_heads * a.head_dim * self.columns * dtype.itemsize
+        heads = a.num_kv_heads // (dist.get_world_size() if self.collective else 1)
+        return 2 * a.num_layers * heads * a.head_dim * self.columns * dtype.itemsize
 
     def submit(self, request: Request) -> Future:
         self._queue.put((time.perf_counter(), request))
         return request.result
 
+    def close(self) -> None:
+        """Stop the worker after its current step, failing the requests it still holds; under tensor
+        parallel the other ranks' `follow()` returns too."""
+        self._closed.set()
+        self._queue.put((0.0, None))  # wakes a worker waiting for arrivals
+        self._thread.join()
+
+    def follow(self) -> None:
+        """Tensor parallel, ranks other than 0: run the steps rank 0 broadcasts, until it closes."""
+        self._loop()
+
     # The worker ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
-            self._take_arrivals(block=not any(self._rows))
+        while (step := self._next_step()) is not None:
             start = time.perf_counter()
             try:
                 with torch.no_grad():
-                    self._admit()
-                    if any(self._rows):
-                        self._decode_step()
+                    self._run(step)
             except Exception as e:  # the server must keep serving; the requests involved get the error
                 log.exception("generation failed")
                 self._fail_all(e)
@@ -144,28 +191,66 @@ class Scheduler:
                 self.stats.busy_s += time.perf_counter() - start
                 self.stats.running = sum(r is not None for r in self._rows)
                 self.stats.waiting = len(self._waiting)
+        self._fail_all(RuntimeError("the server is shutting down"))
+        for _, request in self._waiting:
+            request.result.cancel()
 
-    def _take_arrivals(self, block: bool) -> None:
-        if block and not self._waiting:
-            self._waiting.append(self._queue.get())
-        while True:
-            try:
-                self._waiting.append(self._queue.get_nowait())
-            except queue.Empty:
-                return
+    def _next_step(self) -> _Step | None:
+        """This iteration's step, None once closed: decided here, or received from rank 0."""
+        if self.collective and dist.get_rank() != 0:
+            wire = [None]
+            dist.broadcast_object_list(wire, src=0, device=self.device)
+            return None if wire[0] is None else _Step.from_wire(wire[0])
+        step = self._decide()
+        if self.collective:
+            dist.broadcast_object_list([None if step is None else step.to_wire()], src=0, device=self.device)
+        return step
 
-    def _admit(self) -> None:
-        """Start waiting requests in arrival order while slots are free."""
-        while self._waiting and None in self._rows:
+    def _decide(self) -> _Step | None:
+        """Drop the running requests whose client went away, and start waiting ones in arrival order
+        while slots are free (beam search takes none: it runs alone)."""
+        self._take_arrivals(block=not any(self._rows))
+        if self._closed.is_set():
+            return None
+        dropped = [i for i, r in enumerate(self._rows) if r is not None and r.request.cancelled.is_set()]
+        free = self._rows.count(None) + len(dropped)
+        started = []
+        while self._waiting and free:
             arrived, request = self._waiting.pop(0)
             if request.cancelled.is_set():
                 request.result.cancel()
             if not request.result.set_running_or_notify_cancel():
                 continue  # its client went away while it waited
+            if self.collective and request.params.seed is None:
+                request.params = replace(request.params, seed=random.getrandbits(62))
+            started.append((arrived, request))
+            free -= request.params.num_beams == 1
+        return _Step(dropped, started)
+
+    def _take_arrivals(self, block: bool) -> None:
+        if block and not self._waiting:
+            try:
+                # Idle under tensor parallel: wake up to broadcast an empty step now and then.
+                self._waiting.append(self._queue.get(timeout=IDLE_STEP_S if self.collective else None))
+            except queue.Empty:
+                pass
+        while True:
+            try:
+                self._waiting.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        self._waiting = [(arrived, r) for arrived, r in self._waiting if r is not None]  # close()'s wake-up
+
+    def _run(self, step: _Step) -> None:
+        for row in step.dropped:
+            self._finish(row)
+        for arrived, request in step.started:
             if request.params.num_beams > 1:
                 self._run_alone(request)
             else:
                 self._join(request, arrived)
+        if any(self._rows):
+            self._decode_step()
 
     def _run_alone(self, request: Request) -> None:
         try:
@@ -309,7 +394,7 @@ class Scheduler:
         with self.stats.lock:
             self.stats.tokens += 1
         r.next_token = token
-        if stop or r.decoder.stopped or len(r.token_ids) >= p.max_new_tokens or r.request.cancelled.is_set():
+        if stop or r.decoder.stopped or len(r.token_ids) >= p.max_new_tokens:
             self._finish(row)
 
     def _finish(self, row: int) -> None:

@@ -15,6 +15,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -97,15 +98,19 @@ class CompletionRequest(_Sampling):
         return self.logprobs
 
 
-def build_app(loaded: LoadedModel, model_name: str, limits: ServerLimits, max_batch_size: int = 8,
-              api_key: str | None = None, kv_cache_bytes: int | None = None, decode: str = "dynamic") -> FastAPI:
-    from meshtron.infer.loading import pad_token_id
-
-    scheduler = Scheduler(loaded.model, loaded.tokenizer, pad_token_id(loaded.tokenizer), max_batch_size,
-                          max_len=limits.max_model_len, kv_cache_bytes=kv_cache_bytes, decode=decode)
+def build_app(loaded: LoadedModel, model_name: str, limits: ServerLimits, scheduler: Scheduler,
+              api_key: str | None = None) -> FastAPI:
+    """The app over `scheduler` (see `make_scheduler`); the scheduler closes when the server shuts down."""
     tokenizer = loaded.tokenizer
     created = int(time.time())
-    app = FastAPI(title="meshtron", version="0.1.0")
+
+    @asynccontextmanager
+    async def lifespan(_):
+        yield
+        # After the last response: under tensor parallel this also ends the other ranks.
+        await asyncio.to_thread(scheduler.close)
+
+    app = FastAPI(title="meshtron", version="0.1.0", lifespan=lifespan)
 
     def authorize(authorization: str = Header(default="")) -> None:
         """With an API key, every /v1 request must carry it as a bearer token (checked before the body)."""
@@ -185,6 +190,15 @@ def build_app(loaded: LoadedModel, model_name: str, limits: ServerLimits, max_ba
 
     app.include_router(v1)
     return app
+
+
+def make_scheduler(loaded: LoadedModel, limits: ServerLimits, max_batch_size: int = 8,
+                   kv_cache_bytes: int | None = None, decode: str = "dynamic", collective: bool = False) -> Scheduler:
+    """The scheduler a server runs on; under tensor parallel (`collective`) every rank makes one."""
+    from meshtron.infer.loading import pad_token_id
+
+    return Scheduler(loaded.model, loaded.tokenizer, pad_token_id(loaded.tokenizer), max_batch_size,
+                     max_len=limits.max_model_len, kv_cache_bytes=kv_cache_bytes, decode=decode, collective=collective)
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | int | None = None) -> JSONResponse:

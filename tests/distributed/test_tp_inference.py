@@ -1,11 +1,15 @@
 """Tensor-parallel inference: `torchrun --nproc-per-node 2 -m meshtron generate` (gloo, CPU) prints
-the same tokens as one process, for greedy decoding of a batch and for seeded sampling."""
+the same tokens as one process, for greedy decoding of a batch and for seeded sampling, and
+`torchrun --nproc-per-node 2 -m meshtron serve` answers requests as one process generates."""
 
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -27,6 +31,9 @@ def _run(cmd, with_stderr=False):
     return (out, err) if with_stderr else out
 
 
+# Slow: the default suite sees greedy tp=2 `generate` (from a checkpoint, below) and greedy and seeded
+# sampling through tp=2 `serve`.
+@pytest.mark.slow
 @pytest.mark.parametrize("sampling", [[], ["--temperature", "0.9", "--top-k", "50", "--seed", "3"]],
                          ids=["greedy", "seeded-sampling"])
 def test_tp2_generates_the_same_tokens_as_one_process(tiny_llama_dir, sampling):
@@ -79,3 +86,67 @@ def test_a_process_count_the_heads_cannot_split_names_the_counts_that_work_once(
     assert len(errors) == 1, result.stderr[-3000:]
     assert "its key/value heads (3) do not divide by 2" in errors[0]
     assert "launch 3 processes" in errors[0]
+
+
+def test_tp2_serve_answers_like_one_process_and_stops_on_sigterm(tiny_llama_dir):
+    """`torchrun --nproc-per-node 2 -m meshtron serve`: concurrent requests (greedy ones joining a running
+    batch, seeded sampling, a stream) give the text of generation in one process; SIGTERM to torchrun
+    shuts rank 0's server down, which ends rank 1's loop, and no process is left."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from meshtron.infer.generation import SamplingParams, generate_text
+    from meshtron.infer.loading import load_for_generation
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "meshtron", "serve", "--model", str(tiny_llama_dir), "--port", str(port),
+                             "--dtype", "float32", "--max-model-len", "256"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        base = f"http://127.0.0.1:{port}"
+        while not _answers(httpx, f"{base}/health"):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.5)
+        requests = [{"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0},
+                    {"prompt": "The capital of France is", "max_tokens": 5, "temperature": 0},
+                    {"prompt": "Hi", "max_tokens": 9, "temperature": 0.9, "top_k": 50, "seed": 3},
+                    {"prompt": "Hello", "max_tokens": 7, "temperature": 0, "stream": True}]
+
+        def ask(body):
+            response = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+            assert response.status_code == 200, response.text
+            if not body.get("stream"):
+                return response.json()["choices"][0]["text"]
+            events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+            return "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+
+        with ThreadPoolExecutor(len(requests)) as pool:
+            got = list(pool.map(ask, requests))
+    finally:
+        proc.send_signal(signal.SIGTERM)  # to torchrun alone, which passes it on to the ranks
+        try:
+            log, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"torchrun did not stop on SIGTERM:\n{proc.communicate()[0][-3000:]}")
+    loaded = load_for_generation(str(tiny_llama_dir), dtype="float32")
+    expected = [generate_text(loaded.model, loaded.tokenizer, [loaded.tokenizer(r["prompt"])["input_ids"]],
+                              SamplingParams(max_new_tokens=r["max_tokens"], temperature=r["temperature"],
+                                             top_k=r.get("top_k", 0), seed=r.get("seed"),
+                                             stop_token_ids=loaded.stop_token_ids))[0].text for r in requests]
+    assert got == expected
+    assert "Application shutdown complete" in log and "rank 1: rank 0 shut the server down" in log, log[-3000:]
+    with pytest.raises(ProcessLookupError):  # no rank outlives torchrun
+        os.killpg(proc.pid, 0)
+
+
+def _answers(httpx, url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False

@@ -149,7 +149,7 @@ RULES = [
          substitute={r"/path/to/hf-dir": "{ws}/tiny-4-kv-heads", **CHECKPOINT_STEP}),
     Rule(r"^printf .*\| meshtron chat ", "run", append="--max-new-tokens 8", prints=True),
     Rule(r"^meshtron chat ", "run", append="--max-new-tokens 8", stdin="Hello\n/exit\n", prints=True),
-    Rule(r"^meshtron serve ", "serve"),
+    Rule(r"(^|-m )meshtron serve ", "serve"),
     Rule(r"^curl .*127\.0\.0\.1:8000/(v1/|metrics)", "curl", substitute={r"127\.0\.0\.1:8000": "127.0.0.1:{port}"}, prints=True),
     Rule(r"(^|-m )meshtron eval ", "run", append="--limit 2 --max-new-tokens 16",
          substitute={r"--data-dir DIR": "--data-dir {eval_data}"}, prints=True),

@@ -52,7 +52,8 @@ def test_a_cancelled_request_stops_and_a_waiting_one_never_starts():
     done = scheduler.submit(running)
     waiting = scheduler.submit(seeded)
     completion = done.result(timeout=60)
-    assert first_chunk.is_set() and len(completion.token_ids) == 1  # stopped at the step that was cancelled
+    # Seen at the next step: the decode step of the iteration it joined in still ran.
+    assert first_chunk.is_set() and len(completion.token_ids) == 2
     with pytest.raises(CancelledError):
         waiting.result(timeout=60)
 
