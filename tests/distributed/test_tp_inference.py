@@ -1,6 +1,6 @@
 """Tensor-parallel inference: `torchrun --nproc-per-node 2 -m meshtron generate` (gloo, CPU) prints
 the same tokens as one process, for greedy decoding of a batch and for seeded sampling, and
-`torchrun --nproc-per-node 2 -m meshtron serve` answers requests as one process generates."""
+`torchrun --nproc-per-node 2 -m meshtron serve` of a LoRA run answers requests as one process generates."""
 
 import json
 import os
@@ -88,10 +88,21 @@ def test_a_process_count_the_heads_cannot_split_names_the_counts_that_work_once(
     assert "launch 3 processes" in errors[0]
 
 
-def test_tp2_serve_answers_like_one_process_and_stops_on_sigterm(tiny_llama_dir):
-    """`torchrun --nproc-per-node 2 -m meshtron serve`: concurrent requests (greedy ones joining a running
-    batch, seeded sampling, a stream) give the text of generation in one process; SIGTERM to torchrun
-    shuts rank 0's server down, which ends rank 1's loop, and no process is left."""
+@pytest.fixture(scope="module")
+def lora_run(run_train, tiny_config, tiny_llama_dir, tmp_path_factory):
+    """A LoRA run on `tiny_llama_dir` (adapters only in its checkpoint, the base read from the HF directory),
+    trained hard enough that its greedy text differs from the base model's."""
+    out = tmp_path_factory.mktemp("lora-run")
+    run_train(tiny_config, out, overrides=["--model.name_or_path", str(tiny_llama_dir), "--lora.rank", "4",
+                                           "--optim.lr", "0.05", "--checkpoint.save_final", "true"])
+    return out
+
+
+def test_tp2_serve_answers_like_one_process_and_stops_on_sigterm(tiny_llama_dir, lora_run):
+    """`torchrun --nproc-per-node 2 -m meshtron serve` of a LoRA run (the base's shards and the adapters'
+    sharded like their layers): concurrent requests (greedy ones joining a running batch, seeded sampling,
+    a stream) give the text of generation in one process; SIGTERM to torchrun shuts rank 0's server
+    down, which ends rank 1's loop, and no process is left."""
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("fastapi")
     from concurrent.futures import ThreadPoolExecutor
@@ -103,7 +114,7 @@ def test_tp2_serve_answers_like_one_process_and_stops_on_sigterm(tiny_llama_dir)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "-m", "meshtron", "serve", "--model", str(tiny_llama_dir), "--port", str(port),
+                             "-m", "meshtron", "serve", "--model", str(lora_run), "--port", str(port),
                              "--dtype", "float32", "--max-model-len", "256"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -134,12 +145,16 @@ def test_tp2_serve_answers_like_one_process_and_stops_on_sigterm(tiny_llama_dir)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail(f"torchrun did not stop on SIGTERM:\n{proc.communicate()[0][-3000:]}")
-    loaded = load_for_generation(str(tiny_llama_dir), dtype="float32")
-    expected = [generate_text(loaded.model, loaded.tokenizer, [loaded.tokenizer(r["prompt"])["input_ids"]],
+
+    def generate(model):
+        loaded = load_for_generation(str(model), dtype="float32")
+        return [generate_text(loaded.model, loaded.tokenizer, [loaded.tokenizer(r["prompt"])["input_ids"]],
                               SamplingParams(max_new_tokens=r["max_tokens"], temperature=r["temperature"],
                                              top_k=r.get("top_k", 0), seed=r.get("seed"),
                                              stop_token_ids=loaded.stop_token_ids))[0].text for r in requests]
-    assert got == expected
+
+    assert got == generate(lora_run)
+    assert got != generate(tiny_llama_dir)  # the adapters count
     assert "Application shutdown complete" in log and "rank 1: rank 0 shut the server down" in log, log[-3000:]
     with pytest.raises(ProcessLookupError):  # no rank outlives torchrun
         os.killpg(proc.pid, 0)
