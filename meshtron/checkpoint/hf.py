@@ -61,9 +61,21 @@ def read_hf_config(path: str | os.PathLike) -> tuple[FamilySpec, object, ModelAr
 
     cfg = AutoConfig.from_pretrained(str(path))
     args = spec.args_from_hf(cfg)
+    if getattr(args, "num_mtp_layers", 0) and not _holds_layer(path, args.num_layers):
+        # transformers keeps num_nextn_predict_layers in the configs it saves but not the MTP layers it never runs.
+        args.num_mtp_layers = 0
     if any(a.endswith("ForSequenceClassification") for a in raw.get("architectures") or []):
         args.num_labels = cfg.num_labels  # a reward model: the `score` head
     return spec, cfg, args
+
+
+def _holds_layer(path: Path, index: int) -> bool:
+    """Whether the directory's weights hold a tensor of layer `index` (False without weights: a config alone)."""
+    try:
+        names = weight_files(path)
+    except UserError:
+        return False
+    return any(name.startswith(f"model.layers.{index}.") for name in names)
 
 
 def hf_dtype(cfg) -> torch.dtype | None:

@@ -40,6 +40,11 @@ class ModelConfig:
     else a dense mask), flex (FlexAttention block masks; GPU for training), varlen (one SDPA call
     per document) or dense (a dense mask always)."""
 
+    mtp_loss_weight: float = 0.0
+    """Weight of the multi-token prediction loss (DeepSeek-V3's MTP modules, num_nextn_predict_layers):
+    the mean over MTP depths of each depth's cross-entropy, added to the pretrain and sft loss and logged
+    as mtp_loss. 0: the MTP modules are not run."""
+
 
 @dataclass
 class DataConfig:

@@ -196,6 +196,7 @@ def validate(cfg: JobConfig) -> None:
         section, name = key.split(".")
         _check_positive(getattr(getattr(cfg, section), name), key, allow_zero=True)
     _validate_optimizer(cfg)
+    _check_positive(cfg.model.mtp_loss_weight, "model.mtp_loss_weight", allow_zero=True)
     _check_positive(cfg.train.max_skipped_steps, "train.max_skipped_steps")
     if cfg.train.loss_spike_factor and not cfg.train.loss_spike_factor > 1:
         raise UserError(f"train.loss_spike_factor must be > 1 (or 0 to disable), got {cfg.train.loss_spike_factor}")

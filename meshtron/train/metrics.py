@@ -43,9 +43,11 @@ class RouterMetrics:
 
     def __init__(self):
         self.aux, self.z_loss, self.forwards, self.layer_load, self.dropped = 0.0, 0.0, 0, 0.0, 0.0
+        self.seq_aux = 0.0
 
-    def add(self, aux: torch.Tensor, z_loss: torch.Tensor, stats: list) -> None:
+    def add(self, aux: torch.Tensor, z_loss: torch.Tensor, stats: list, seq_aux: torch.Tensor) -> None:
         self.aux, self.z_loss, self.forwards = self.aux + aux.detach(), self.z_loss + z_loss.detach(), self.forwards + 1
+        self.seq_aux = self.seq_aux + seq_aux.detach()
         self.layer_load = self.layer_load + torch.stack([s.selected_E for s in stats])
         self.dropped = self.dropped + sum(s.dropped for s in stats)
 
@@ -56,11 +58,12 @@ class RouterMetrics:
             return {}
         aux = dp_sum(self.aux / self.forwards) / dp_size
         z_loss = dp_sum(self.z_loss / self.forwards) / dp_size
+        seq_aux = dp_sum(self.seq_aux / self.forwards) / dp_size
         load = dp_sum(self.layer_load.sum(0))
         dropped = dp_sum(torch.as_tensor(self.dropped, dtype=torch.float32, device=load.device))
         self.__init__()
         share = load / load.mean()
-        return {"moe_aux_loss": aux.item(), "moe_z_loss": z_loss.item(), "moe_load_max": share.max().item(),
+        return {"moe_aux_loss": aux.item(), "moe_seq_aux_loss": seq_aux.item(), "moe_z_loss": z_loss.item(), "moe_load_max": share.max().item(),
                 "moe_load_min": share.min().item(), "moe_dropped": int(dropped.item()),
                 "moe_expert_load": [round(x, 4) for x in share.tolist()]}
 

@@ -32,7 +32,9 @@ from meshtron.train.data import build_data_loader, build_training_dataset, one_p
 from meshtron.train.guard import StepGuard, finite_on_every_rank
 from meshtron.train.losses import IGNORE_INDEX, loss_context
 from meshtron.train.lr import build_lr_scheduler
-from meshtron.models.common.moe import (load_balancing_loss, moe_layers, router_z_loss, take_router_stats,
+from meshtron.models.deepseek_v3.model import take_mtp_loss_sums
+from meshtron.models.common.moe import (load_balancing_loss, moe_layers, router_z_loss, sequence_balance_loss,
+                                        take_router_stats,
                                         update_expert_bias)
 from meshtron.train.metrics import (MetricsLogger, RouterMetrics, flops_per_token, peak_flops, peak_memory_gb,
                                     plot_expert_load, plot_loss)
@@ -60,7 +62,8 @@ class TrainState(Stateful):
 
 
 # What each MoE routing field of model.args trains, for messages.
-ROUTER_TERMS = {"aux_loss_coef": "load-balancing loss", "z_loss_coef": "router z-loss",
+ROUTER_TERMS = {"aux_loss_coef": "load-balancing loss", "seq_aux_loss_coef": "sequence-wise balance loss",
+                "z_loss_coef": "router z-loss",
                 "bias_update_rate": "auxiliary-loss-free balancing"}
 
 
@@ -108,10 +111,11 @@ class Trainer:
 
             self.recipe.context_parallel = ContextParallel.from_meshes(self.meshes)
         self.model_args = self.source.args = self.recipe.model_args(self.source.args)
-        for field in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+        for field in ROUTER_TERMS:
             if getattr(self.model_args, field, 0.0) and self.dims.pp > 1:
                 raise UserError(f"the MoE {ROUTER_TERMS[field]} is not supported with pipeline parallel yet: train "
                                 f"with parallel.pp = 1, or without it (model.args = {{{field} = 0}})")
+        self._check_mtp()
         layout = self._pipeline_layout()
         self.data_loader = build_data_loader(
             config, data_kind=self.recipe.data_kind, default_handler=self.recipe.default_handler,
@@ -143,6 +147,7 @@ class Trainer:
         self.stragglers = StragglerMonitor(config.log.straggler_fraction)
         self.last_good = LastGoodState(self.optimizer)
         self.router_metrics = RouterMetrics()
+        self.mtp_loss_sum = 0.0  # the step's MTP losses (Trainer._mtp_loss)
 
     # ---- construction helpers ------------------------------------------------------------
 
@@ -196,6 +201,22 @@ class Trainer:
                 "missing or different on them); with several nodes, put train.output_dir on a filesystem every "
                 "node mounts at the same path"
             )
+
+    def _check_mtp(self) -> None:
+        """model.mtp_loss_weight needs a model with MTP modules, a recipe that runs them, and no model split."""
+        if not self.config.model.mtp_loss_weight:
+            return
+        if not getattr(self.model_args, "num_mtp_layers", 0):
+            raise UserError("model.mtp_loss_weight trains multi-token prediction modules, which this model has none "
+                            "of: use a DeepSeek-V3 checkpoint holding its MTP layers (num_nextn_predict_layers), or "
+                            "a deepseek_v3 flavor with model.args = {num_mtp_layers = 1}; or set it to 0")
+        if not self.recipe.trains_mtp:
+            raise UserError(f"model.mtp_loss_weight is for the pretrain and sft recipes, not "
+                            f"{self.config.train.recipe}; set it to 0")
+        split = [name for name, size in (("pp", self.dims.pp), ("tp", self.dims.tp), ("cp", self.dims.cp)) if size > 1]
+        if split:
+            raise UserError(f"multi-token prediction does not run with parallel.{', parallel.'.join(split)} > 1 yet: "
+                            "train it with data and expert parallel only, or set model.mtp_loss_weight = 0")
 
     def _grad_accum_steps(self) -> int:
         t = self.config.train
@@ -344,6 +365,7 @@ class Trainer:
             with torch.profiler.record_function("forward"):
                 loss_sum = self.recipe.loss_sum(self.model, batch)
                 loss = loss_sum * loss_scale
+                loss = loss + self._mtp_loss(loss_scale)
                 router_loss = self._router_loss()
                 if router_loss is not None:  # a plain tensor: the loss joins it as one (a DTensor under tp)
                     loss = _local(loss) + router_loss
@@ -362,8 +384,20 @@ class Trainer:
         if not stats:
             return None
         aux, z_loss = load_balancing_loss(stats, self.model_args.num_experts), router_z_loss(stats)
-        self.router_metrics.add(aux, z_loss, stats)
-        return (self.model_args.aux_loss_coef * aux + self.model_args.z_loss_coef * z_loss) / self.grad_accum_steps
+        seq_aux = sequence_balance_loss(stats)
+        self.router_metrics.add(aux, z_loss, stats, seq_aux)
+        args = self.model_args
+        return (args.aux_loss_coef * aux + args.seq_aux_loss_coef * seq_aux + args.z_loss_coef * z_loss) / self.grad_accum_steps
+
+    def _mtp_loss(self, loss_scale: float) -> torch.Tensor | float:
+        """The MTP loss of the forward just run (the mean over depths of each depth's summed cross-entropy),
+        scaled as the main loss and weighted by model.mtp_loss_weight; its sum is kept for the mtp_loss metric."""
+        sums = take_mtp_loss_sums(self.model)
+        if sums is None:
+            return 0.0
+        mtp = torch.stack(sums).mean()
+        self.mtp_loss_sum = self.mtp_loss_sum + mtp.detach().float()
+        return self.config.model.mtp_loss_weight * mtp * loss_scale
 
     def _update_expert_bias(self) -> None:
         """Auxiliary-loss-free balancing: each router's bias moves towards balance by the step's expert
@@ -415,6 +449,9 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         loss = self._loss_sum(loss_sum) / units
         recipe_metrics = self._recipe_metric_tensors(units)
+        if self.config.model.mtp_loss_weight:  # per loss token, like the loss
+            recipe_metrics["mtp_loss"] = self._loss_sum(torch.as_tensor(self.mtp_loss_sum, device=units.device)) / units
+            self.mtp_loss_sum = 0.0
         read = [_local(loss), _local(grad_norm), units, *recipe_metrics.values()]
         applied, values = self._apply_step(loss, grad_norm, read)
         if applied:

@@ -307,28 +307,82 @@ def test_greedy_generation_matches_transformers(case, tmp_path):
         assert new == expected[0, len(prompt):].tolist()
 
 
-def test_deepseek_checkpoint_with_a_multi_token_prediction_layer_loads_without_it(tmp_path):
-    """A published DeepSeek-V3 checkpoint holds its MTP module as layer num_hidden_layers (a decoder layer plus
-    enorm, hnorm, eh_proj, embed_tokens and shared_head): those tensors are skipped, the model is unchanged."""
+def test_deepseek_multi_token_prediction_layer_loads_saves_and_trains_as_referenced(tmp_path):
+    """A DeepSeek-V3 checkpoint with an MTP module (layer num_hidden_layers: a decoder layer plus enorm, hnorm,
+    eh_proj, shared_head.norm and copies of the embedding and head): loaded into the model, main logits equal to
+    transformers' (which skips the layer), HF -> meshtron -> HF identical, and the MTP loss equal to a direct
+    computation with transformers' decoder layer holding the MTP block's weights. Without
+    num_nextn_predict_layers in the config, the layer is skipped and the model is the same."""
+    import copy
+
     from safetensors.torch import load_file, save_file
+
+    from meshtron.models.common.masks import AttentionMask
+    from meshtron.models.deepseek_v3.model import take_mtp_loss_sums
+    from meshtron.train.losses import head_cross_entropy_sum
 
     hf_model, path = make_hf_model("deepseekv3-qlora-groups-yarn", tmp_path)
     tensors = load_file(str(path / "model.safetensors"))
-    mtp = BASE["num_hidden_layers"]
+    mtp, D, gen = BASE["num_hidden_layers"], BASE["hidden_size"], torch.Generator().manual_seed(2)
     for name, t in list(tensors.items()):
-        if name.startswith("model.layers.2."):  # an MoE layer's tensors, as the MTP module's decoder layer
-            tensors[name.replace("model.layers.2.", f"model.layers.{mtp}.")] = t.clone()
+        if name.startswith("model.layers.2."):  # an MoE layer's tensors, changed, as the MTP module's decoder layer
+            tensors[name.replace("model.layers.2.", f"model.layers.{mtp}.")] = t + 0.05 * torch.randn(t.shape, generator=gen)
     for name in ("enorm.weight", "hnorm.weight", "shared_head.norm.weight"):
-        tensors[f"model.layers.{mtp}.{name}"] = torch.ones(BASE["hidden_size"])
-    tensors[f"model.layers.{mtp}.eh_proj.weight"] = torch.zeros(BASE["hidden_size"], 2 * BASE["hidden_size"])
-    for name in ("embed_tokens.weight", "shared_head.head.weight"):
-        tensors[f"model.layers.{mtp}.{name}"] = torch.zeros(BASE["vocab_size"], BASE["hidden_size"])
+        tensors[f"model.layers.{mtp}.{name}"] = 1 + 0.1 * torch.randn(D, generator=gen)
+    tensors[f"model.layers.{mtp}.eh_proj.weight"] = 0.1 * torch.randn(D, 2 * D, generator=gen)
+    tensors[f"model.layers.{mtp}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+    tensors[f"model.layers.{mtp}.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    ours, args = load_hf_model(path)
-    assert args.num_layers == mtp
     tokens = torch.randint(0, BASE["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert (ours(tokens) - hf_model(tokens).logits).abs().max().item() <= TOL
+        hf_logits = hf_model(tokens).logits
+    ours, args = load_hf_model(path)  # num_nextn_predict_layers 0: the layer is skipped
+    assert args.num_mtp_layers == 0 and not list(ours.mtp.parameters())
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    ours, args = load_hf_model(path)
+    assert args.num_mtp_layers == 1
+    with torch.no_grad():
+        assert (ours(tokens) - hf_logits).abs().max().item() <= TOL
+
+    out = tmp_path / "exported"
+    save_hf_model(ours.state_dict(), args, out, source_dir=path)
+    exported = load_file(str(out / "model.safetensors"))
+    assert exported.keys() == tensors.keys()
+    assert all(torch.equal(exported[key], t) for key, t in tensors.items())
+    assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 1
+
+    # The MTP loss: the depth-1 module predicts token t + 2 from the main hidden state at t and token t + 1.
+    labels = tokens.roll(-1, dims=1)
+    labels[:, -1] = -100
+    position_ids = torch.arange(24).expand(2, 24)
+    with torch.no_grad():
+        main = ours(tokens, position_ids, mask=AttentionMask.for_batch(24), mtp_labels=labels,
+                    head=lambda h, lm_head: head_cross_entropy_sum(h, lm_head, labels))
+        mtp_sum, = take_mtp_loss_sums(ours)
+        h = ours(tokens, head=lambda h, lm_head: h)[:, :-1]
+        layer = copy.deepcopy(hf_model.model.layers[2])
+        prefix = f"model.layers.{mtp}."
+        block = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+        experts = [[block.pop(f"mlp.experts.{e}.{p}.weight") for e in range(8)] for p in ("gate_proj", "up_proj", "down_proj")]
+        block["mlp.experts.gate_up_proj"] = torch.cat([torch.stack(experts[0]), torch.stack(experts[1])], 1)
+        block["mlp.experts.down_proj"] = torch.stack(experts[2])
+        layer.load_state_dict({k: t for k, t in block.items() if k.startswith(("self_attn", "mlp", "input", "post"))})
+        x = torch.nn.functional.linear(torch.cat([_rms(hf_model.model.embed_tokens(tokens[:, 1:]), tensors[prefix + "enorm.weight"]),
+                                                  _rms(h, tensors[prefix + "hnorm.weight"])], -1), tensors[prefix + "eh_proj.weight"])
+        positions = torch.arange(23).expand(2, 23)
+        causal = torch.full((23, 23), float("-inf")).triu(1).expand(2, 1, 23, 23)
+        y = layer(x, attention_mask=causal, position_ids=positions,
+                  position_embeddings=hf_model.model.rotary_emb(x, positions))
+        y = y[0] if isinstance(y, tuple) else y
+        logits = hf_model.lm_head(_rms(y, tensors[prefix + "shared_head.norm.weight"]))[:, :-1]
+        expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 2:].flatten(), reduction="sum")
+    assert torch.allclose(main, torch.nn.functional.cross_entropy(hf_logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum"), rtol=1e-5)
+    assert torch.allclose(mtp_sum, expected, rtol=1e-5), (mtp_sum, expected)
+
+
+def _rms(x, weight, eps=1e-6):
+    return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
 @pytest.mark.parametrize("case", MOE_CASES)

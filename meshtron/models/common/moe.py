@@ -34,7 +34,8 @@ from meshtron.models.common.transformer import Transformer, TransformerBlock
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 # MoEArgs fields that change how a model trains, not its weights: `model.args` may set them on a pretrained
 # model (Hugging Face directory or checkpoint) too.
-ROUTING_FIELDS = frozenset({"aux_loss_coef", "z_loss_coef", "bias_update_rate", "capacity_factor"})
+ROUTING_FIELDS = frozenset({"aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate",
+                            "capacity_factor"})
 SCORE_FUNCS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2")
 
@@ -55,6 +56,8 @@ class MoEArgs(ModelArgs):
     dense_layers: tuple[int, ...] = field(default_factory=tuple)  # layers kept dense (Qwen's mlp_only_layers)
     capacity_factor: float | None = None  # None: dropless; else rows per expert <= ceil(f * N * K / E)
     aux_loss_coef: float = 0.0  # weight of the load-balancing loss in training (0: not computed)
+    # Weight of DeepSeek-V3's sequence-wise balance loss (`sequence_balance_loss`), summed over MoE layers.
+    seq_aux_loss_coef: float = 0.0
     # Group-limited routing (DeepSeek's n_group / topk_group): experts form `num_groups` equal groups and a
     # token's K experts come from its `topk_groups` best groups, a group scored by its best expert ("max",
     # DeepSeek-V2) or the sum of its two best ("top2", DeepSeek-V3).
@@ -77,7 +80,7 @@ class MoEArgs(ModelArgs):
         if not 0 < self.num_experts_per_token <= self.num_experts:
             raise ValueError(f"num_experts_per_token ({self.num_experts_per_token}) must be in 1..num_experts "
                              f"({self.num_experts})")
-        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+        for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, not {getattr(self, name)}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
@@ -191,6 +194,7 @@ class RouterStats:
     num_tokens: int
     dropped: torch.Tensor  # rows dropped by the capacity (0 when dropless)
     z_loss: torch.Tensor  # mean over tokens of logsumexp(router logits)^2: differentiable
+    seq_balance: torch.Tensor  # this layer's sequence-wise balance loss (`sequence_balance`): differentiable
 
 
 class Router(nn.Module):
@@ -232,10 +236,14 @@ class Router(nn.Module):
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
         return grouped.masked_fill(~keep[..., None], float("-inf")).view(N, E)
 
+    def scores(self, logits_NE: torch.Tensor) -> torch.Tensor:
+        """The experts' float32 scores (softmax over experts, or a sigmoid each), unbiased."""
+        return logits_NE.float().softmax(-1) if self.score_func == "softmax" else logits_NE.float().sigmoid()
+
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router logits (N, E), chosen experts (N, K), their weights (N, K) in float32)."""
         logits = F.linear(x_ND, self.weight)
-        scores = logits.float().softmax(-1) if self.score_func == "softmax" else logits.float().sigmoid()
+        scores = self.scores(logits)
         choice = scores if self.expert_bias is None else scores + self.expert_bias
         if self.num_groups > 1:
             choice = self.limit_to_groups(choice)
@@ -300,7 +308,9 @@ class MoE(nn.Module):
         if torch.is_grad_enabled():  # a training forward; not generation, evaluation or a frozen reference pass
             logits = logits.float()
             self.router_stats = RouterStats(selected, logits.softmax(-1).sum(0), B * S, dropped,
-                                            logits.logsumexp(-1).square().mean())
+                                            logits.logsumexp(-1).square().mean(),
+                                            sequence_balance(self.router.scores(logits).view(B, S, -1),
+                                                             experts_NK.view(B, S, -1)))
         return y_ND.view(B, S, D)
 
 
@@ -322,6 +332,24 @@ def load_balancing_loss(stats: list[RouterStats], num_experts: int) -> torch.Ten
     selected = torch.stack([s.selected_E for s in stats]).sum(0) / rows
     prob = torch.stack([s.prob_sum_E for s in stats]).sum(0) / rows
     return (selected * prob).sum() * num_experts
+
+
+def sequence_balance(scores_BSE: torch.Tensor, experts_BSK: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss of one layer, before its weight, averaged over
+    the sequences: per sequence of T tokens, sum_i f_i * P_i with f_i = E / (K * T) * (tokens routed to
+    expert i) and P_i the mean over tokens of the scores normalized to sum to one (s_i / sum_j s_j)."""
+    B, S, E = scores_BSE.shape
+    K = experts_BSK.shape[-1]
+    counts_BE = torch.zeros(B, E, device=scores_BSE.device).scatter_add_(
+        1, experts_BSK.reshape(B, S * K), torch.ones(B, S * K, device=scores_BSE.device))
+    f_BE = counts_BE * E / (K * S)
+    p_BE = (scores_BSE / scores_BSE.sum(-1, keepdim=True)).mean(1)
+    return (f_BE * p_BE).sum(-1).mean()
+
+
+def sequence_balance_loss(stats: list[RouterStats]) -> torch.Tensor:
+    """The sequence-wise balance loss summed over the MoE layers (each layer balances its own experts)."""
+    return torch.stack([s.seq_balance for s in stats]).sum()
 
 
 def router_z_loss(stats: list[RouterStats]) -> torch.Tensor:

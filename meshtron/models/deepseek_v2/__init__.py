@@ -26,9 +26,10 @@ def hf_config_from_args(args: DeepSeekArgs):
     from transformers import DeepseekV2Config
 
     if (args.score_func != "softmax" or args.router_bias or args.norm_topk or args.group_score != "max"
-            or not args.rope_interleave):
+            or not args.rope_interleave or args.num_mtp_layers):
         raise ValueError("a deepseek_v2 config routes by softmax scores, unbiased and not renormalized, groups "
-                         "scored by their best expert, and rotates adjacent dims")
+                         "scored by their best expert, rotates adjacent dims and has no multi-token prediction "
+                         "layers")
     grouped = args.num_groups > 1
     return DeepseekV2Config(**deepseek_hf_kwargs(args), topk_method="group_limited_greedy" if grouped else "greedy",
                             n_group=args.num_groups if grouped else None,

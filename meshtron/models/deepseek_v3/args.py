@@ -17,6 +17,9 @@ class DeepSeekArgs(MoEArgs):
     qk_nope_head_dim: int = 128
     v_head_dim: int = 128
     rope_interleave: bool = True  # RoPE pairs adjacent dims (DeepSeek's checkpoints), not halves
+    # Multi-token prediction modules (DeepSeek-V3's num_nextn_predict_layers; models/deepseek_v3/model.py),
+    # trained with `model.mtp_loss_weight`; not counted in num_params (the report's 671B excludes them).
+    num_mtp_layers: int = 0
 
     @property
     def qk_rope_head_dim(self) -> int:
@@ -24,6 +27,8 @@ class DeepSeekArgs(MoEArgs):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.num_mtp_layers < 0:
+            raise ValueError(f"num_mtp_layers must be >= 0, not {self.num_mtp_layers}")
         if self.num_kv_heads != self.num_heads:
             raise ValueError(f"latent attention has one key/value head per query head: num_kv_heads "
                              f"({self.num_kv_heads}) must equal num_heads ({self.num_heads})")

@@ -21,6 +21,7 @@ class Recipe:
     # Set by the Trainer under context parallel (meshtron.parallel.cp): prepare_batch then cuts each
     # batch to this rank's part of the sequences.
     context_parallel = None
+    trains_mtp = False  # whether loss_sum runs multi-token prediction (model.mtp_loss_weight)
 
     def __init__(self, config: JobConfig):
         self.config = config

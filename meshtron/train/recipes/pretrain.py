@@ -22,8 +22,12 @@ class PretrainRecipe(Recipe):
     def num_loss_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return num_loss_tokens(batch["labels"])
 
+    trains_mtp = True  # runs a model's multi-token prediction modules (model.mtp_loss_weight)
+
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         args, kwargs, target = self.pipeline_inputs(batch)
+        if self.config.model.mtp_loss_weight and torch.is_grad_enabled():  # training, not evaluation
+            kwargs["mtp_labels"] = target  # the Trainer takes the MTP losses (take_mtp_loss_sums)
         # The head and the loss run together, chunked over tokens (meshtron.train.losses).
         return model(*args, **kwargs, head=functools.partial(head_cross_entropy_sum, labels_BS=target))
 

@@ -51,3 +51,41 @@ def test_a_bfloat16_cast_keeps_the_routing_bias_in_float32():
     assert kept.dtype == torch.float32 and torch.equal(kept, expected)
     assert model.layers["1"].mlp.router.weight.dtype == torch.bfloat16
     assert "layers.1.mlp.router.expert_bias" in model.state_dict()
+
+
+def test_multi_token_prediction_targets_and_training():
+    """Depth k's target at position t is the main label at t + k, ignored past the end and across a document
+    boundary; a few optimizer steps on one batch lower the MTP loss, and generation never runs the module."""
+    import dataclasses
+
+    from meshtron.models.common.masks import AttentionMask
+    from meshtron.models.deepseek_v3.model import labels_ahead, take_mtp_loss_sums
+    from meshtron.train.losses import head_cross_entropy_sum
+
+    labels = torch.tensor([[10, 11, 12, 13, 14, 15]])
+    documents = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    assert labels_ahead(labels, 1, None).tolist() == [[11, 12, 13, 14, 15, -100]]
+    assert labels_ahead(labels, 2, documents).tolist() == [[12, -100, -100, 15, -100, -100]]
+
+    args = dataclasses.replace(get_flavor("deepseek_v3:debug"), num_mtp_layers=2, num_layers=1, vocab_size=64)
+    torch.manual_seed(0)
+    model = build_model(args, device="cpu")
+    model.init_weights(seed=0)
+    assert list(model.mtp) == ["1", "2"]
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    target = labels_ahead(tokens, 1, None)
+    positions = torch.arange(16).expand(2, 16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        model(tokens, positions, mask=AttentionMask.for_batch(16), mtp_labels=target,
+              head=lambda h, lm_head: head_cross_entropy_sum(h, lm_head, target))
+        mtp = torch.stack(take_mtp_loss_sums(model)).mean()
+        mtp.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(mtp.item())
+    assert losses[-1] < 0.8 * losses[0]
+    with torch.no_grad():
+        model(tokens)
+    assert take_mtp_loss_sums(model) is None

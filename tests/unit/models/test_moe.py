@@ -6,7 +6,7 @@ import torch
 
 from meshtron.models.common.init import init_model
 from meshtron.models.common.moe import (HAS_GROUPED_MM, MoE, MoEArgs, grouped_mm_runs, load_balancing_loss,
-                                        router_z_loss, take_router_stats, update_expert_bias)
+                                        router_z_loss, sequence_balance_loss, take_router_stats, update_expert_bias)
 
 ARGS = dict(dim=32, num_heads=4, num_kv_heads=2, head_dim=8, num_layers=2, num_experts=6, num_experts_per_token=2,
             expert_ffn_dim=24, shared_expert_ffn_dim=16)
@@ -110,6 +110,30 @@ def test_router_z_loss_is_the_mean_squared_logsumexp_summed_over_layers():
                    for moe in layers)
     torch.testing.assert_close(router_z_loss(stats), expected)
     router_z_loss(stats).backward()
+    assert all(moe.router.weight.grad.abs().sum() > 0 for moe in layers)
+
+
+def test_sequence_balance_loss_equals_a_direct_computation_per_sequence():
+    """DeepSeek-V3's sequence-wise balance loss, with biased group-limited sigmoid routing: per sequence,
+    sum_i f_i P_i (f_i = E / (K T) x tokens routed to i, P_i = mean over tokens of s_i / sum_j s_j), averaged
+    over the sequences, summed over layers; it reaches the router weight."""
+    routing = dict(score_func="sigmoid", router_bias=True, num_groups=3, topk_groups=2, group_score="top2")
+    layers = [make_moe(seed, **routing) for seed in range(2)]
+    layers[0].router.expert_bias.copy_(torch.linspace(-0.2, 0.2, 6))
+    x = inputs()
+    expected = 0.0
+    for moe in layers:
+        moe(x)
+        E, K = 6, 2
+        for seq in x:  # (T, D)
+            _, experts, _ = moe.router(seq)
+            scores = torch.sigmoid(seq @ moe.router.weight.T)
+            f = torch.tensor([(experts == i).sum().item() for i in range(E)]) * E / (K * len(seq))
+            p = (scores / scores.sum(-1, keepdim=True)).mean(0)
+            expected = expected + (f * p).sum() / len(x)
+    stats = [s for moe in layers for s in take_router_stats(moe)]
+    torch.testing.assert_close(sequence_balance_loss(stats), expected)
+    sequence_balance_loss(stats).backward()
     assert all(moe.router.weight.grad.abs().sum() > 0 for moe in layers)
 
 
