@@ -55,6 +55,8 @@ def tiny(tmp_path) -> Path:
         (["--train.global_batch_size", "3"], "global_batch_size (3) must be a multiple of micro_batch_size"),
         (["--model.args", "{num_layer = 1}"], "model.args: unknown field 'num_layer'; did you mean 'num_layers'?"),
         (["--optim.betas", "0.9,1.5"], "optim.betas must be two values in [0, 1)"),
+        (["--model.mtp_loss_weight", "0.5"], "model.mtp_loss_weight trains multi-token prediction modules, which "
+                                             "this model has none of"),
         (["--optim.lr", "inf"], "--optim.lr: expected a finite number, got inf"),
         # Refused before the model exists (it used to warn, then grow to 19.5 GB of attention masks).
         (["--train.seq_length", "100000"], "train.seq_length 100000 is above the model's context length 2048 "
