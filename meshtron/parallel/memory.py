@@ -6,7 +6,11 @@ pipeline stages over pp, 1F1B schedule):
 - params, grads, optimizer: the master-dtype parameters, their gradients and AdamW's two moments,
   each sharded over dp_shard x tp and split over pp (replicas under HSDP hold a full shard each);
 - gathered: FSDP's transient full copies of the largest unit (a block, or the embedding and head):
-  its parameters in the compute dtype, twice (one prefetched), and its unsharded gradient;
+  its parameters in the compute dtype, twice (one prefetched), and its unsharded gradient. Under
+  pp, torch's pipeline schedule keeps the whole stage unsharded from the first micro-batch's
+  backward to the last (it turns off resharding after backward and the gradient reduction until
+  then), so there it is the stage's parameters in the compute dtype and their unsharded
+  gradients in the master dtype;
 - activations: what backward keeps per layer and token (measured on CPU by torch's MemTracker:
   6 x dim + 2 x (q + kv widths) + 4 x ffn_dim + heads values, and 3.5 x dim outside the layers),
   for the micro-batches a stage holds in flight (pp of them under 1F1B), split over tp by
@@ -68,7 +72,11 @@ def memory_per_rank(args: ModelArgs, layout: Layout) -> dict[str, float]:
     q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
     block = args.dim * (2 * q + 2 * kv) + 3 * args.dim * args.ffn_dim
     root = args.vocab_size * args.dim * (1 if args.tie_embeddings else 2)
-    unit = max(block, root) / layout.tp if layout.dp_shard * layout.dp_replicate > 1 else 0
+    data_parallel = layout.dp_shard * layout.dp_replicate > 1
+    unit = max(block, root) / layout.tp if data_parallel else 0
+    gathered = unit * (2 * compute + master)
+    if layout.pp > 1 and data_parallel:
+        gathered = params / (layout.tp * layout.pp) * (compute + master)
     tokens = layout.micro_batch_size * layout.seq_length
     layers_held = args.num_layers / layout.pp * layout.pp  # a stage's layers x micro-batches in flight (1F1B)
     per_layer = activation_values_per_token(args, layout.recompute) * tokens * compute / layout.tp
@@ -81,7 +89,7 @@ def memory_per_rank(args: ModelArgs, layout: Layout) -> dict[str, float]:
         "params": shard * master,
         "grads": shard * master,
         "optimizer": 2 * shard * master,
-        "gathered": unit * (2 * compute + master),
+        "gathered": gathered,
         "activations": activations,
         "recomputed": recomputed,
         "logits": tokens * args.vocab_size / layout.tp * (compute + (4 if compute != 4 else 0)),

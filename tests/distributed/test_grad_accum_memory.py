@@ -39,3 +39,24 @@ def test_four_micro_batches_peak_within_five_percent_of_one(tmp_path):
     assert plan["params"] == four["peak_bytes"]["Sharded Param"]
     assert plan["grads"] == four["peak_bytes"]["Sharded Grad"]
     assert plan["optimizer"] == pytest.approx(four["peak_bytes"]["OptState"], rel=1e-4)  # + AdamW's step counters
+
+
+@pytest.mark.slow
+def test_a_pipeline_stage_under_fsdp_holds_its_unsharded_parameters_and_gradients_as_planned(tmp_path):
+    """torch's schedule keeps a stage unsharded through the micro-batches: `meshtron plan` counts the
+    stage's parameters (compute dtype) and gradients (master dtype) as gathered, as measured at pp=2."""
+    bench = BENCH.with_name("bench_pp_stage_memory.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", str(bench),
+           "--output-dir", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["stage"] for r in ranks) == [0, 0, 1, 1]
+    args = ModelArgs.from_dict(ranks[0]["model_args"])
+    plan = memory_per_rank(args, Layout(dp_shard=2, pp=2, micro_batch_size=1, seq_length=16,
+                                        compute_dtype="bfloat16", master_dtype="float32"))
+    for rank in ranks:
+        assert rank["params"] == 2 * rank["stage_params"] and rank["grads"] == 4 * rank["stage_params"]
+        # The plan splits the model evenly over the stages; these two differ by a norm's weight.
+        assert rank["params"] + rank["grads"] == pytest.approx(plan["gathered"], rel=1e-3)
