@@ -33,6 +33,10 @@ CASES = {
     "deepseek_v2-nosp": ("deepseek_v2:debug", [*TP2, "--parallel.sequence_parallel", "false"]),
     "deepseek_v3-pp": ("deepseek_v3:debug", ["--parallel.pp", "2"]),
     "deepseek_v3-fsdp": ("deepseek_v3:debug", ["--parallel.dp_shard", "2"]),
+    # Experts split over 2 ranks with multi-token prediction and the sequence-wise balance loss in the loss.
+    "deepseek_v3-ep-mtp": ("deepseek_v3:debug", ["--parallel.dp_shard", "2", "--parallel.ep", "2"],
+                           ["--train.micro_batch_size", "1", "--model.mtp_loss_weight", "0.3",
+                            "--model.args", "{num_mtp_layers = 1, seq_aux_loss_coef = 0.01}"]),
 }
 
 
@@ -66,8 +70,12 @@ def test_tp2_matches_single_process(run_train, single_process, tiny_config, tmp_
     assert [r["grad_norm"] for r in records] == pytest.approx([r["grad_norm"] for r in expected], rel=1e-4)
 
 
-def test_moe_load_balancing_loss_is_refused_under_pp(run_train, tiny_config, tmp_path):
-    result, _ = run_train(tiny_config, tmp_path, nproc=2, check=False,
-                          overrides=["--model.name_or_path", "mixtral:debug", *STEPS, "--parallel.pp", "2"])
+@pytest.mark.parametrize("overrides, message", [
+    (["--model.name_or_path", "mixtral:debug"], "the MoE load-balancing loss is not supported with pipeline parallel yet"),
+    (["--model.name_or_path", "deepseek_v3:debug", "--model.args", "{num_mtp_layers = 1}", "--model.mtp_loss_weight",
+      "0.3"], "multi-token prediction does not run with parallel.pp > 1 yet"),
+])
+def test_moe_balancing_and_mtp_losses_are_refused_under_pp(run_train, tiny_config, tmp_path, overrides, message):
+    result, _ = run_train(tiny_config, tmp_path, nproc=2, check=False, overrides=[*overrides, *STEPS, "--parallel.pp", "2"])
     assert result.returncode != 0
-    assert "the MoE load-balancing loss is not supported with pipeline parallel yet" in result.stderr
+    assert message in result.stderr
