@@ -110,3 +110,63 @@ def test_misshaped_tensor(tiny_hf_dir):
 
 def test_bad_sampling_flag(tiny_hf_dir):
     assert_user_error(run_cli("generate", "--model", str(tiny_hf_dir), "--prompt", "x", "--top-p", "0"), "top_p")
+
+
+@pytest.mark.slow
+def test_deepseek_v3_through_every_cli(smollm2_dir, eval_data_dir, tmp_path):
+    """A tiny random DeepseekV3ForCausalLM (with SmolLM2's tokenizer) through the commands a user runs on it:
+    convert to a checkpoint and back (the same tensors), sft and dpo for 2 steps, eval on a tiny benchmark, and
+    generate (the greedy text of transformers' model)."""
+    import os
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, DeepseekV3Config, DeepseekV3ForCausalLM
+
+    repo = Path(__file__).resolve().parents[2]
+    hf = tmp_path / "deepseek"
+    config = DeepseekV3Config(
+        vocab_size=49152, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=2,
+        topk_group=1, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=4096, num_mtp_layers=0,
+        initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(config).eval()
+    model.save_pretrained(str(hf))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (smollm2_dir / name).is_file():
+            shutil.copy2(smollm2_dir / name, hf / name)
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def meshtron(*args):
+        result = subprocess.run([sys.executable, "-m", "meshtron", *map(str, args)], capture_output=True, text=True,
+                                cwd=repo, env=env, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    meshtron("convert", "--input", hf, "--output", tmp_path / "native", "--to", "native")
+    meshtron("convert", "--input", tmp_path / "native", "--output", tmp_path / "back")
+    original, back = load_file(str(hf / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert back.keys() == original.keys() and all(torch.equal(back[k], t) for k, t in original.items())
+
+    short = ["--model.name_or_path", hf, "--train.steps", "2", "--train.seq_length", "96", "--lr.warmup_steps", "0"]
+    for recipe, config_file, metric in (("sft", "sft_full.toml", "loss"), ("dpo", "dpo.toml", "rewards/accuracy")):
+        out = tmp_path / recipe
+        meshtron("train", repo / "configs" / "smollm2" / config_file, "--train.output_dir", out, *short,
+                 "--train.eval_interval", "0", "--checkpoint.save_final", "false")
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if metric in r] == [1, 2], recipe
+
+    meshtron("eval", "--model", hf, "--tasks", "boolq", "--data-dir", eval_data_dir, "--shots", "0",
+             "--max-new-tokens", "4", "--output", tmp_path / "eval.json")
+    assert json.loads((tmp_path / "eval.json").read_text())["results"]["boolq"]["n"] > 0
+
+    prompt = "The capital of France is"
+    text = meshtron("generate", "--model", hf, "--prompt", prompt, "--max-new-tokens", "6").stdout
+    tokenizer = AutoTokenizer.from_pretrained(str(hf))
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert text.strip() == tokenizer.decode(expected[0, ids.shape[1]:]).strip()
