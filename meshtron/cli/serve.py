@@ -94,7 +94,10 @@ def _serve(args, tp_mesh, device) -> int:
     app = build_app(loaded, name, limits, scheduler, api_key=api_key)
     log.info("serving %r at http://%s:%d/v1 (context %d tokens, max_tokens %d)",
              name, args.host, args.port, limits.max_model_len, limits.max_tokens)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:  # also when uvicorn stops before its lifespan ran: the other ranks must not wait on
+        scheduler.close()  # (a second close, after the lifespan's, returns at once)
     return 0
 
 
