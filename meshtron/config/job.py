@@ -405,6 +405,11 @@ class RLConfig:
     critic_lr: float = 0.0
     """ppo: learning rate of the critic's own AdamW (optim's other settings, constant lr); 0 uses optim.lr."""
 
+    critic: str = ""
+    """ppo: where the critic starts: "" a value head (drawn) on a copy of the starting model, or the
+    run directory (or checkpoint, or HF export) of an rm run, whose model and score head it continues
+    from (it must share the policy's vocabulary)."""
+
     rewards: dict = field(default_factory=lambda: {"math": 1.0})
     """Reward functions and their weights, e.g. {math = 1.0, format = 0.2}: math (the completion's
     last \\boxed{} or last number equals the prompt's `answer`), format (format_pattern matches

@@ -1,5 +1,7 @@
-"""Fixtures of the multi-process tests: a tiny training config and a `meshtron train` runner that
-launches torchrun (gloo on CPU) and returns the run's metrics records."""
+"""Fixtures of the multi-process tests: a tiny training config, a `meshtron train` runner that
+launches torchrun (gloo on CPU) and returns the run's metrics records, the config writer of the
+alignment and RL recipes' tests (a tiny model with SmolLM2's tokenizer), their reward module and
+one tiny rm run."""
 
 import json
 import os
@@ -8,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[2]
 
 # The llama:debug model on deterministic mock data, a few float32 steps; no plot, TensorBoard or
 # final checkpoint unless a test asks for them.
@@ -31,6 +35,75 @@ plot = false
 [checkpoint]
 save_final = false
 """
+
+
+# llama:debug with SmolLM2's vocabulary and tokenizer (the alignment and RL recipes read chat data),
+# a few float32 steps at a constant learning rate; the caller adds the recipe's own settings.
+RECIPE_CONFIG = """
+[model]
+name_or_path = "llama:debug"
+args = {{vocab_size = 49152}}
+tokenizer = "{tokenizer}"
+[data]
+paths = ["{data}"]
+eval_paths = [{eval_paths}]
+[train]
+recipe = "{recipe}"
+steps = 4
+{train}
+[optim]
+lr = {lr}
+[lr]
+schedule = "constant"
+[log]
+tensorboard = false
+plot = false
+[checkpoint]
+save_final = false
+{sections}
+"""
+
+# A reward that a random model's completions already spread over (the share of letters in them),
+# so that advantages, gradients and the KL are not zero from the first step.
+REWARD_MODULE = """
+def letters(prompts, completions, **fields):
+    return [sum(ch.isalpha() for ch in c) / max(len(c), 1) for c in completions]
+"""
+
+
+@pytest.fixture(scope="session")
+def recipe_config(smollm2_dir):
+    """`recipe_config(path, recipe, data, train=..., eval_paths=(), lr=0.003, sections="")` writes a
+    config of the tiny model with SmolLM2's tokenizer to `path`: `data`, `eval_paths` are files of
+    data/ or paths, `train` the [train] keys besides recipe and steps, `sections` whole sections."""
+
+    def write(path: Path, recipe: str, data, train: str = "global_batch_size = 4\nmicro_batch_size = 2\n"
+              "seq_length = 64", eval_paths=(), lr: float = 0.003, sections: str = "") -> Path:
+        held_out = ", ".join(f'"{REPO / "data" / p}"' for p in eval_paths)
+        path.write_text(RECIPE_CONFIG.format(tokenizer=smollm2_dir, data=REPO / "data" / data, eval_paths=held_out,
+                                             recipe=recipe, train=train, lr=lr, sections=sections))
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def reward_module_env(tmp_path_factory) -> dict:
+    """The environment under which `tiny_rewards:letters` imports (REWARD_MODULE)."""
+    root = tmp_path_factory.mktemp("rewards")
+    (root / "tiny_rewards.py").write_text(REWARD_MODULE)
+    return {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.fixture(scope="session")
+def tiny_rm_run(recipe_config, run_train, tmp_path_factory):
+    """(config, run directory, records) of a 4-step rm run on the preference pairs, held-out pairs
+    evaluated, its final checkpoint saved."""
+    root = tmp_path_factory.mktemp("rm")
+    config = recipe_config(root / "rm.toml", "rm", "preferences.jsonl", eval_paths=["preferences_heldout.jsonl"],
+                           sections="[align]\nrm_margin = 0.0\n")
+    _, records = run_train(config, root / "run", overrides=["--checkpoint.save_final", "true"])
+    return config, root / "run", records
 
 
 @pytest.fixture(scope="session")

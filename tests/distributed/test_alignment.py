@@ -11,40 +11,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 RTOL = 2e-5
 
-CONFIG = """
-[model]
-name_or_path = "llama:debug"
-args = {{vocab_size = 49152}}
-tokenizer = "{tokenizer}"
-[data]
-paths = ["{data}"]
-[train]
-recipe = "{recipe}"
-steps = 4
-global_batch_size = 4
-micro_batch_size = 2
-seq_length = 64
-[optim]
-lr = 0.003
-[lr]
-schedule = "constant"
-[log]
-tensorboard = false
-plot = false
-[checkpoint]
-save_final = false
-"""
-
-
-def write_config(tmp_path, smollm2_dir, recipe, data, extra=""):
-    path = tmp_path / f"{recipe}.toml"
-    path.write_text(CONFIG.format(tokenizer=smollm2_dir, data=REPO / "data" / data, recipe=recipe) + extra)
-    return path
-
-
 @pytest.fixture(scope="module")
-def dpo_config(smollm2_dir, tmp_path_factory):
-    return write_config(tmp_path_factory.mktemp("dpo"), smollm2_dir, "dpo", "preferences.jsonl")
+def dpo_config(recipe_config, tmp_path_factory):
+    return recipe_config(tmp_path_factory.mktemp("dpo") / "dpo.toml", "dpo", "preferences.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -114,20 +83,18 @@ def test_precomputed_reference_needs_data_files(run_train, tiny_config, tmp_path
     assert "align.reference = 'precomputed' needs pairwise data files" in process.stderr.strip().splitlines()[-1]
 
 
-def test_simpo_and_prm_run(run_train, smollm2_dir, tmp_path):
-    simpo = write_config(tmp_path, smollm2_dir, "simpo", "preferences.jsonl", "[align]\nbeta = 2.0\n")
+def test_simpo_and_prm_run(run_train, recipe_config, tmp_path):
+    simpo = recipe_config(tmp_path / "simpo.toml", "simpo", "preferences.jsonl", sections="[align]\nbeta = 2.0\n")
     _, records = run_train(simpo, tmp_path / "simpo")
     assert len(records) == 4 and "rewards/accuracy" in records[-1]
-    prm = write_config(tmp_path, smollm2_dir, "prm", "prm.jsonl").read_text()
-    prm = prm.replace("[train]", f'eval_paths = ["{REPO / "data" / "prm_heldout.jsonl"}"]\n[train]')
-    (tmp_path / "prm.toml").write_text(prm)
-    _, records = run_train(tmp_path / "prm.toml", tmp_path / "prm")
+    prm = recipe_config(tmp_path / "prm.toml", "prm", "prm.jsonl", eval_paths=["prm_heldout.jsonl"])
+    _, records = run_train(prm, tmp_path / "prm")
     evals = [r for r in records if "eval_loss" in r]
     assert evals and all(0.0 <= r["eval_accuracy"] <= 1.0 for r in evals)
     assert all("accuracy" in r for r in records if "loss" in r)
 
 
-def test_reward_model_trains_exports_and_scores(run_train, smollm2_dir, tmp_path):
+def test_reward_model_trains_exports_and_scores(run_train, tiny_rm_run, smollm2_dir, tmp_path):
     import json
     import subprocess
     import sys
@@ -135,18 +102,13 @@ def test_reward_model_trains_exports_and_scores(run_train, smollm2_dir, tmp_path
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    extra = '[align]\nrm_margin = 0.0\n'
-    config = write_config(tmp_path, smollm2_dir, "rm", "preferences.jsonl", extra).read_text()
-    config = config.replace("[train]", f'eval_paths = ["{REPO / "data" / "preferences_heldout.jsonl"}"]\n[train]')
-    config = config.replace("save_final = false", "save_final = true")
-    (tmp_path / "rm.toml").write_text(config)
-    _, single = run_train(tmp_path / "rm.toml", tmp_path / "run")
+    config, run, single = tiny_rm_run
     train = [r for r in single if "loss" in r]
     # FSDP, and tensor parallel with and without sequence parallel (the one-output score head is replicated).
     tp2 = ["--parallel.tp", "2", "--parallel.dp_shard", "1"]
     for name, layout in (("fsdp2", ["--parallel.dp_shard", "2"]), ("tp2-sp", tp2),
                          ("tp2", [*tp2, "--parallel.sequence_parallel", "false"])):
-        _, records = run_train(tmp_path / "rm.toml", tmp_path / name, nproc=2, overrides=layout)
+        _, records = run_train(config, tmp_path / name, nproc=2, overrides=layout)
         assert [r["loss"] for r in records if "loss" in r] == pytest.approx([r["loss"] for r in train], rel=RTOL)
         if name.startswith("tp2"):
             # One data-parallel rank: the held-out pass sees the single process's batches (at
@@ -158,14 +120,14 @@ def test_reward_model_trains_exports_and_scores(run_train, smollm2_dir, tmp_path
 
     hf_dir = tmp_path / "rm_hf"
     env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "meshtron", "convert", "--input", str(tmp_path / "run"), "--output",
+    subprocess.run([sys.executable, "-m", "meshtron", "convert", "--input", str(run), "--output",
                     str(hf_dir)], check=True, capture_output=True, env=env)
     hf = AutoModelForSequenceClassification.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     assert type(hf).__name__ == "LlamaForSequenceClassification" and hf.config.num_labels == 1
     responses = tmp_path / "responses.jsonl"
     responses.write_text(json.dumps({"prompt": "What is 2 + 2?", "response": "4"}) + "\n"
                          + json.dumps({"instruction": "Name a color.", "output": "Blue"}) + "\n")
-    result = subprocess.run([sys.executable, "-m", "meshtron", "score", "--model", str(tmp_path / "run"), "--input",
+    result = subprocess.run([sys.executable, "-m", "meshtron", "score", "--model", str(run), "--input",
                              str(responses)], check=True, capture_output=True, text=True, env=env)
     scored = [json.loads(line) for line in result.stdout.splitlines()]
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))

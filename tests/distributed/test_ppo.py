@@ -2,26 +2,11 @@
 rollout's metrics in metrics.jsonl, the same run at dp_shard=2 equal to one process, and a resumed run
 equal to the uninterrupted one."""
 
-import os
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 RTOL = 2e-5
 
-CONFIG = """
-[model]
-name_or_path = "llama:debug"
-args = {{vocab_size = 49152}}
-tokenizer = "{tokenizer}"
-[data]
-paths = ["{data}"]
-[train]
-recipe = "ppo"
-steps = 4
-global_batch_size = 4
-micro_batch_size = 2
+RL = """
 [rl]
 prompts_per_step = 2
 group_size = 2
@@ -32,33 +17,15 @@ gamma = 1.0
 lam = 0.95
 value_clip = 0.2
 critic_lr = 0.01
-rewards = {{math = 1.0, "tiny_rewards:letters" = 1.0}}
-[optim]
-lr = 0.01
-[lr]
-schedule = "constant"
-[log]
-tensorboard = false
-plot = false
-[checkpoint]
-save_final = false
-"""
-
-# The share of letters in a completion: a reward a random model's completions already spread over.
-REWARD_MODULE = """
-def letters(prompts, completions, **fields):
-    return [sum(ch.isalpha() for ch in c) / max(len(c), 1) for c in completions]
+rewards = {math = 1.0, "tiny_rewards:letters" = 1.0}
 """
 
 
 @pytest.fixture(scope="module")
-def ppo_setup(smollm2_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ppo")
-    (root / "tiny_rewards.py").write_text(REWARD_MODULE)
-    config = root / "ppo.toml"
-    config.write_text(CONFIG.format(tokenizer=smollm2_dir, data=REPO / "data" / "arithmetic_prompts.jsonl"))
-    env = {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    return config, env
+def ppo_setup(recipe_config, reward_module_env, tmp_path_factory):
+    config = recipe_config(tmp_path_factory.mktemp("ppo") / "ppo.toml", "ppo", "arithmetic_prompts.jsonl",
+                           train="global_batch_size = 4\nmicro_batch_size = 2", lr=0.01, sections=RL)
+    return config, reward_module_env
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +70,27 @@ def test_ppo_resume_repeats_the_uninterrupted_run(run_train, ppo_setup, ppo_sing
     for key in ("loss", "grad_norm", "value_loss", "explained_variance", "kl"):
         assert [r.get(key) for r in records] == pytest.approx([r.get(key) for r in ppo_single[2:]], rel=RTOL,
                                                               abs=1e-5)
+
+
+def test_ppo_critic_starts_from_an_rm_run(run_train, ppo_setup, tiny_rm_run, tmp_path):
+    """rl.critic = an rm run: the critic is that run's model and trained score head. With a learning rate
+    far too small to move a weight, the critic the ppo run saves is the rm run's, tensor for tensor."""
+    import torch
+
+    from meshtron.checkpoint.manager import ModelState, resolve_checkpoint
+    from meshtron.checkpoint.reader import load_checkpoint
+    from meshtron.infer.loading import load_for_generation
+
+    config, env = ppo_setup
+    _, rm_run, _ = tiny_rm_run
+    run_train(config, tmp_path, env=env, overrides=["--rl.critic", str(rm_run), "--rl.critic_lr", "1e-20",
+                                                    "--train.steps", "1", "--checkpoint.save_final", "true"])
+    rm = load_for_generation(str(rm_run), dtype="float32").model
+    critic = load_for_generation(str(rm_run), dtype="float32").model
+    for p in critic.parameters():
+        p.data.zero_()
+    load_checkpoint({"critic": ModelState(critic)}, resolve_checkpoint(tmp_path), no_dist=True)
+    expected = rm.state_dict()
+    assert expected["lm_head.weight"].shape[0] == 1  # the score head
+    for name, value in critic.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)

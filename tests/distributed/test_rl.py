@@ -3,7 +3,6 @@ metrics.jsonl, the same run at dp_shard=2 and dp_replicate=2 (the rollout gather
 no deadlock when ranks decode different numbers of steps) equal to one process, and a resumed run equal to the
 uninterrupted one (the rollout's sampling included)."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,56 +10,25 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 RTOL = 2e-5
 
-CONFIG = """
-[model]
-name_or_path = "llama:debug"
-args = {{vocab_size = 49152}}
-tokenizer = "{tokenizer}"
-[data]
-paths = ["{data}"]
-eval_paths = ["{heldout}"]
-[train]
-recipe = "grpo"
-steps = 4
-global_batch_size = 8
-micro_batch_size = 4
+RL = """
 [rl]
 prompts_per_step = 2
 group_size = 4
 max_new_tokens = 6
 kl_coef = 0.05
 updates_per_rollout = 2
-rewards = {{math = 1.0, "tiny_rewards:letters" = 1.0}}
-[optim]
-lr = 0.01
-[lr]
-schedule = "constant"
-[log]
-tensorboard = false
-plot = false
-[checkpoint]
-save_final = false
-"""
-
-# A reward that a random model's completions already spread over (the share of letters in them),
-# so that advantages, gradients and the KL are not zero from the first step.
-REWARD_MODULE = """
-def letters(prompts, completions, **fields):
-    return [sum(ch.isalpha() for ch in c) / max(len(c), 1) for c in completions]
+rewards = {math = 1.0, "tiny_rewards:letters" = 1.0}
 """
 
 
 @pytest.fixture(scope="module")
-def grpo_setup(smollm2_dir, tmp_path_factory):
+def grpo_setup(recipe_config, reward_module_env, tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo")
-    (root / "tiny_rewards.py").write_text(REWARD_MODULE)
     heldout = root / "heldout.jsonl"
     heldout.write_text("".join((REPO / "data" / "arithmetic_heldout.jsonl").read_text().splitlines(True)[:6]))
-    config = root / "grpo.toml"
-    config.write_text(CONFIG.format(tokenizer=smollm2_dir, data=REPO / "data" / "arithmetic_prompts.jsonl",
-                                    heldout=heldout))
-    env = {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    return config, env
+    config = recipe_config(root / "grpo.toml", "grpo", "arithmetic_prompts.jsonl", eval_paths=[heldout],
+                           train="global_batch_size = 8\nmicro_batch_size = 4", lr=0.01, sections=RL)
+    return config, reward_module_env
 
 
 @pytest.fixture(scope="module")

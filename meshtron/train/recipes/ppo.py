@@ -17,6 +17,7 @@ import torch
 
 from meshtron.align.rl import (aggregate, clipped_value_loss, gae, kl_estimate, masked_whiten, ppo_token_rewards,
                                token_losses)
+from meshtron.errors import UserError
 from meshtron.train.losses import IGNORE_INDEX
 from meshtron.train.recipes.alignment import reshard
 from meshtron.train.recipes.rl import GRPORecipe, per_token_logps
@@ -39,11 +40,29 @@ class PPORecipe(GRPORecipe):
 
         super().setup(trainer)
         config = dataclasses.replace(self.config, lora=dataclasses.replace(self.config.lora, rank=0))
-        source = dataclasses.replace(trainer.source, args=dataclasses.replace(trainer.source.args, num_labels=1))
-        self.critic = build_parallel_model(config, source, trainer.dims, trainer.meshes, trainer.device,
-                                           load_weights=True)
+        self.critic = build_parallel_model(config, self._critic_source(trainer), trainer.dims, trainer.meshes,
+                                           trainer.device, load_weights=True)
         optim = dataclasses.replace(self.config.optim, lr=self.config.rl.critic_lr or self.config.optim.lr)
         self.critic_optimizer = build_optimizer(self.critic, optim, trainer.device.type)
+
+    def _critic_source(self, trainer):
+        """The starting model with a new one-output score head, or the rm run rl.critic (its model and
+        its trained score head)."""
+        from meshtron.train.build import resolve_model_source
+
+        policy = trainer.source
+        if not self.config.rl.critic:
+            return dataclasses.replace(policy, args=dataclasses.replace(policy.args, num_labels=1))
+        model = dataclasses.replace(self.config.model, name_or_path=self.config.rl.critic, args={}, tokenizer="")
+        source = resolve_model_source(dataclasses.replace(self.config, model=model))
+        where = f"rl.critic = {self.config.rl.critic!r}"
+        if source.args.num_labels != 1:
+            raise UserError(f"{where} has no one-output score head; give the run directory of an rm run, or "
+                            "leave rl.critic empty for a value head on a copy of the starting model")
+        if source.args.vocab_size != policy.args.vocab_size:
+            raise UserError(f"{where} reads a vocabulary of {source.args.vocab_size} tokens and the policy writes "
+                            f"{policy.args.vocab_size}: the critic must share the policy's tokenizer")
+        return source
 
     def checkpoint_states(self) -> dict:
         from meshtron.checkpoint.manager import ModelState, OptimizerState
