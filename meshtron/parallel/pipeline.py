@@ -12,8 +12,8 @@ Stages go to ranks in one of two ways:
 
 `PipelineLayout.resolve` checks a layout once and says what to change when it cannot run.
 `PipelineRunner` holds everything that exists only under pipeline parallel (the schedule, the
-tied head's gradient sync, priming, the grad-scaler hand-off); the Trainer calls it where it
-would run its plain micro-batch loop.
+tied head's gradient sync, priming, the grad-scaler hand-off, an MoE model's router totals
+carried between stages); the Trainer calls it where it would run its plain micro-batch loop.
 """
 
 import inspect
@@ -26,6 +26,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 from meshtron.errors import UserError
+from meshtron.models.common.moe import router_totals, take_router_stats
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv")
 _TORCH_SCHEDULES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved_1f1b": "Interleaved1F1B", "zbv": "ZBVZeroBubble"}
@@ -160,6 +161,32 @@ def add_boundary_hooks(stage: nn.Module, tp_mesh, sequence_parallel: bool, *, fi
         stage.register_forward_hook(unwrap_output)
 
 
+def add_router_carry(stage: nn.Module, num_experts: int, record: list, *, first: bool) -> None:
+    """An MoE model's router losses are computed over all its layers together (`Trainer.router_loss`), and
+    the layers are split between stages: each stage passes on, beside its hidden states, the running sum of
+    its and the earlier stages' router totals (`models.common.moe.router_totals`). The last stage's loss
+    function computes the losses from the sum, and their gradients reach every stage's routers the way the
+    activations' do. `record` gets the router statistics of each forward with gradients (metrics and
+    auxiliary-loss-free balancing)."""
+    incoming = []  # the earlier stages' totals, from the pre-hook to the hook of the same forward
+
+    def split_input(module, args, kwargs):
+        incoming.append(args[1])
+        return (args[0], *args[2:]), kwargs
+
+    def add_totals(module, args, output):
+        stats = take_router_stats(module)
+        if torch.is_grad_enabled():
+            record.append(stats)
+        totals = router_totals(stats, num_experts, output.device)
+        return output, totals + incoming.pop() if incoming else totals
+
+    if not first:
+        # Ahead of FSDP's hook, which would cast the totals to the compute dtype with the hidden states.
+        stage.register_forward_pre_hook(split_input, with_kwargs=True, prepend=True)
+    stage.register_forward_hook(add_totals)
+
+
 def build_schedule(layout: PipelineLayout, stage_modules: list[nn.Module], stage_ids: list[int], pp_group,
                    device: torch.device, loss_fn):
     """PipelineStages for this rank's modules and the schedule that drives them.
@@ -202,12 +229,24 @@ class PipelineRunner:
     gradient with its head copy's; `evaluate(batches)` runs held-out batches in whole schedule
     rounds; `prime()` sets the schedule up for training before a first evaluation. The recipe gives the stage inputs and
     the last stage's loss (`pipeline_inputs`, `pipeline_loss`).
+
+    For an MoE model, `router_loss` (the Trainer's) turns the router totals the stages carry
+    (`add_router_carry`) into the loss added on the last stage, and each training step's router losses and
+    per-layer statistics go to `router_metrics`. The schedule runs every stage once more on its first
+    step to learn the shapes passed between stages: a step's own forwards are the last n_microbatches.
     """
 
     def __init__(self, layout: PipelineLayout, parts: list[nn.Module], stage_ids: list[int], meshes,
-                 device: torch.device, recipe, grad_scaler, train_context: Callable):
+                 device: torch.device, recipe, grad_scaler, train_context: Callable,
+                 router_loss: Callable | None = None, router_metrics=None):
         self.layout, self.recipe, self.grad_scaler = layout, recipe, grad_scaler
         self.device, self.train_context = device, train_context
+        self.router_loss, self.router_metrics = router_loss, router_metrics
+        self._router_records = [[] for _ in parts]  # per stage of this rank: each forward's router statistics
+        self._router_losses = []  # per last-stage forward: (added loss, (its terms)), detached
+        if router_loss is not None:
+            for part, stage_id, record in zip(parts, stage_ids, self._router_records):
+                add_router_carry(part, part.args.num_experts, record, first=stage_id == 0)
         self.pp_group = meshes.pp.get_group()
         self.model = StageParts(parts)
         last = layout.num_stages - 1
@@ -222,7 +261,27 @@ class PipelineRunner:
         self._loss_scale = 1.0
 
     def forward_backward_micro_batches(self, batches: list[dict[str, torch.Tensor]], loss_scale: float) -> torch.Tensor:
-        return self._run(batches, loss_scale, train=True)
+        loss_sum = self._run(batches, loss_scale, train=True)
+        if self.router_loss is not None:
+            self._take_router_metrics()
+        return loss_sum
+
+    def _take_router_metrics(self) -> None:
+        """Each micro-batch's router losses (where this rank holds the last stage) and its stages' layer
+        statistics, in the model's layer order, to `router_metrics`."""
+        n = self.layout.n_microbatches
+        records = [record[-n:] for record in self._router_records]
+        losses = self._router_losses[-n:]
+        zeros = (torch.zeros((), device=self.device),) * len(self.router_metrics.LOSSES)
+        for i in range(n):
+            terms = losses[i][1] if losses else zeros
+            self.router_metrics.add(terms, [stats for record in records for stats in record[i]])
+        self._forget_router_records()
+
+    def _forget_router_records(self) -> None:
+        for record in self._router_records:
+            record.clear()
+        self._router_losses.clear()
 
     def _run(self, batches: list[dict[str, torch.Tensor]], loss_scale: float, train: bool) -> torch.Tensor:
         """The micro-batches are concatenated and prepared as one batch (`recipe.prepare_batch`); the
@@ -246,8 +305,11 @@ class PipelineRunner:
                 self.schedule.eval(*args, target=target, losses=losses, **kwargs)
         loss_sum = torch.zeros((), device=self.device)
         if losses:
-            unscale = loss_scale * (self.grad_scaler.get_scale() if self.grad_scaler is not None and train else 1.0)
-            loss_sum = torch.stack([_full(l.detach()).float() for l in losses]).sum() / unscale
+            scale = self.grad_scaler.get_scale() if self.grad_scaler is not None and train else 1.0
+            # The losses include the router loss added to each (scaled by the grad scaler with it, not by
+            # loss_scale): taken off, what remains is the recipe's loss.
+            router = sum(added for added, _ in self._router_losses[-len(losses):]) if train else 0.0
+            loss_sum = (torch.stack([_full(l.detach()).float() for l in losses]).sum() / scale - router) / loss_scale
         # Only the rank with the last stage computed the loss.
         dist.all_reduce(loss_sum, group=self.pp_group)
         return loss_sum
@@ -255,7 +317,13 @@ class PipelineRunner:
     def _loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The schedule's loss function: a micro-batch's loss normalized for the whole step (as the
         plain loop does), so the schedule must not rescale the gradients."""
+        if self.router_loss is not None:
+            output, totals = output
         loss = self.recipe.pipeline_loss(output, target) * self._loss_scale
+        if self.router_loss is not None and torch.is_grad_enabled():
+            added, terms = self.router_loss(totals)
+            self._router_losses.append((added.detach(), tuple(t.detach() for t in terms)))
+            loss = _full(loss) + added  # a plain tensor: the loss joins it as one (a DTensor under tp)
         if self.grad_scaler is not None and torch.is_grad_enabled():
             loss = self.grad_scaler.scale(loss)
         return loss
@@ -284,6 +352,7 @@ class PipelineRunner:
                  "document_ids": torch.zeros(shape, dtype=torch.long)}
         batch = {k: v.to(self.device) for k, v in blank.items()}
         self._run([batch] * self.layout.n_microbatches, 0.0, train=True)
+        self._forget_router_records()
 
     @torch.no_grad()
     def evaluate(self, batches: list[dict[str, torch.Tensor]], ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,34 +38,44 @@ class RouterMetrics:
     the load-balancing loss and router z-loss (means over forwards and data-parallel ranks), the rows routed
     to the busiest and the idlest expert over the mean (summed over layers, forwards and ranks), each
     expert's rows over the mean (`moe_expert_load`, a list: what plot_expert_load draws), rows dropped by
-    a capacity. `layer_load` (MoE layers x experts, this rank's rows of the step) is what
-    auxiliary-loss-free balancing updates its biases from."""
+    a capacity. `layer_load` (this rank's MoE layers x experts, its rows of the step) is what
+    auxiliary-loss-free balancing updates its biases from.
 
-    def __init__(self):
-        self.aux, self.z_loss, self.forwards, self.layer_load, self.dropped = 0.0, 0.0, 0, 0.0, 0.0
-        self.seq_aux = 0.0
+    Under pipeline parallel a rank sees its stages' layers only, and the losses only where it holds the last
+    stage (zero elsewhere): `take`'s sum then runs over the pipeline ranks too."""
 
-    def add(self, aux: torch.Tensor, z_loss: torch.Tensor, stats: list, seq_aux: torch.Tensor) -> None:
-        self.aux, self.z_loss, self.forwards = self.aux + aux.detach(), self.z_loss + z_loss.detach(), self.forwards + 1
-        self.seq_aux = self.seq_aux + seq_aux.detach()
-        self.layer_load = self.layer_load + torch.stack([s.selected_E for s in stats])
-        self.dropped = self.dropped + sum(s.dropped for s in stats)
+    LOSSES = ("moe_aux_loss", "moe_z_loss", "moe_seq_aux_loss")
 
-    def take(self, dp_sum, dp_size: int) -> dict[str, float]:
-        """The metrics since the last call (none for a dense model), then reset. `dp_sum` sums a tensor over
-        data-parallel ranks."""
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self.losses, self.forwards, self.layer_load, self.dropped = torch.zeros(3), 0, None, 0.0
+
+    def add(self, losses: tuple[torch.Tensor, ...], stats: list) -> None:
+        """One forward's losses (load-balancing, z, sequence-wise balance) and the statistics of this rank's
+        MoE layers (none: a stage without any)."""
+        self.losses = self.losses.to(losses[0].device) + torch.stack([l.detach().float() for l in losses])
+        self.forwards += 1
+        if stats:
+            load = torch.stack([s.selected_E for s in stats])
+            self.layer_load = load if self.layer_load is None else self.layer_load + load
+            self.dropped = self.dropped + sum(s.dropped for s in stats)
+
+    def take(self, rank_sum, num_replicas: int, device: torch.device) -> dict[str, float]:
+        """The metrics since the last call (none for a dense model), then reset. `rank_sum` sums a tensor over
+        the ranks whose statistics add up (data-parallel, and pipeline stages); the losses are means over
+        `num_replicas` (data-parallel ranks)."""
         if not self.forwards:
             return {}
-        aux = dp_sum(self.aux / self.forwards) / dp_size
-        z_loss = dp_sum(self.z_loss / self.forwards) / dp_size
-        seq_aux = dp_sum(self.seq_aux / self.forwards) / dp_size
-        load = dp_sum(self.layer_load.sum(0))
-        dropped = dp_sum(torch.as_tensor(self.dropped, dtype=torch.float32, device=load.device))
-        self.__init__()
+        zero = torch.zeros(self.num_experts, device=device)
+        load = zero if self.layer_load is None else self.layer_load.sum(0)
+        packed = torch.cat([self.losses.to(device) / self.forwards,
+                            torch.as_tensor(self.dropped, dtype=torch.float32, device=device).reshape(1), load])
+        losses, dropped, load = rank_sum(packed).split([len(self.LOSSES), 1, self.num_experts])
+        self.__init__(self.num_experts)
         share = load / load.mean()
-        return {"moe_aux_loss": aux.item(), "moe_seq_aux_loss": seq_aux.item(), "moe_z_loss": z_loss.item(), "moe_load_max": share.max().item(),
-                "moe_load_min": share.min().item(), "moe_dropped": int(dropped.item()),
-                "moe_expert_load": [round(x, 4) for x in share.tolist()]}
+        return {**{name: value / num_replicas for name, value in zip(self.LOSSES, losses.tolist())},
+                "moe_load_max": share.max().item(), "moe_load_min": share.min().item(),
+                "moe_dropped": int(dropped.item()), "moe_expert_load": [round(x, 4) for x in share.tolist()]}
 
 
 def peak_flops(device: torch.device) -> float | None:

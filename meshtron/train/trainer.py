@@ -33,9 +33,8 @@ from meshtron.train.guard import StepGuard, finite_on_every_rank
 from meshtron.train.losses import IGNORE_INDEX, loss_context
 from meshtron.train.lr import build_lr_scheduler
 from meshtron.models.deepseek_v3.model import take_mtp_loss_sums
-from meshtron.models.common.moe import (load_balancing_loss, moe_layers, router_z_loss, sequence_balance_loss,
-                                        take_router_stats,
-                                        update_expert_bias)
+from meshtron.models.common.moe import (load_balancing_loss, moe_layers, router_totals, router_z_loss,
+                                        sequence_balance_loss, take_router_stats, update_expert_bias)
 from meshtron.train.metrics import (MetricsLogger, RouterMetrics, flops_per_token, peak_flops, peak_memory_gb,
                                     plot_expert_load, plot_loss)
 from meshtron.train.ops import FaultDrill, HangWatchdog, LastGoodState, StepTimer, StragglerMonitor
@@ -59,12 +58,6 @@ class TrainState(Stateful):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.step, self.tokens_seen = int(state_dict["step"]), int(state_dict["tokens_seen"])
-
-
-# What each MoE routing field of model.args trains, for messages.
-ROUTER_TERMS = {"aux_loss_coef": "load-balancing loss", "seq_aux_loss_coef": "sequence-wise balance loss",
-                "z_loss_coef": "router z-loss",
-                "bias_update_rate": "auxiliary-loss-free balancing"}
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -111,10 +104,6 @@ class Trainer:
 
             self.recipe.context_parallel = ContextParallel.from_meshes(self.meshes)
         self.model_args = self.source.args = self.recipe.model_args(self.source.args)
-        for field in ROUTER_TERMS:
-            if getattr(self.model_args, field, 0.0) and self.dims.pp > 1:
-                raise UserError(f"the MoE {ROUTER_TERMS[field]} is not supported with pipeline parallel yet: train "
-                                f"with parallel.pp = 1, or without it (model.args = {{{field} = 0}})")
         self._check_mtp()
         layout = self._pipeline_layout()
         self.data_loader = build_data_loader(
@@ -131,6 +120,7 @@ class Trainer:
         # After the data, so that a bad data path fails before a large model is loaded.
         self.grad_scaler = self._build_grad_scaler()
         self.pipeline = None  # the PipelineRunner under pipeline parallel
+        self.router_metrics = RouterMetrics(getattr(self.model_args, "num_experts", 0))
         self.model = self._build_model(layout)
         self.recipe.setup(self)
         self.optimizer = build_optimizer(self.model, config.optim, self.device.type)
@@ -146,7 +136,6 @@ class Trainer:
         self.timer = StepTimer(self.device)
         self.stragglers = StragglerMonitor(config.log.straggler_fraction)
         self.last_good = LastGoodState(self.optimizer)
-        self.router_metrics = RouterMetrics()
         self.mtp_loss_sum = 0.0  # the step's MTP losses (Trainer._mtp_loss)
 
     # ---- construction helpers ------------------------------------------------------------
@@ -259,8 +248,11 @@ class Trainer:
         parts = [build_parallel_model(self.config, self.source, self.dims, self.meshes, self.device, load_weights,
                                       stage=StageSpec(layout.stage_layers[i], first=i == 0, last=i == last))
                  for i in stage_ids]
+        moe = hasattr(self.model_args, "num_experts")
         self.pipeline = PipelineRunner(layout, parts, stage_ids, self.meshes, self.device, self.recipe,
-                                       self.grad_scaler, self.train_context)
+                                       self.grad_scaler, self.train_context,
+                                       router_loss=self.router_loss if moe else None,
+                                       router_metrics=self.router_metrics)
         return self.pipeline.model
 
     @torch.no_grad()
@@ -376,18 +368,26 @@ class Trainer:
         return _local(loss_sum.detach())
 
     def _router_loss(self) -> torch.Tensor | None:
-        """The MoE load-balancing loss of the forward just run times `aux_loss_coef`, plus its router z-loss
-        times `z_loss_coef`, divided by the number of micro-batches: as transformers adds the first to each
-        forward's mean loss, its gradient is the mean over the step's forwards (data-parallel ranks average
-        gradients). None for a dense model."""
+        """The router loss of the forward just run (`router_loss`), its statistics kept for the metrics.
+        None for a dense model."""
         stats = take_router_stats(self.model)
         if not stats:
             return None
-        aux, z_loss = load_balancing_loss(stats, self.model_args.num_experts), router_z_loss(stats)
-        seq_aux = sequence_balance_loss(stats)
-        self.router_metrics.add(aux, z_loss, stats, seq_aux)
+        loss, losses = self.router_loss(router_totals(stats, self.model_args.num_experts))
+        self.router_metrics.add(losses, stats)
+        return loss
+
+    def router_loss(self, totals: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(loss, (load-balancing loss, router z-loss, sequence-wise balance loss)) of one forward's router
+        totals over all MoE layers (`router_totals`; under pipeline parallel, summed over the stages). The
+        loss weighs each by its coefficient (`aux_loss_coef`, `z_loss_coef`, `seq_aux_loss_coef`), divided
+        by the number of micro-batches: as transformers adds the first to each forward's mean loss, its
+        gradient is the mean over the step's forwards (data-parallel ranks average gradients)."""
         args = self.model_args
-        return (args.aux_loss_coef * aux + args.seq_aux_loss_coef * seq_aux + args.z_loss_coef * z_loss) / self.grad_accum_steps
+        aux, z_loss = load_balancing_loss(totals, args.num_experts), router_z_loss(totals)
+        seq_aux = sequence_balance_loss(totals)
+        loss = args.aux_loss_coef * aux + args.z_loss_coef * z_loss + args.seq_aux_loss_coef * seq_aux
+        return loss / self.grad_accum_steps, (aux, z_loss, seq_aux)
 
     def _mtp_loss(self, loss_scale: float) -> torch.Tensor | float:
         """The MTP loss of the forward just run (the mean over depths of each depth's summed cross-entropy),
@@ -401,10 +401,11 @@ class Trainer:
 
     def _update_expert_bias(self) -> None:
         """Auxiliary-loss-free balancing: each router's bias moves towards balance by the step's expert
-        counts, summed over data-parallel ranks so that every rank applies the same update."""
+        counts, summed over the ranks that hold the same layers and see other tokens (data and context
+        parallel), so that each of them applies the same update."""
         rate = getattr(self.model_args, "bias_update_rate", 0.0)
-        if rate and self.router_metrics.forwards:
-            update_expert_bias(moe_layers(self.model), self._dp_sum(self.router_metrics.layer_load), rate)
+        if rate and self.router_metrics.layer_load is not None:
+            update_expert_bias(moe_layers(self.model), self._loss_sum(self.router_metrics.layer_load), rate)
 
     def forward_backward_micro_batches(self, batches: list[dict[str, torch.Tensor]], loss_scale: float) -> torch.Tensor:
         """The plain micro-batch loop (the PipelineRunner has the same call); returns the summed loss."""
@@ -462,7 +463,7 @@ class Trainer:
         metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm_value, "loss_tokens": int(units_value)}
         metrics.update(zip(recipe_metrics, recipe_values))
         metrics.update(self.recipe.step_metrics())
-        metrics.update(self.router_metrics.take(self._dp_sum, self.dims.dp_size))
+        metrics.update(self.router_metrics.take(self._router_metric_sum, self.dims.loss_ranks, self.device))
         metrics.update(self.guard.observe(self.state.step + 1, metrics["loss"], metrics["grad_norm"], applied))
         return metrics
 
@@ -701,6 +702,15 @@ class Trainer:
         if self.dims.dp_size > 1:
             t = t.clone()
             dist.all_reduce(t, group=self.meshes.dp.get_group())
+        return t
+
+    def _router_metric_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Summed over the ranks whose router statistics add up: data and context parallel, and the pipeline
+        stages (each holds other layers)."""
+        t = self._loss_sum(t)
+        if self.pipeline is not None:
+            t = t.clone()
+            dist.all_reduce(t, group=self.pipeline.pp_group)
         return t
 
     def _loss_sum(self, t: torch.Tensor) -> torch.Tensor:

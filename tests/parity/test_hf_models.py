@@ -389,7 +389,7 @@ def _rms(x, weight, eps=1e-6):
 def test_moe_load_balancing_loss_matches_transformers(case, tmp_path):
     """The load-balancing loss from the router statistics our MoE layers record in one forward equals
     transformers' `aux_loss` for the same tokens (its MoE layers only: dense and sparse-step layers left out)."""
-    from meshtron.models.common.moe import load_balancing_loss, take_router_stats
+    from meshtron.models.common.moe import load_balancing_loss, router_totals, take_router_stats
 
     hf_model, path = make_hf_model(case, tmp_path)
     ours, args = load_hf_model(path)
@@ -401,4 +401,5 @@ def test_moe_load_balancing_loss_matches_transformers(case, tmp_path):
     ours(tokens)
     stats = take_router_stats(ours)
     assert len(stats) == sum(args.is_moe_layer(i) for i in range(args.num_layers))
-    torch.testing.assert_close(load_balancing_loss(stats, args.num_experts), expected, rtol=1e-5, atol=0)
+    aux = load_balancing_loss(router_totals(stats, args.num_experts), args.num_experts)
+    torch.testing.assert_close(aux, expected, rtol=1e-5, atol=0)

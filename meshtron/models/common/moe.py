@@ -11,9 +11,10 @@ expert, so that each expert's tokens are one contiguous slice and all experts ru
 others are dropped (their routed contribution is zero) and counted.
 
 Each forward with gradients on records its router statistics (`MoE.router_stats`), replacing the last
-one's; `take_router_stats` collects them over a model's MoE layers, from which `load_balancing_loss` and
-`router_z_loss` are computed (the Trainer adds them to the loss), the expert load is logged and, with
-auxiliary-loss-free balancing, each router's bias is updated after the step (`update_expert_bias`).
+one's; `take_router_stats` collects them over a model's MoE layers and `router_totals` sums them, from
+which `load_balancing_loss` and `router_z_loss` are computed (the Trainer adds them to the loss), the
+expert load is logged and, with auxiliary-loss-free balancing, each router's bias is updated after the
+step (`update_expert_bias`).
 """
 
 import math
@@ -324,14 +325,27 @@ def take_router_stats(model: nn.Module) -> list[RouterStats]:
     return stats
 
 
-def load_balancing_loss(stats: list[RouterStats], num_experts: int) -> torch.Tensor:
-    """The Switch / Mixtral auxiliary loss over all layers together, as transformers'
+def router_totals(stats: list[RouterStats], num_experts: int, device: torch.device | None = None) -> torch.Tensor:
+    """One forward's router statistics summed over MoE layers, as one float32 vector: [rows chosen per
+    expert (E), probability sums per expert (E), rows, z-loss sum, sequence-wise balance loss sum]. The
+    losses need only these sums, so the totals of layers split between pipeline stages add up (the
+    probability and loss parts differentiable); no layers: zeros (on `device`)."""
+    if not stats:
+        return torch.zeros(2 * num_experts + 3, device=device)
+    selected = torch.stack([s.selected_E for s in stats]).sum(0)
+    prob = torch.stack([s.prob_sum_E for s in stats]).sum(0)
+    rows = selected.new_tensor([float(sum(s.num_tokens for s in stats))])
+    z_loss = torch.stack([s.z_loss for s in stats]).sum().reshape(1)
+    seq_balance = torch.stack([s.seq_balance for s in stats]).sum().reshape(1).float()
+    return torch.cat([selected, prob, rows, z_loss, seq_balance])
+
+
+def load_balancing_loss(totals: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The Switch / Mixtral auxiliary loss over all layers together (`router_totals`), as transformers'
     `load_balancing_loss_func` computes it: E * sum_e (share of routed rows to e) * (mean probability of e),
     both averaged over the rows of every layer."""
-    rows = sum(s.num_tokens for s in stats)
-    selected = torch.stack([s.selected_E for s in stats]).sum(0) / rows
-    prob = torch.stack([s.prob_sum_E for s in stats]).sum(0) / rows
-    return (selected * prob).sum() * num_experts
+    selected, prob, rows = totals[:num_experts], totals[num_experts:2 * num_experts], totals[2 * num_experts]
+    return (selected / rows * prob / rows).sum() * num_experts
 
 
 def sequence_balance(scores_BSE: torch.Tensor, experts_BSK: torch.Tensor) -> torch.Tensor:
@@ -347,15 +361,16 @@ def sequence_balance(scores_BSE: torch.Tensor, experts_BSK: torch.Tensor) -> tor
     return (f_BE * p_BE).sum(-1).mean()
 
 
-def sequence_balance_loss(stats: list[RouterStats]) -> torch.Tensor:
-    """The sequence-wise balance loss summed over the MoE layers (each layer balances its own experts)."""
-    return torch.stack([s.seq_balance for s in stats]).sum()
+def sequence_balance_loss(totals: torch.Tensor) -> torch.Tensor:
+    """The sequence-wise balance loss summed over the MoE layers (each layer balances its own experts;
+    `router_totals`)."""
+    return totals[-1]
 
 
-def router_z_loss(stats: list[RouterStats]) -> torch.Tensor:
-    """ST-MoE's router z-loss, summed over the MoE layers (as Megatron adds it per layer): it keeps the
-    router logits small, where their softmax is well conditioned."""
-    return torch.stack([s.z_loss for s in stats]).sum()
+def router_z_loss(totals: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's router z-loss, summed over the MoE layers (as Megatron adds it per layer; `router_totals`):
+    it keeps the router logits small, where their softmax is well conditioned."""
+    return totals[-2]
 
 
 def moe_layers(model: nn.Module) -> list["MoE"]:

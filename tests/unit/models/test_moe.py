@@ -6,7 +6,8 @@ import torch
 
 from meshtron.models.common.init import init_model
 from meshtron.models.common.moe import (HAS_GROUPED_MM, MoE, MoEArgs, grouped_mm_runs, load_balancing_loss,
-                                        router_z_loss, sequence_balance_loss, take_router_stats, update_expert_bias)
+                                        router_totals, router_z_loss, sequence_balance_loss, take_router_stats,
+                                        update_expert_bias)
 
 ARGS = dict(dim=32, num_heads=4, num_kv_heads=2, head_dim=8, num_layers=2, num_experts=6, num_experts_per_token=2,
             expert_ffn_dim=24, shared_expert_ffn_dim=16)
@@ -93,11 +94,15 @@ def test_load_balancing_loss_equals_transformers():
         moe(x)
         logits.append(torch.nn.functional.linear(x.flatten(0, 1), moe.router.weight))
     stats = [s for moe in layers for s in take_router_stats(moe)]
-    ours = load_balancing_loss(stats, ARGS["num_experts"])
+    ours = load_balancing_loss(router_totals(stats, ARGS["num_experts"]), ARGS["num_experts"])
     expected = load_balancing_loss_func(tuple(logits), ARGS["num_experts"], ARGS["num_experts_per_token"])
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=0)
     ours.backward()  # differentiable through the router probabilities
     assert all(moe.router.weight.grad.abs().sum() > 0 for moe in layers)
+    # Pipeline stages each sum their own layers' totals; the sums add up to the whole model's.
+    E = ARGS["num_experts"]
+    split = router_totals(stats[:1], E) + router_totals(stats[1:], E) + router_totals([], E)
+    torch.testing.assert_close(load_balancing_loss(split, E), expected, rtol=1e-6, atol=0)
 
 
 def test_router_z_loss_is_the_mean_squared_logsumexp_summed_over_layers():
@@ -108,8 +113,8 @@ def test_router_z_loss_is_the_mean_squared_logsumexp_summed_over_layers():
     stats = [s for moe in layers for s in take_router_stats(moe)]
     expected = sum(torch.nn.functional.linear(x.flatten(0, 1), moe.router.weight).logsumexp(-1).square().mean()
                    for moe in layers)
-    torch.testing.assert_close(router_z_loss(stats), expected)
-    router_z_loss(stats).backward()
+    torch.testing.assert_close(router_z_loss(router_totals(stats, ARGS["num_experts"])), expected)
+    router_z_loss(router_totals(stats, ARGS["num_experts"])).backward()
     assert all(moe.router.weight.grad.abs().sum() > 0 for moe in layers)
 
 
@@ -132,8 +137,9 @@ def test_sequence_balance_loss_equals_a_direct_computation_per_sequence():
             p = (scores / scores.sum(-1, keepdim=True)).mean(0)
             expected = expected + (f * p).sum() / len(x)
     stats = [s for moe in layers for s in take_router_stats(moe)]
-    torch.testing.assert_close(sequence_balance_loss(stats), expected)
-    sequence_balance_loss(stats).backward()
+    loss = sequence_balance_loss(router_totals(stats, ARGS["num_experts"]))
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
     assert all(moe.router.weight.grad.abs().sum() > 0 for moe in layers)
 
 
