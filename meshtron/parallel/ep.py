@@ -15,6 +15,10 @@ Rows reach the experts module sorted by (global) expert, `counts[e]` of them for
     combine:  the inverse order, then the reverse all-to-all: each row back where it came from.
 
 Both row all-to-alls are the autograd form, so the backward sends gradients the same way back.
+
+Without expert parallel (ep = 1), tensor parallel splits every expert instead, like the dense MLP
+(`ExpertTensorParallel`): gate_proj and up_proj column-wise (on I), down_proj row-wise, each rank computing
+its part of every row's expert MLP and the partial outputs summed over the tp ranks.
 """
 
 import torch
@@ -22,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed._functional_collectives import all_to_all_single_autograd
-from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from meshtron.parallel.plan import ParallelPlan
@@ -82,7 +86,40 @@ class ExpertParallel(ParallelStyle):
         return distribute_module(module, device_mesh, partition, dispatch, combine)
 
 
+class ExpertTensorParallel(ParallelStyle):
+    """Shards a GroupedExperts module's stacked weights over a 1-D tp mesh as Megatron splits an MLP: gate_proj
+    and up_proj (E, I, D) on I, down_proj (E, D, I) on I. Every tp rank gets all the rows (the router runs
+    replicated); the input's gradient, partial on each rank, is summed over the ranks in the backward, and
+    the partial outputs in the forward."""
+
+    SHARD_DIMS = {"gate_proj": 1, "up_proj": 1, "down_proj": 2}
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def partition(name, mod, mesh):
+            for pname, param in list(mod.named_parameters(recurse=False)):
+                placement = [Shard(self.SHARD_DIMS[pname])]
+                mod.register_parameter(pname, nn.Parameter(distribute_tensor(param, mesh, placement),
+                                                           requires_grad=param.requires_grad))
+
+        def replicated_rows(mod, inputs, mesh):
+            x_RD, counts_E = inputs
+            x_RD = DTensor.from_local(x_RD, mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
+            return x_RD, counts_E
+
+        def summed_output(mod, out_RD, mesh):
+            return DTensor.from_local(out_RD, mesh, [Partial()], run_check=False).redistribute(
+                mesh, [Replicate()]).to_local()
+
+        return distribute_module(module, device_mesh, partition, replicated_rows, summed_output)
+
+
 def apply_ep(model: nn.Module, plan: ParallelPlan, ep_mesh: DeviceMesh) -> None:
     """Split the experts of every MoE block the model holds over `ep_mesh` (on the meta device, in place)."""
     for experts in plan.experts_of(model):
         ExpertParallel()._apply(experts, ep_mesh)
+
+
+def apply_expert_tp(model: nn.Module, plan: ParallelPlan, tp_mesh: DeviceMesh) -> None:
+    """Split every expert of every MoE block the model holds over `tp_mesh` (without expert parallel)."""
+    for experts in plan.experts_of(model):
+        ExpertTensorParallel()._apply(experts, tp_mesh)

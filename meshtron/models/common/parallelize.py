@@ -94,10 +94,11 @@ def sandwich_block_plan(args: ModelArgs, sequence_parallel: bool) -> dict[str, P
 
 
 def moe_block_plan(args: ModelArgs, sequence_parallel: bool) -> dict[str, ParallelStyle]:
-    """A block with an MoE feed-forward: attention as in the dense plan; the MoE layer (router, experts,
-    shared expert) replicated, computed by every tensor-parallel rank on all the block's tokens (experts
-    are not split over tensor-parallel ranks yet). With sequence parallel its input is gathered and its
-    output, the same on every rank, sliced back to this rank's part of the sequence."""
+    """A block with an MoE feed-forward: attention as in the dense plan; the MoE layer (router, shared
+    expert) replicated, computed by every tensor-parallel rank on all the block's tokens. The experts are
+    split by parallel/ep.py: over ep ranks, or without expert parallel over these tp ranks. With sequence
+    parallel its input is gathered and its output, the same on every rank, sliced back to this rank's part
+    of the sequence."""
     plan = {name: style for name, style in dense_block_plan(args, sequence_parallel).items()
             if name != "mlp" and not name.startswith("mlp.")}
     if sequence_parallel:
