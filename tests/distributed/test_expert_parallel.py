@@ -1,6 +1,7 @@
 """Expert parallel (`parallel.ep`): mixtral:debug's experts split over ranks train exactly like one process;
-a checkpoint saved at ep=2 resumes in one process and exports to the same Hugging Face weights; impossible
-layouts are one clear line (ep not dividing the data-parallel ranks: tests/unit/parallel/test_dims.py).
+a checkpoint saved at ep=2 resumes in one process and at ep=2 x dp_shard=4, and exports to the same Hugging
+Face weights; impossible layouts are one clear line (ep not dividing the data-parallel ranks:
+tests/unit/parallel/test_dims.py).
 
 One sequence per forward (micro_batch_size 1), as in test_family_layouts.py: the load-balancing loss is per
 forward, so only then do data-parallel ranks run the same forwards as one process."""
@@ -44,31 +45,49 @@ def test_ep2_matches_one_process(one_process, ep_run):
     assert [r["moe_load_max"] for r in records] == pytest.approx([r["moe_load_max"] for r in expected], rel=RTOL)
 
 
-@pytest.mark.parametrize("layout", [
-    ["--parallel.dp_shard", "4", "--parallel.ep", "2"],  # experts also FSDP-sharded over 2 ranks
-    pytest.param(["--parallel.dp_shard", "2", "--parallel.tp", "2", "--parallel.ep", "2"], marks=pytest.mark.slow),
-], ids=["ep2-dp_shard4", "ep2-tp2"])
-def test_ep2_on_four_ranks_matches_one_process(run_train, tiny_config, one_process, tmp_path, layout):
+@pytest.mark.slow
+def test_ep2_tp2_matches_one_process(run_train, tiny_config, one_process, tmp_path):
     _, expected = one_process
-    _, records = run_train(tiny_config, tmp_path, nproc=4, overrides=[*COMMON, "--train.steps", "2", *layout])
+    _, records = run_train(tiny_config, tmp_path, nproc=4, overrides=[
+        *COMMON, "--train.steps", "2", "--parallel.dp_shard", "2", "--parallel.tp", "2", "--parallel.ep", "2"])
     assert losses(records) == pytest.approx(losses(expected[:2]), rel=RTOL)
     assert [r["grad_norm"] for r in records] == pytest.approx([r["grad_norm"] for r in expected[:2]], rel=1e-4)
+
+
+def test_checkpoint_at_ep2_resumes_at_ep2_dp_shard4(run_train, tiny_config, one_process, ep_run, tmp_path):
+    """The ep=2 checkpoint resumed on 4 ranks, each half of the experts FSDP-sharded over 2 of them: steps 3
+    and 4 train like one process's."""
+    (_, expected), (ep_out, _) = one_process, ep_run
+    _, records = run_train(tiny_config, tmp_path, nproc=4, overrides=[
+        *COMMON, "--train.steps", "4", "--parallel.dp_shard", "4", "--parallel.ep", "2",
+        "--checkpoint.resume", str(ep_out / "checkpoints" / "step-2")])
+    assert [r["step"] for r in records] == [3, 4]
+    assert losses(records) == pytest.approx(losses(expected[2:]), rel=RTOL)
+    assert [r["grad_norm"] for r in records] == pytest.approx([r["grad_norm"] for r in expected[2:]], rel=1e-4)
 
 
 QWEN = ["--model.name_or_path", "qwen3_moe:debug", "--train.micro_batch_size", "1", "--train.steps", "2"]
 
 
-@pytest.mark.parametrize("nproc, layout", [
-    (2, ["--parallel.cp", "2", "--parallel.dp_shard", "1"]),  # ep borrows the context-parallel ranks
-    pytest.param(4, ["--parallel.pp", "2", "--parallel.dp_shard", "2"], marks=pytest.mark.slow),
+# mixtral:debug with every balancing term: the load-balancing loss, the router z-loss and the aux-free bias.
+BALANCED = [*COMMON, "--train.steps", "3", "--model.args", "{z_loss_coef = 0.01, bias_update_rate = 0.05}"]
+
+
+@pytest.mark.parametrize("nproc, common, layout", [
+    # qwen3_moe:debug, without the load-balancing loss: under cp each rank's would be over its part of the
+    # sequences. ep borrows the context-parallel ranks.
+    (2, QWEN, ["--parallel.cp", "2", "--parallel.dp_shard", "1"]),
+    # The router losses span the layers of both stages; each stage's bias moves by its layers' counts.
+    pytest.param(4, BALANCED, ["--parallel.pp", "2", "--parallel.dp_shard", "2"], marks=pytest.mark.slow),
 ], ids=["ep2-cp2", "ep2-pp2"])
-def test_ep2_with_cp_or_pp_matches_one_process(run_train, tiny_config, tmp_path, nproc, layout):
-    """qwen3_moe:debug, without the load-balancing loss (refused under pp; under cp each rank's would be
-    over its part of the sequences)."""
-    _, expected = run_train(tiny_config, tmp_path / "one", overrides=QWEN)
-    _, records = run_train(tiny_config, tmp_path / "ep", nproc=nproc, overrides=[*QWEN, *layout, "--parallel.ep", "2"])
+def test_ep2_with_cp_or_pp_matches_one_process(run_train, tiny_config, tmp_path, nproc, common, layout):
+    _, expected = run_train(tiny_config, tmp_path / "one", overrides=common)
+    _, records = run_train(tiny_config, tmp_path / "ep", nproc=nproc,
+                           overrides=[*common, *layout, "--parallel.ep", "2"])
     assert losses(records) == pytest.approx(losses(expected), rel=RTOL)
     assert [r["grad_norm"] for r in records] == pytest.approx([r["grad_norm"] for r in expected], rel=1e-4)
+    for key in ("moe_aux_loss", "moe_z_loss", "moe_load_max"):
+        assert [r[key] for r in records] == pytest.approx([r[key] for r in expected], rel=1e-4), key
 
 
 def test_checkpoint_at_ep2_resumes_in_one_process(run_train, tiny_config, one_process, ep_run, tmp_path):
