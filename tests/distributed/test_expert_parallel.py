@@ -69,8 +69,9 @@ def test_checkpoint_at_ep2_resumes_at_ep2_dp_shard4(run_train, tiny_config, one_
 QWEN = ["--model.name_or_path", "qwen3_moe:debug", "--train.micro_batch_size", "1", "--train.steps", "2"]
 
 
-# mixtral:debug with every balancing term: the load-balancing loss, the router z-loss and the aux-free bias.
-BALANCED = [*COMMON, "--train.steps", "3", "--model.args", "{z_loss_coef = 0.01, bias_update_rate = 0.05}"]
+# mixtral:debug with every balancing term: the load-balancing, z- and sequence-wise losses and the aux-free bias.
+BALANCED = [*COMMON, "--train.steps", "3", "--model.args",
+            "{z_loss_coef = 0.01, seq_aux_loss_coef = 0.01, bias_update_rate = 0.05}"]
 
 
 @pytest.mark.parametrize("nproc, common, layout", [
@@ -86,7 +87,7 @@ def test_ep2_with_cp_or_pp_matches_one_process(run_train, tiny_config, tmp_path,
                            overrides=[*common, *layout, "--parallel.ep", "2"])
     assert losses(records) == pytest.approx(losses(expected), rel=RTOL)
     assert [r["grad_norm"] for r in records] == pytest.approx([r["grad_norm"] for r in expected], rel=1e-4)
-    for key in ("moe_aux_loss", "moe_z_loss", "moe_load_max"):
+    for key in ("moe_aux_loss", "moe_z_loss", "moe_seq_aux_loss", "moe_load_max"):
         assert [r[key] for r in records] == pytest.approx([r[key] for r in expected], rel=1e-4), key
 
 

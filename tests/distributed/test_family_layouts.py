@@ -1,9 +1,9 @@
 """Tensor-parallel parity of the model types issues 14 and 15 add: each family's debug flavor trains at
 tp=2 (with sequence parallel; OLMo 2, whose plan differs without it, also with it off) exactly like
 one process; an MoE family (its experts split over the tp ranks, mixtral with its load-balancing loss)
-also at dp_shard=2, and at pp=2 with the load-balancing loss, the router z-loss and auxiliary-loss-free
-balancing on, whose terms span the layers of both stages. (gemma2 and phi3 also run pp=2 and dp_shard=2
-in test_families.py.)
+also at dp_shard=2, and at pp=2 with the load-balancing loss, the router z-loss, the sequence-wise
+balance loss and auxiliary-loss-free balancing on, whose terms span the layers of both stages. (gemma2
+and phi3 also run pp=2 and dp_shard=2 in test_families.py.)
 
 Two steps: step 1's loss and gradient norm are compared, and step 2 runs on the weights those
 gradients updated, so a wrong tp=2 gradient shows in step 2's loss. (Later steps under AdamW grow the
@@ -30,7 +30,7 @@ CASES = {
     "qwen2_moe-nosp": ("qwen2_moe:debug", [*TP2, "--parallel.sequence_parallel", "false"]),
     "qwen3_moe": ("qwen3_moe:debug", TP2),
     "mixtral-pp": ("mixtral:debug", ["--parallel.pp", "2"],
-                   ["--model.args", "{z_loss_coef = 0.01, bias_update_rate = 0.05}"]),
+                   ["--model.args", "{z_loss_coef = 0.01, seq_aux_loss_coef = 0.01, bias_update_rate = 0.05}"]),
     # Latent attention split by heads (its shared rotary key's gradient summed over the ranks).
     "deepseek_v3": ("deepseek_v3:debug", TP2),
     "deepseek_v2-nosp": ("deepseek_v2:debug", [*TP2, "--parallel.sequence_parallel", "false"]),
@@ -87,7 +87,7 @@ def test_tp2_matches_single_process(run_train, single_process, tiny_config, tmp_
     assert [r["grad_norm"] for r in records] == pytest.approx([r["grad_norm"] for r in expected], rel=1e-4)
     # MoE: the router metrics, over all layers. (Data-parallel ranks route other forwards' tokens.)
     same_forwards = dict(zip(layout[::2], layout[1::2])).get("--parallel.dp_shard", "1") == "1"
-    for key in ("moe_aux_loss", "moe_z_loss", "moe_load_max"):
+    for key in ("moe_aux_loss", "moe_z_loss", "moe_seq_aux_loss", "moe_load_max"):
         if key in expected[0] and same_forwards:
             assert [r[key] for r in records] == pytest.approx([r[key] for r in expected], rel=1e-4), key
 
