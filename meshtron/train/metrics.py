@@ -35,7 +35,8 @@ def flops_per_token(args: ModelArgs, seq_length: int) -> float:
 
 class RouterMetrics:
     """A step's MoE router metrics, from the statistics of every forward (`models.common.moe.RouterStats`):
-    the load-balancing loss and router z-loss (means over forwards and data-parallel ranks), the rows routed
+    the load-balancing, router z- and sequence-wise balance losses (means over forwards and data x context
+    parallel ranks), the rows routed
     to the busiest and the idlest expert over the mean (summed over layers, forwards and ranks), each
     expert's rows over the mean (`moe_expert_load`, a list: what plot_expert_load draws), rows dropped by
     a capacity. `layer_load` (this rank's MoE layers x experts, its rows of the step) is what
@@ -48,7 +49,7 @@ class RouterMetrics:
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
-        self.losses, self.forwards, self.layer_load, self.dropped = torch.zeros(3), 0, None, 0.0
+        self.losses, self.forwards, self.layer_load, self.dropped = torch.zeros(len(self.LOSSES)), 0, None, 0.0
 
     def add(self, losses: tuple[torch.Tensor, ...], stats: list) -> None:
         """One forward's losses (load-balancing, z, sequence-wise balance) and the statistics of this rank's
@@ -62,8 +63,8 @@ class RouterMetrics:
 
     def take(self, rank_sum, num_replicas: int, device: torch.device) -> dict[str, float]:
         """The metrics since the last call (none for a dense model), then reset. `rank_sum` sums a tensor over
-        the ranks whose statistics add up (data-parallel, and pipeline stages); the losses are means over
-        `num_replicas` (data-parallel ranks)."""
+        the ranks whose statistics add up (data and context parallel, and pipeline stages); the losses are
+        means over `num_replicas` (data x context parallel ranks)."""
         if not self.forwards:
             return {}
         zero = torch.zeros(self.num_experts, device=device)
