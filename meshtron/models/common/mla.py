@@ -76,6 +76,7 @@ class LatentAttention(nn.Module):
         self.o_proj = nn.Linear(args.num_heads * self.v_dim, args.dim, bias=args.out_bias)
         self.core = AttentionCore(None, mla_scale(args))
         self.std, self.out_std = args.init_std, residual_std(args)
+        self.absorb = False  # decode with the up-projections absorbed (`absorbed_decode`); a run setting
 
     def init_weights(self, init: ParamInit) -> None:
         for name in ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"):
@@ -105,10 +106,35 @@ class LatentAttention(nn.Module):
         q_rot, k_rot = apply_rotary(q_rot, self.rotary_key(k_rot).unsqueeze(1), cos, sin, self.rotary)
         if cache is not None:  # the latent in k's place, the rotary key in v's
             latent, k_rot = cache.update(self.layer_id, latent, k_rot)
+            if self.absorb and S == 1:
+                return self.o_proj(self.absorbed_decode(q_nope, q_rot, latent, k_rot, mask).transpose(1, 2).reshape(B, S, -1))
         k, v = self.expand(latent, k_rot)
         q, k, v = _same_width(torch.cat([q_nope, q_rot], dim=-1), k, v)
         out = self.core(q, k, v, mask)[..., :self.v_dim]
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+
+    def absorbed_decode(self, q_nope, q_rot, latent_B1KC, k_rot_B1KR, mask: AttentionMask) -> torch.Tensor:
+        """Attention output (B, H, S, V) without expanding the cached latent into every head's keys and values
+        (DeepSeek-V2's absorption): the key up-projection W_UK is applied to the query instead
+        (q_nope . W_UK c = (W_UK^T q_nope) . c), the value up-projection W_UV to the attended latent, so the
+        step reads the cache as one shared key/value head of width kv_lora_rank + rope dim. Worth it where a
+        decode step's keys outnumber its heads' up-projection work: long caches."""
+        w_HXC = self.kv_b_proj.weight.view(-1, self.nope_dim + self.v_dim, self.kv_rank)
+        w_uk, w_uv = w_HXC.split([self.nope_dim, self.v_dim], dim=1)
+        q = torch.cat([torch.einsum("bhsn,hnc->bhsc", q_nope, w_uk), q_rot], dim=-1)
+        k = torch.cat([latent_B1KC, k_rot_B1KR], dim=-1)
+        q, k, v = _same_width(q, k, latent_B1KC)
+        out_lat = self.core(q, k, v, mask)[..., :self.kv_rank]
+        return torch.einsum("bhsc,hvc->bhsv", out_lat, w_uv)
+
+
+def set_absorbed_decode(model: nn.Module, on: bool) -> None:
+    """Decode (one new token per step, from the latent cache) with the up-projections absorbed, in every
+    latent attention of `model`; prefill and training are unchanged."""
+    for module in model.modules():
+        if isinstance(module, LatentAttention):
+            module.absorb = on
 
 
 def _same_width(q, k, v):

@@ -3,6 +3,7 @@ cache sizes docs/models.md reports."""
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from meshtron.models.common.mla import expanded_cache_numbers, latent_cache_numbers
@@ -15,18 +16,27 @@ def _model():
     return model.eval()
 
 
-def test_the_cache_holds_the_latent_and_decoding_from_it_equals_a_full_forward():
+@pytest.mark.parametrize("absorbed", [False, True])
+def test_the_cache_holds_the_latent_and_decoding_from_it_equals_a_full_forward(absorbed):
+    """Also with the up-projections absorbed into the decode step's query and output (set_absorbed_decode),
+    and greedy generation from the same prompt then gives the same tokens."""
+    from meshtron.infer.generation import SamplingParams, generate
+    from meshtron.models.common.mla import set_absorbed_decode
+
     model = _model()
     args = model.args
     tokens = torch.randint(0, args.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     cache = model.new_cache(2, 9)
     with torch.no_grad():
         full = model(tokens)
+        greedy = generate(model, [tokens[0, :5].tolist(), tokens[1, :3].tolist()], SamplingParams(max_new_tokens=6))
+        set_absorbed_decode(model, absorbed)
         steps = [model(tokens[:, :5], cache=cache)] + [model(tokens[:, i:i + 1], cache=cache) for i in range(5, 9)]
     for layer in range(args.num_layers):  # one "head": the latent in k's place, the shared rotary key in v's
         assert cache.k[layer].shape == (2, 1, 9, args.kv_lora_rank)
         assert cache.v[layer].shape == (2, 1, 9, args.qk_rope_head_dim)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert generate(model, [tokens[0, :5].tolist(), tokens[1, :3].tolist()], SamplingParams(max_new_tokens=6)) == greedy
 
 
 def test_docs_report_the_671b_cache_sizes():
