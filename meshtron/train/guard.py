@@ -20,23 +20,27 @@ SPIKE_WINDOW = 50  # applied steps whose median a spike is measured against
 SPIKE_MIN_HISTORY = 10  # no spike is reported before this many applied steps
 
 
-def finite_on_every_rank(tensors, read=None):
+def finite_on_every_rank(tensors, read=None, stop=False):
     """Whether every element of every tensor is finite on every rank. Collective: all ranks must call it,
     and all get the same answer, so that none steps or saves while another does not.
 
-    With `read` (scalar tensors on the same device), returns (answer, their values): one transfer from
-    the device brings both, so that a training step waits for the device once."""
+    With `read` (scalar tensors on the same device), returns (answer, whether any rank asked to `stop`,
+    their values): one collective carries both answers and one transfer from the device brings them with
+    the values, so that a training step waits for the device once and needs no collective of its own for
+    the stop request."""
     tensors = list(tensors)
     device = tensors[0].device if tensors else torch.device("cpu")
     ok = torch.ones((), device=device)
     for t in tensors:
         ok = ok * torch.isfinite(t).all()
+    # Both answers are agreements, so one MIN reduces them: "finite" and "no rank asked to stop".
+    agree = torch.stack([ok, torch.zeros_like(ok) if stop else torch.ones_like(ok)])  # a fill: no host copy
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        dist.all_reduce(agree, op=dist.ReduceOp.MIN)
     if read is None:
-        return bool(ok.item())
-    answer, *values = torch.stack([ok, *(r.float().reshape(()) for r in read)]).tolist()
-    return bool(answer), values
+        return bool(agree[0].item())
+    answer, carry_on, *values = torch.cat([agree, torch.stack([r.float().reshape(()) for r in read])]).tolist()
+    return bool(answer), not carry_on, values
 
 
 class StepGuard:

@@ -133,6 +133,7 @@ class Trainer:
         self.guard = StepGuard(max_skipped_steps=config.train.max_skipped_steps,
                                loss_spike_factor=config.train.loss_spike_factor, report=self.is_main)
         self._stop_signal: int | None = None
+        self.stop_agreed = False  # every rank knows that some rank was signalled: stop after this step
         self.timer = StepTimer(self.device)
         self.stragglers = StragglerMonitor(config.log.straggler_fraction)
         self.last_good = LastGoodState(self.optimizer)
@@ -471,11 +472,18 @@ class Trainer:
         """Step the optimizer (and grad scaler) unless the loss or the gradient norm is not finite on some
         rank; then no rank changes its parameters, optimizer state or scaler. Returns whether it stepped,
         and the values of the scalar tensors `read`, fetched in the same transfer as the check's answer.
+        The same collective tells every rank whether any was signalled to stop (`stop_agreed`), so that
+        they all stop after this step without a collective of their own.
 
         Under fp16 an infinite gradient with a finite loss is an overflow of the loss scale: the scaler
         skips that step itself and lowers the scale, as it should, so only the loss is checked.
         """
-        finite, values = finite_on_every_rank([loss] if self.grad_scaler is not None else [loss, grad_norm], read)
+        finite, stop, values = finite_on_every_rank([loss] if self.grad_scaler is not None else [loss, grad_norm],
+                                                    read, stop=self._stop_signal is not None)
+        if stop:
+            self.stop_agreed = True
+            if self._stop_signal is None:
+                self._stop_signal = -1  # another rank was signalled
         if not finite:
             if self.grad_scaler is not None:
                 # unscale_ has run: forget this step's record without touching the scale or its growth count.
@@ -536,7 +544,7 @@ class Trainer:
                         step == cfg.train.steps or (cfg.train.eval_interval and step % cfg.train.eval_interval == 0)):
                     self.timer.phase("eval")
                     self.metrics.log_eval(step, self.evaluate())
-                stop = self._stop_requested()
+                stop = self.stop_agreed
                 if stop:
                     log.warning("stopping at step %d on signal %s; saving a checkpoint", step, self._stop_signal)
                 if stop or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
@@ -733,15 +741,6 @@ class Trainer:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
-
-    def _stop_requested(self) -> bool:
-        # Every rank must agree, or one would enter the checkpoint collectives alone.
-        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
-        if dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self._stop_signal is None:
-            self._stop_signal = -1  # another rank was signalled
-        return bool(flag.item())
 
     def _finish_run(self) -> None:
         """Rank 0: the loss plot (and an MoE model's expert load plot) and the sample text."""

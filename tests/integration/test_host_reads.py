@@ -6,7 +6,11 @@ On CPU nothing waits, so the test counts what would: reads of a tensor's value (
 `bool`/`float`/`int` of a tensor) made by the step's own code (the trainer, its guard, recipes and
 losses). Data loading reads host tensors before they move to the device, and torch's optimizers
 read their host-side step counters; neither is counted. The per-batch mask description reads the
-batch's document boundaries (models/common/masks.py): also not counted here, see docs/training.md."""
+batch's document boundaries (models/common/masks.py): also not counted here, see docs/training.md.
+
+It runs on two data-parallel ranks, and also counts the collectives the loop's own code (trainer and
+guard) issues per step: the token count, the loss and the finite check, which also carries a stop
+request (SIGTERM), so there is no world-wide stop-flag all-reduce of its own."""
 
 import json
 import os
@@ -32,14 +36,16 @@ save_final = false
 """
 
 COUNTER = '''
-import json, sys
+import json, os, sys
 import torch
+import torch.distributed as dist
 from meshtron.cli import main
 from meshtron.train.trainer import Trainer
 
 STEP_CODE = ("/meshtron/train/trainer.py", "/meshtron/train/guard.py", "/meshtron/train/recipes/",
              "/meshtron/train/losses.py", "/meshtron/train/metrics.py")
 reads, inside, per_step = [], [False], []
+collectives = []  # per step (from one step's start to the next's): the loop's own collectives
 
 def counting(name):
     original = getattr(torch.Tensor, name)
@@ -53,7 +59,22 @@ def counting(name):
 
 for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
     setattr(torch.Tensor, name, counting(name))
-train_step = Trainer.train_step
+original_all_reduce = dist.all_reduce
+
+def counted_all_reduce(*args, **kwargs):
+    frame = sys._getframe(1)
+    if collectives and frame.f_code.co_filename.endswith(("/meshtron/train/trainer.py", "/meshtron/train/guard.py")):
+        collectives[-1].append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+    return original_all_reduce(*args, **kwargs)
+
+dist.all_reduce = counted_all_reduce
+train_step, guarded = Trainer.train_step, Trainer._guarded_train_step
+
+def counted_guarded(self, *args):
+    collectives.append([])
+    return guarded(self, *args)
+
+Trainer._guarded_train_step = counted_guarded
 
 def counted(self):
     reads.clear()
@@ -64,24 +85,35 @@ def counted(self):
         inside[0] = False
         per_step.append(list(reads))
 
-Trainer.train_step = counted
-try:
-    main(sys.argv[1:])
-finally:
-    print("READS " + json.dumps(per_step))
+train = Trainer.train
+
+def counted_train(self):
+    try:
+        return train(self)
+    finally:  # here: under torchrun the command leaves with os._exit
+        with open(os.environ["COUNTS"] + os.environ["RANK"], "w") as f:
+            json.dump({"reads": per_step, "collectives": collectives}, f)
+
+Trainer.train_step, Trainer.train = counted, counted_train
+main(sys.argv[1:])
 '''
 
 
 def test_a_training_step_reads_from_the_device_once(tmp_path):
     (tmp_path / "count.py").write_text(COUNTER)
     (tmp_path / "tiny.toml").write_text(TINY)
-    result = subprocess.run([sys.executable, str(tmp_path / "count.py"), "train", str(tmp_path / "tiny.toml"),
-                             "--train.output_dir", str(tmp_path / "run")],
-                            capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             str(tmp_path / "count.py"), "train", str(tmp_path / "tiny.toml"),
+                             "--train.output_dir", str(tmp_path / "run"), "--parallel.dp_shard", "2"],
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", COUNTS=str(tmp_path / "counts-")),
                             cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 0, result.stderr[-3000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("READS "))
-    per_step = json.loads(line[len("READS "):])
-    assert len(per_step) == 3
-    for reads in per_step:
-        assert len(reads) == 1 and reads[0].startswith("tolist at train/guard.py"), reads
+    for rank in range(2):
+        counts = json.loads((tmp_path / f"counts-{rank}").read_text())
+        assert len(counts["reads"]) == len(counts["collectives"]) == 3
+        for reads in counts["reads"]:
+            assert len(reads) == 1 and reads[0].startswith("tolist at train/guard.py"), reads
+        for collectives in counts["collectives"]:
+            sites = [site.split(":")[0] for site in collectives]
+            assert sorted(sites) == ["_dp_sum", "_loss_sum", "finite_on_every_rank"], collectives
