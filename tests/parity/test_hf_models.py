@@ -315,6 +315,7 @@ def test_deepseek_multi_token_prediction_layer_loads_saves_and_trains_as_referen
     num_nextn_predict_layers in the config, the layer is skipped and the model is the same."""
     import copy
 
+    import torch.nn.functional as F
     from safetensors.torch import load_file, save_file
 
     from meshtron.models.common.masks import AttentionMask
@@ -326,7 +327,8 @@ def test_deepseek_multi_token_prediction_layer_loads_saves_and_trains_as_referen
     mtp, D, gen = BASE["num_hidden_layers"], BASE["hidden_size"], torch.Generator().manual_seed(2)
     for name, t in list(tensors.items()):
         if name.startswith("model.layers.2."):  # an MoE layer's tensors, changed, as the MTP module's decoder layer
-            tensors[name.replace("model.layers.2.", f"model.layers.{mtp}.")] = t + 0.05 * torch.randn(t.shape, generator=gen)
+            changed = t + 0.05 * torch.randn(t.shape, generator=gen)
+            tensors[name.replace("model.layers.2.", f"model.layers.{mtp}.")] = changed
     for name in ("enorm.weight", "hnorm.weight", "shared_head.norm.weight"):
         tensors[f"model.layers.{mtp}.{name}"] = 1 + 0.1 * torch.randn(D, generator=gen)
     tensors[f"model.layers.{mtp}.eh_proj.weight"] = 0.1 * torch.randn(D, 2 * D, generator=gen)
@@ -364,20 +366,23 @@ def test_deepseek_multi_token_prediction_layer_loads_saves_and_trains_as_referen
         layer = copy.deepcopy(hf_model.model.layers[2])
         prefix = f"model.layers.{mtp}."
         block = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
-        experts = [[block.pop(f"mlp.experts.{e}.{p}.weight") for e in range(8)] for p in ("gate_proj", "up_proj", "down_proj")]
+        experts = [[block.pop(f"mlp.experts.{e}.{p}.weight") for e in range(8)]
+                   for p in ("gate_proj", "up_proj", "down_proj")]
         block["mlp.experts.gate_up_proj"] = torch.cat([torch.stack(experts[0]), torch.stack(experts[1])], 1)
         block["mlp.experts.down_proj"] = torch.stack(experts[2])
         layer.load_state_dict({k: t for k, t in block.items() if k.startswith(("self_attn", "mlp", "input", "post"))})
-        x = torch.nn.functional.linear(torch.cat([_rms(hf_model.model.embed_tokens(tokens[:, 1:]), tensors[prefix + "enorm.weight"]),
-                                                  _rms(h, tensors[prefix + "hnorm.weight"])], -1), tensors[prefix + "eh_proj.weight"])
+        embedded = _rms(hf_model.model.embed_tokens(tokens[:, 1:]), tensors[prefix + "enorm.weight"])
+        hidden = _rms(h, tensors[prefix + "hnorm.weight"])
+        x = F.linear(torch.cat([embedded, hidden], -1), tensors[prefix + "eh_proj.weight"])
         positions = torch.arange(23).expand(2, 23)
         causal = torch.full((23, 23), float("-inf")).triu(1).expand(2, 1, 23, 23)
         y = layer(x, attention_mask=causal, position_ids=positions,
                   position_embeddings=hf_model.model.rotary_emb(x, positions))
         y = y[0] if isinstance(y, tuple) else y
         logits = hf_model.lm_head(_rms(y, tensors[prefix + "shared_head.norm.weight"]))[:, :-1]
-        expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 2:].flatten(), reduction="sum")
-    assert torch.allclose(main, torch.nn.functional.cross_entropy(hf_logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum"), rtol=1e-5)
+        expected = F.cross_entropy(logits.flatten(0, 1), tokens[:, 2:].flatten(), reduction="sum")
+    main_expected = F.cross_entropy(hf_logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum")
+    assert torch.allclose(main, main_expected, rtol=1e-5)
     assert torch.allclose(mtp_sum, expected, rtol=1e-5), (mtp_sum, expected)
 
 

@@ -107,7 +107,8 @@ class LatentAttention(nn.Module):
         if cache is not None:  # the latent in k's place, the rotary key in v's
             latent, k_rot = cache.update(self.layer_id, latent, k_rot)
             if self.absorb and S == 1:
-                return self.o_proj(self.absorbed_decode(q_nope, q_rot, latent, k_rot, mask).transpose(1, 2).reshape(B, S, -1))
+                out = self.absorbed_decode(q_nope, q_rot, latent, k_rot, mask)
+                return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
         k, v = self.expand(latent, k_rot)
         q, k, v = _same_width(torch.cat([q_nope, q_rot], dim=-1), k, v)
         out = self.core(q, k, v, mask)[..., :self.v_dim]
