@@ -258,8 +258,9 @@ class ParallelConfig:
 @dataclass
 class RecomputeConfig:
     mode: str = "none"
-    """Activation recompute: none, selective (the attention core of each chosen layer) or full
-    (each chosen layer whole)."""
+    """Activation recompute: none, selective (the attention core of each chosen layer), op (each chosen
+    layer keeps its matmul and attention outputs and recomputes the cheap ops; no graph break under
+    train.compile) or full (each chosen layer whole)."""
 
     num_layers: int = 0
     """How many layers (from the first) recompute; 0 means all of them."""

@@ -23,7 +23,7 @@ RECIPES = ("pretrain", "sft", "dpo", "simpo", "rm", "prm", "grpo", "ppo")
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "linear", "wsd")
-RECOMPUTE_MODES = ("none", "selective", "full")
+RECOMPUTE_MODES = ("none", "selective", "op", "full")
 PP_SCHEDULES = ("", "gpipe", "1f1b", "interleaved_1f1b", "zbv")
 
 

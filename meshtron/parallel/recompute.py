@@ -1,21 +1,72 @@
 """Activation recompute: selective (the plan's `recompute_unit` of each block, by default the
-attention core, whose score matrix is the largest activation) or full (whole blocks), on the
+attention core, whose score matrix is the largest activation), op (op-level selective: each block's
+expensive ops keep their outputs, the cheap ones are recomputed) or full (whole blocks), on the
 first `num_layers` blocks.
 
-Uses the composable `checkpoint`, which keeps parameter names unchanged (no wrapper module), so
-state dicts and Hugging Face key maps are the same with and without recompute.
+Neither adds a wrapper module, so parameter names, state dicts and Hugging Face key maps are the
+same with and without recompute: selective and full use the composable `checkpoint` (hooks on the
+module); op calls `torch.utils.checkpoint.checkpoint` from the block's own forward, which
+torch.compile traces into the compiled block (the composable hooks would break its graph).
 """
 
+import torch
 from torch import nn
 from torch.distributed._composable import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from meshtron.parallel.plan import ParallelPlan
 
+try:
+    import torch._higher_order_ops.flex_attention  # noqa: F401  registers the op looked up below
+    from torch.ops import higher_order
+    _FLEX = (higher_order.flex_attention,)
+except (ImportError, AttributeError):
+    _FLEX = ()
+
+
+def _aten_ops(*names: str) -> tuple:
+    """The default overloads of the aten ops this torch has (kernels come and go between versions)."""
+    return tuple(getattr(torch.ops.aten, name).default for name in names if hasattr(torch.ops.aten, name))
+
+
+# Under `op` their outputs are kept: matmuls and attention are where a block's time goes (recomputing
+# them would cost a second forward), while norms, activations, RoPE and residual adds are cheap to redo.
+SAVED_OPS = frozenset(_aten_ops(
+    "mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_flash_attention_forward", "_efficient_attention_forward",
+) + _FLEX)
+
+
+def _save_expensive_ops(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def op_level_contexts():
+    """The (forward, recompute) contexts of `op` recompute: torch's selective checkpoint with SAVED_OPS."""
+    return create_selective_checkpoint_contexts(_save_expensive_ops)
+
+
+def _checkpoint_ops(block: nn.Module) -> None:
+    """Run the block's forward under op-level selective checkpoint (in place: the block stays itself)."""
+    forward = block.forward
+
+    def checkpointed(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, context_fn=op_level_contexts,
+                                                 **kwargs)
+
+    block.forward = checkpointed
+
 
 def apply_recompute(model: nn.Module, plan: ParallelPlan, mode: str, num_layers: int = 0) -> None:
-    """mode: none | selective | full; num_layers: how many blocks from the first (0: all)."""
+    """mode: none | selective | op | full; num_layers: how many blocks from the first (0: all)."""
     if mode == "none":
         return
     blocks = plan.blocks_of(model)
     for block in blocks[: num_layers or len(blocks)]:
-        checkpoint(block.get_submodule(plan.recompute_unit) if mode == "selective" else block)
+        if mode == "selective":
+            checkpoint(block.get_submodule(plan.recompute_unit))
+        elif mode == "op":
+            _checkpoint_ops(block)
+        else:
+            checkpoint(block)

@@ -75,12 +75,13 @@ def test_bad_input_gives_one_line(tiny, tmp_path, overrides, message):
 
 
 def test_recompute_modes_do_not_change_the_losses(tiny, tmp_path):
-    runs = {mode: meshtron_train(tiny, tmp_path / mode, "--recompute.mode", mode) for mode in ("none", "selective", "full")}
+    runs = {mode: meshtron_train(tiny, tmp_path / mode, "--recompute.mode", mode) for mode in ("none", "selective", "op", "full")}
     for mode, result in runs.items():
         assert result.returncode == 0, result.stderr[-2000:]
     base = [r["loss"] for r in records(tmp_path / "none")]
     assert [r["loss"] for r in records(tmp_path / "selective")] == pytest.approx(base, rel=1e-6)
     assert [r["loss"] for r in records(tmp_path / "full")] == pytest.approx(base, rel=1e-6)
+    assert [r["loss"] for r in records(tmp_path / "op")] == pytest.approx(base, rel=1e-6)
 
 
 def test_bfloat16_mixed_and_pure_precision_track_float32(tiny, tmp_path):
