@@ -142,11 +142,12 @@ def prm_sample(rng: random.Random) -> dict:
 
 
 def arithmetic_prompt(rng: random.Random) -> dict:
-    """A small sum or difference asked for as a bare number: the `math` reward checks it."""
-    a, b = rng.randint(2, 40), rng.randint(2, 40)
+    """A sum or difference of numbers up to 15, asked plainly: the `math` reward checks the last number
+    of the answer, and grpo's budget of a few tokens rewards stating it before explaining it."""
+    a, b = rng.randint(1, 15), rng.randint(1, 15)
     op = rng.choice("+-")
     a, b = (a, b) if op == "+" or a >= b else (b, a)
-    return {"prompt": f"What is {a} {op} {b}? Reply with the number only.", "answer": str(a + b if op == "+" else a - b)}
+    return {"prompt": f"What is {a} {op} {b}?", "answer": str(a + b if op == "+" else a - b)}
 
 
 def write(path: str, records) -> None:

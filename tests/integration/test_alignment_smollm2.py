@@ -40,3 +40,10 @@ def test_reward_model_held_out_accuracy(smollm2_dir, tmp_path):
 def test_process_reward_model_held_out_step_accuracy(smollm2_dir, tmp_path):
     evals = [r for r in train("prm.toml", tmp_path / "run", smollm2_dir) if "eval_accuracy" in r]
     assert evals[-1]["eval_accuracy"] >= 0.9
+
+
+def test_grpo_raises_held_out_accuracy_by_15_points(smollm2_dir, tmp_path):
+    evals = [r for r in train("grpo.toml", tmp_path / "run", smollm2_dir) if "eval_reward/math" in r]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] > 0
+    assert evals[-1]["eval_reward/math"] - evals[0]["eval_reward/math"] >= 0.15
+
