@@ -236,9 +236,9 @@ def validate(cfg: JobConfig) -> None:
                         "do); set parallel.pp = 1 and use dp_shard/tp")
     if cfg.parallel.pp > 1 and cfg.lora.rank and cfg.lora.quantize_base:
         raise UserError("QLoRA (lora.quantize_base) does not run with pipeline parallel yet; set parallel.pp = 1")
-    if cfg.parallel.cp > 1 and cfg.train.recipe not in ("pretrain", "sft"):
-        raise UserError(f"the {cfg.train.recipe} recipe does not run with context parallel yet (pretrain and sft "
-                        "do); set parallel.cp = 1")
+    if cfg.parallel.cp > 1 and cfg.train.recipe in ("grpo", "ppo"):
+        raise UserError(f"the {cfg.train.recipe} recipe does not run with context parallel yet (pretrain, sft, dpo, "
+                        "simpo, rm and prm do); set parallel.cp = 1")
     _check_choice(cfg.align.loss_type, ("sigmoid", "hinge", "ipo"), "align.loss_type")
     _check_choice(cfg.align.reference, ("auto", "copy", "lora", "precomputed"), "align.reference")
     _check_positive(cfg.align.beta, "align.beta")

@@ -111,6 +111,14 @@ class ContextParallel:
         sharded["mask"] = AttentionMask(local, local, backend=full.backend, context=ContextShard(self, full))
         return sharded
 
+    def sum_sequences(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sequence sums of this rank's part of the sequences (e.g. log-probs (B,)) summed over the cp
+        ranks, differentiably: each rank's part gets the gradient of the whole sum (the all-gather's
+        backward reduce-scatters), for losses that are not sums over tokens (preference losses)."""
+        gathered = funcol.all_gather_tensor_autograd(t.unsqueeze(0).contiguous(), gather_dim=0,
+                                                     group=self.cp.group)
+        return funcol.wait_tensor(gathered).sum(0)
+
     def ring_chunks(self) -> list[list[int]]:
         """The chunks each ring rank holds while the ring runs: those of its Ulysses group, in group order."""
         u, cp = self.ulysses.size, self.cp.size

@@ -43,11 +43,14 @@ def assert_same_run(records, reference_records):
 
 
 @pytest.mark.parametrize("nproc, layout", [(2, ["--parallel.dp_shard", "2"]),
-                                           (2, ["--parallel.tp", "2", "--parallel.dp_shard", "1"])],
-                         ids=["fsdp2", "tp2-sp"])
+                                           (2, ["--parallel.tp", "2", "--parallel.dp_shard", "1"]),
+                                           (2, ["--parallel.cp", "2"])],
+                         ids=["fsdp2", "tp2-sp", "cp2"])
 def test_dpo_layouts_match_single_process(run_train, dpo_config, dpo_single, tmp_path, nproc, layout):
+    """cp2: each rank holds half of every chosen and rejected sequence; their log-prob sums meet before the loss."""
     _, records = run_train(dpo_config, tmp_path, nproc=nproc, overrides=layout)
     assert_same_run(records, dpo_single)
+    assert [r["grad_norm"] for r in records] == pytest.approx([r["grad_norm"] for r in dpo_single], rel=1e-4)
 
 
 PRECOMPUTED = ["--align.reference", "precomputed"]
@@ -104,13 +107,16 @@ def test_reward_model_trains_exports_and_scores(run_train, tiny_rm_run, smollm2_
 
     config, run, single = tiny_rm_run
     train = [r for r in single if "loss" in r]
-    # FSDP, and tensor parallel with and without sequence parallel (the one-output score head is replicated).
+    # FSDP, tensor parallel with and without sequence parallel (the one-output score head is replicated),
+    # and context parallel (the rank holding a sequence's last token gives its score).
     tp2 = ["--parallel.tp", "2", "--parallel.dp_shard", "1"]
     for name, layout in (("fsdp2", ["--parallel.dp_shard", "2"]), ("tp2-sp", tp2),
-                         ("tp2", [*tp2, "--parallel.sequence_parallel", "false"])):
+                         ("tp2", [*tp2, "--parallel.sequence_parallel", "false"]), ("cp2", ["--parallel.cp", "2"])):
         _, records = run_train(config, tmp_path / name, nproc=2, overrides=layout)
         assert [r["loss"] for r in records if "loss" in r] == pytest.approx([r["loss"] for r in train], rel=RTOL)
-        if name.startswith("tp2"):
+        assert [r["grad_norm"] for r in records if "loss" in r] == pytest.approx(
+            [r["grad_norm"] for r in train], rel=1e-4)
+        if name != "fsdp2":
             # One data-parallel rank: the held-out pass sees the single process's batches (at
             # dp_shard=2 it drops another partial round).
             assert [r["eval_loss"] for r in records if "eval_loss" in r] == pytest.approx(

@@ -41,20 +41,36 @@ def token_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tens
     return -nll.sum(-1), (labels != IGNORE).sum(-1)
 
 
-def _pair_forward(model: nn.Module, batch: dict) -> tuple[torch.Tensor, ...]:
-    """(chosen logps, rejected logps, chosen lengths, rejected lengths) from one forward of both."""
-    logps, lengths = token_logps(model, batch)
-    n = batch["chosen_input_ids"].shape[0]
-    return logps[:n], logps[n:], lengths[:n], lengths[n:]
-
-
 class PairwiseRecipe(Recipe):
+    """Under context parallel each rank holds part of every chosen and rejected sequence (both cut
+    alike): the per-sequence sums (log-probs, lengths, the score at the last token) are summed over the
+    cp ranks before the preference loss, which every cp rank then computes alike and counts once."""
+
     data_kind = "pairwise"
     default_handler = "pairwise"
 
     def __init__(self, config):
         super().__init__(config)
         self.metric_sums: dict[str, torch.Tensor] = {}
+
+    def whole_sequences(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sequence sums of this rank's part summed over the cp ranks (t itself without cp)."""
+        return t if self.context_parallel is None else self.context_parallel.sum_sequences(t)
+
+    def counted_once(self, t: torch.Tensor) -> torch.Tensor:
+        """A loss or metric that every cp rank computes alike, kept on cp rank 0 only: the Trainer sums
+        losses and metrics over data-parallel x cp ranks. (The other ranks' zero loss still backpropagates:
+        the sum over cp ranks in `whole_sequences` hands each rank's part rank 0's gradient.)"""
+        if self.context_parallel is None or self.context_parallel.cp.rank == 0:
+            return t
+        return t * 0
+
+    def pair_forward(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, ...]:
+        """(chosen logps, rejected logps, chosen lengths, rejected lengths) from one forward of both."""
+        logps, lengths = token_logps(model, batch)
+        logps, lengths = self.whole_sequences(logps), self.whole_sequences(lengths)
+        n = batch["chosen_input_ids"].shape[0]
+        return logps[:n], logps[n:], lengths[:n], lengths[n:]
 
     def num_loss_units(self, batch) -> torch.Tensor:
         return ((batch["chosen_labels"] != IGNORE).any(-1)).sum()
@@ -64,11 +80,14 @@ class PairwiseRecipe(Recipe):
         the model runs both in one forward."""
         pair = {key: torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]])
                 for key in ("input_ids", "labels", "document_ids", "position_ids")}
+        # Found before a context-parallel cut, which then leaves it on the rank that holds it.
+        last = last_token_index(pair["document_ids"])
+        pair["last_token"] = torch.arange(pair["input_ids"].shape[1], device=last.device) == last[:, None]
         return {**batch, **super().prepare_batch(pair)}
 
     def _record(self, metrics: dict[str, torch.Tensor]) -> None:
         for key, value in metrics.items():
-            value = value.detach().float()
+            value = self.counted_once(value.detach().float())
             self.metric_sums[key] = self.metric_sums.get(key, torch.zeros_like(value)) + value
 
     def take_metrics(self) -> dict[str, torch.Tensor]:
@@ -81,7 +100,7 @@ class PairwiseRecipe(Recipe):
             losses = losses + self.config.align.sft_weight * (-chosen / len_c.clamp(min=1))
         self._record({**preference_metrics(r_chosen, r_rejected), "logps/chosen": chosen.sum(),
                       "logps/rejected": rejected.sum()})
-        return losses.sum()
+        return self.counted_once(losses.sum())
 
 
 class WithReferenceLogps:
@@ -116,7 +135,7 @@ def reference_logps(trainer, model: nn.Module, dataset) -> np.ndarray:
         batch = collate([dataset[int(p) % n] for p in positions])
         batch = trainer.recipe.prepare_batch({k: v.to(trainer.device) for k, v in batch.items()})
         with trainer.train_context():
-            chosen, rejected, _, _ = _pair_forward(model, batch)
+            chosen, rejected, _, _ = trainer.recipe.pair_forward(model, batch)
         mine = positions < n  # the last round's wrapped-around rows are computed, not kept
         values = torch.stack([chosen, rejected], dim=-1).float()
         logps[torch.from_numpy(positions[mine]).to(trainer.device)] = values[torch.from_numpy(mine).to(trainer.device)]
@@ -190,12 +209,12 @@ class DPORecipe(PairwiseRecipe):
 
     def loss_sum(self, model, batch) -> torch.Tensor:
         cfg = self.config.align
-        chosen, rejected, len_c, len_r = _pair_forward(model, batch)
+        chosen, rejected, len_c, len_r = self.pair_forward(model, batch)
         if self.reference_mode == "precomputed":
             ref_chosen, ref_rejected = (batch[key].float() for key in REFERENCE_KEYS)
         else:
             with torch.no_grad(), self._reference_model(self.reference if self.reference is not None else model) as reference:
-                ref_chosen, ref_rejected, _, _ = _pair_forward(reference, batch)
+                ref_chosen, ref_rejected, _, _ = self.pair_forward(reference, batch)
         if cfg.loss_type == "ipo":  # IPO is defined on length-averaged log-probs
             args = (chosen / len_c, rejected / len_r, ref_chosen / len_c, ref_rejected / len_r)
         else:
@@ -210,7 +229,7 @@ class SimPORecipe(PairwiseRecipe):
 
     def loss_sum(self, model, batch) -> torch.Tensor:
         cfg = self.config.align
-        chosen, rejected, len_c, len_r = _pair_forward(model, batch)
+        chosen, rejected, len_c, len_r = self.pair_forward(model, batch)
         losses, r_chosen, r_rejected = simpo_loss(chosen, rejected, len_c.clamp(min=1), len_r.clamp(min=1),
                                                   beta=cfg.beta, gamma=cfg.simpo_gamma,
                                                   label_smoothing=cfg.label_smoothing)
@@ -222,12 +241,11 @@ def last_token_index(document_ids: torch.Tensor) -> torch.Tensor:
     return (document_ids == document_ids[:, :1]).sum(-1) - 1
 
 
-def sequence_rewards(model: nn.Module, batch: dict) -> torch.Tensor:
+def sequence_rewards(recipe: PairwiseRecipe, model: nn.Module, batch: dict) -> torch.Tensor:
     """The score head's value at each row's last real token (the reward model's output)."""
     values = model(batch["input_ids"], position_ids=batch["position_ids"], mask=batch["mask"])
     values = values.full_tensor() if hasattr(values, "full_tensor") else values
-    last = last_token_index(batch["document_ids"])
-    return values[torch.arange(values.shape[0], device=values.device), last, 0].float()
+    return recipe.whole_sequences(torch.where(batch["last_token"], values[..., 0].float(), 0.0).sum(-1))
 
 
 class RewardModelRecipe(PairwiseRecipe):
@@ -240,12 +258,12 @@ class RewardModelRecipe(PairwiseRecipe):
         return dataclasses.replace(args, num_labels=1)
 
     def loss_sum(self, model, batch) -> torch.Tensor:
-        rewards = sequence_rewards(model, batch)
+        rewards = sequence_rewards(self, model, batch)
         n = batch["chosen_input_ids"].shape[0]
         chosen, rejected = rewards[:n], rewards[n:]
         losses = bradley_terry_loss(chosen, rejected, self.config.align.rm_margin)
         self._record(preference_metrics(chosen.detach(), rejected.detach()))
-        return losses.sum()
+        return self.counted_once(losses.sum())
 
 
 class PRMRecipe(Recipe):

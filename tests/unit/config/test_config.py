@@ -64,7 +64,7 @@ def test_async_key_maps_to_a_python_field(tmp_path):
         ("", ["--train.sample_temperature", "-1"], "train.sample_temperature must be >= 0"),
         ("", ["--train.loss_spike_factor", "0.5"], "train.loss_spike_factor must be > 1 (or 0 to disable)"),
         ("", ["--parallel.cp_algo", "rings"], "parallel.cp_algo = 'rings' is not one of ring, ulysses, hybrid"),
-        ("", ["--parallel.cp", "2", "--train.recipe", "dpo"], "the dpo recipe does not run with context parallel yet"),
+        ("", ["--parallel.cp", "2", "--train.recipe", "grpo"], "the grpo recipe does not run with context parallel yet"),
     ],
 )
 def test_mistakes_give_one_clear_message(tmp_path, text, overrides, message):
