@@ -17,7 +17,8 @@ class ModelConfig:
 
     args: dict = field(default_factory=dict)
     """ModelArgs fields to change on a flavor, e.g. {num_layers = 4, dim = 256}; only for
-    flavors (pretrained weights fix their shape), except an MoE model's routing fields
+    flavors (pretrained weights fix their shape), except the context (max_seq_len, rope_scaling:
+    RoPE scaling such as YaRN, configs/smollm2/sft_long.toml) and an MoE model's routing fields
     (aux_loss_coef, capacity_factor), which a pretrained one takes too."""
 
     tokenizer: str = ""

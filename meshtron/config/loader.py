@@ -212,14 +212,15 @@ def validate(cfg: JobConfig) -> None:
     if cfg.data.eval_paths and cfg.data.mock:
         raise UserError("data.eval_paths needs real data; mock data has no held-out split (set data.mock = false)")
     _validate_handlers(cfg)
+    from meshtron.models.common.args import CONTEXT_FIELDS
     from meshtron.models.common.moe import ROUTING_FIELDS
 
-    shape_args = sorted(set(cfg.model.args) - ROUTING_FIELDS)
+    shape_args = sorted(set(cfg.model.args) - ROUTING_FIELDS - CONTEXT_FIELDS)
     if shape_args and ":" not in cfg.model.name_or_path:
         raise UserError(
             f"model.args {', '.join(shape_args)} changes a flavor's shape, but model.name_or_path = "
-            f"{cfg.model.name_or_path!r} is not a flavor (family:name); remove it (a pretrained MoE model takes "
-            f"only {', '.join(sorted(ROUTING_FIELDS))})"
+            f"{cfg.model.name_or_path!r} is not a flavor (family:name); remove it (a pretrained model takes only "
+            f"{', '.join(sorted(CONTEXT_FIELDS | ROUTING_FIELDS))})"
         )
     if cfg.lora.rank:
         from meshtron.lora.layers import validate_lora

@@ -277,22 +277,30 @@ def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
+# A block's (B, G, R, Lq, Lk) temporaries are the ring's transient memory: they are updated in place
+# (the forward and backward of RingAttention run without autograd), so that one or two exist at a time.
+
 def _scores(q, k, plan: RingPlan, mask):
     """Scores (B, G, R, Lq, Lk) in `_acc`, soft-capped where the family does (and tanh for the backward)."""
-    s = torch.einsum("bgrqd,bgkd->bgrqk", q.to(_acc(q)), k.to(_acc(q))) * plan.scale
+    s = torch.einsum("bgrqd,bgkd->bgrqk", q.to(_acc(q)), k.to(_acc(q))).mul_(plan.scale)
     capped = None
     if plan.softcap is not None:
-        capped = torch.tanh(s / plan.softcap)
-        s = plan.softcap * capped
+        capped = s.div_(plan.softcap).tanh_()
+        s = capped * plan.softcap
     if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
+        s.masked_fill_(~mask, float("-inf"))
     return s, capped
+
+
+def _probabilities(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """exp(scores - log-sum-exp), in the scores' storage."""
+    return s.sub_(_finite(lse)[..., None]).exp_()
 
 
 def _block_forward(q, k, v, plan: RingPlan, mask):
     s, _ = _scores(q, k, plan, mask)
     lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - _finite(lse)[..., None])
+    p = _probabilities(s, lse)
     return torch.einsum("bgrqk,bgkd->bgrqd", p, v.to(p.dtype)), lse
 
 
@@ -308,13 +316,14 @@ def _block_backward(dout, delta, q, k, v, lse, plan: RingPlan, mask):
     """Gradients of one block from the merged output's (softmax of the block's scores taken against the
     merged log-sum-exp, so that the blocks' gradients add up to the whole attention's)."""
     s, capped = _scores(q, k, plan, mask)
-    p = torch.exp(s - _finite(lse)[..., None])
+    p = _probabilities(s, lse)
     dv = torch.einsum("bgrqk,bgrqd->bgkd", p, dout)
-    ds = p * (torch.einsum("bgrqd,bgkd->bgrqk", dout, v.to(p.dtype)) - delta[..., None])
+    ds = torch.einsum("bgrqd,bgkd->bgrqk", dout, v.to(p.dtype)).sub_(delta[..., None]).mul_(p)
+    del p, s
     if capped is not None:
-        ds = ds * (1 - capped * capped)
-    ds = ds * plan.scale
-    return (torch.einsum("bgrqk,bgkd->bgrqd", ds, k.to(p.dtype)), torch.einsum("bgrqk,bgrqd->bgkd", ds, q.to(p.dtype)),
+        ds.mul_(capped.square_().neg_().add_(1))
+    ds.mul_(plan.scale)
+    return (torch.einsum("bgrqk,bgkd->bgrqd", ds, k.to(ds.dtype)), torch.einsum("bgrqk,bgrqd->bgkd", ds, q.to(ds.dtype)),
             dv)
 
 

@@ -135,9 +135,9 @@ def check_context_length(config: JobConfig, source: ModelSource) -> None:
     if source.kind == "flavor":
         how = f"raise the flavor's context with model.args = {{max_seq_len = N}}"
     else:
-        how = ("extend the model's context with RoPE scaling first (in its config.json: rope_scaling, e.g. "
-               f'{{"rope_type": "yarn", "factor": N / {limit}, "original_max_position_embeddings": {limit}}}, '
-               "and max_position_embeddings = N)")
+        how = ("extend the model's context with RoPE scaling: model.args = {max_seq_len = N, rope_scaling = "
+               f'{{rope_type = "yarn", factor = N / {limit}, original_max_position_embeddings = {limit}}}}} '
+               "(configs/smollm2/sft_long.toml)")
     if config.train.seq_length > limit:
         raise UserError(f"train.seq_length {config.train.seq_length} is above the model's context length {limit} "
                         f"(max_seq_len / max_position_embeddings); lower train.seq_length or {how}")

@@ -1,6 +1,7 @@
 """Context parallel trains like one process: per-step loss and gradient norm of ring, Ulysses and
-hybrid layouts, alone and with FSDP, TP and recompute, against one process on the same data and
-init; a checkpoint saved at cp = 2 resumes in one process.
+hybrid layouts, alone and with FSDP, TP, recompute and LoRA, against one process on the same data and
+init; a checkpoint saved at cp = 2 resumes in one process; configs/smollm2/sft_long.toml at cp = 2
+against one process.
 
 Tiny models on mock data with packed documents (two per sequence, positions restarting at each),
 5 AdamW steps in float32; mistral:debug adds a sliding window (8 tokens, so the ring skips chunk
@@ -23,17 +24,20 @@ def grad_norms(records):
 
 @pytest.fixture(scope="module")
 def references(run_train, tiny_config, tmp_path_factory):
-    """One process per model, the whole global batch in one micro-batch."""
+    """One process per model (and LoRA or not), the whole global batch in one micro-batch."""
     cache = {}
 
-    def reference(model: str):
-        if model not in cache:
-            _, cache[model] = run_train(tiny_config, tmp_path_factory.mktemp("ref"),
-                                        overrides=["--train.micro_batch_size", "4", "--model.name_or_path", model])
-            assert len(cache[model]) == 5
-        return cache[model]
+    def reference(model: str, lora: tuple = ()):
+        if (model, lora) not in cache:
+            _, cache[model, lora] = run_train(tiny_config, tmp_path_factory.mktemp("ref"), overrides=[
+                "--train.micro_batch_size", "4", "--model.name_or_path", model, *lora])
+            assert len(cache[model, lora]) == 5
+        return cache[model, lora]
 
     return reference
+
+
+LORA = ("--lora.rank", "4")
 
 
 LAYOUTS = [
@@ -42,21 +46,22 @@ LAYOUTS = [
     ("llama:debug", 4, ["--parallel.cp", "4", "--parallel.cp_algo", "hybrid", "--parallel.cp_ulysses", "2"]),
     ("llama:debug", 4, ["--parallel.cp", "2", "--parallel.dp_shard", "2"]),
     ("llama:debug", 4, ["--parallel.cp", "2", "--parallel.tp", "2", "--parallel.dp_shard", "1"]),
-    ("llama:debug", 4, ["--parallel.cp", "2", "--parallel.dp_replicate", "2", "--parallel.dp_shard", "1"]),
-    ("llama:debug", 2, ["--parallel.cp", "2", "--recompute.mode", "selective"]),
+    pytest.param("llama:debug", 4, ["--parallel.cp", "2", "--parallel.dp_replicate", "2", "--parallel.dp_shard", "1"],
+                 marks=pytest.mark.slow),
+    ("llama:debug", 2, ["--parallel.cp", "2", "--recompute.mode", "selective", *LORA]),
     ("mistral:debug", 2, ["--parallel.cp", "2"]),
     ("deepseek_v3:debug", 2, ["--parallel.cp", "2"]),
     pytest.param("llama:debug", 4, ["--parallel.cp", "4"], marks=pytest.mark.slow),
     pytest.param("mistral:debug", 4, ["--parallel.cp", "4", "--parallel.cp_algo", "ulysses"], marks=pytest.mark.slow),
 ]
-IDS = ["ring2", "ulysses2", "hybrid2x2", "ring2-fsdp2", "ring2-tp2", "ring2-hsdp2", "ring2-recompute", "window-ring2",
+IDS = ["ring2", "ulysses2", "hybrid2x2", "ring2-fsdp2", "ring2-tp2", "ring2-hsdp2", "ring2-recompute-lora", "window-ring2",
        "latent-ring2", "ring4", "window-ulysses4"]
 
 
 @pytest.mark.parametrize("model, nproc, layout", LAYOUTS, ids=IDS)
 def test_context_parallel_matches_single_process(run_train, references, tiny_config, tmp_path, model, nproc, layout):
     _, records = run_train(tiny_config, tmp_path, nproc=nproc, overrides=[*layout, "--model.name_or_path", model])
-    reference = references(model)
+    reference = references(model, LORA if "--lora.rank" in layout else ())
     assert losses(records) == pytest.approx(losses(reference), rel=RTOL)
     assert grad_norms(records) == pytest.approx(grad_norms(reference), rel=1e-4)
 
@@ -82,40 +87,30 @@ def test_an_impossible_context_parallel_layout_is_one_clear_error(run_train, tin
 
 
 @pytest.mark.smollm2
-def test_sft_with_held_out_evaluation_at_cp2(run_train, smollm2_dir, tmp_path):
-    """sft (response-only loss on packed samples) and the held-out loss at cp = 2 give the one-process numbers."""
+def test_sft_long_config_with_held_out_evaluation_at_cp2(run_train, smollm2_dir, tmp_path):
+    """configs/smollm2/sft_long.toml (YaRN-scaled RoPE, cp = 2, full recompute) on a tiny model with
+    SmolLM2's tokenizer, 64-token sequences: sft's response-only loss on packed samples and the held-out
+    loss equal the one-process run of the same config."""
     import json
+    from pathlib import Path
 
     rows = [{"instruction": f"Add {i} and {i}.", "input": "", "output": f"The sum is {2 * i}."} for i in range(40)]
     data, heldout = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     heldout.write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
-    config = tmp_path / "sft.toml"
-    config.write_text(f"""
-[model]
-name_or_path = "llama:debug"
-args = {{ vocab_size = 49152 }}
-tokenizer = "{smollm2_dir}"
-[data]
-paths = ["{data}"]
-eval_paths = ["{heldout}"]
-[train]
-recipe = "sft"
-steps = 3
-global_batch_size = 4
-micro_batch_size = 2
-seq_length = 64
-[optim]
-lr = 0.01
-[log]
-tensorboard = false
-plot = false
-[checkpoint]
-save_final = false
-""")
-    _, single = run_train(config, tmp_path / "single")
-    _, split = run_train(config, tmp_path / "cp2", nproc=2, overrides=["--parallel.cp", "2"])
+    text = (Path(__file__).resolve().parents[2] / "configs" / "smollm2" / "sft_long.toml").read_text()
+    assert 'name_or_path = "smollm2"' in text and "args = { max_seq_len" in text
+    text = text.replace('name_or_path = "smollm2"', f'name_or_path = "llama:debug"\ntokenizer = "{smollm2_dir}"')
+    config = tmp_path / "sft_long.toml"
+    config.write_text(text.replace("args = { max_seq_len", "args = { vocab_size = 49152, max_seq_len"))
+    tiny = ["--data.paths", f'["{data}"]', "--data.eval_paths", f'["{heldout}"]',
+            "--train.steps", "3", "--train.seq_length", "64", "--train.global_batch_size", "4",
+            "--train.micro_batch_size", "2", "--optim.lr", "0.01", "--lr.warmup_steps", "0",
+            "--checkpoint.save_final", "false", "--log.plot", "false"]
+    _, single = run_train(config, tmp_path / "single", overrides=[*tiny, "--parallel.cp", "1"])
+    _, split = run_train(config, tmp_path / "cp2", nproc=2, overrides=tiny)
     assert losses(split) == pytest.approx(losses(single), rel=RTOL)
+    assert grad_norms(split) == pytest.approx(grad_norms(single), rel=1e-4)
     evals = [r["eval_loss"] for r in single if "eval_loss" in r]
     assert len(evals) == 2
     assert [r["eval_loss"] for r in split if "eval_loss" in r] == pytest.approx(evals, rel=RTOL)

@@ -144,6 +144,8 @@ RULES = [
     Rule(r"^python bench/bench_inference\.py", "run", append="--repeats 1 --new-tokens 4 --prompt-tokens 8 --batch-sizes 1"),
     Rule(r"^python bench/bench_preprocess\.py", "run", append="--size-mb 1 --memory-sizes-mb 1"),
     Rule(r"^python bench/bench_serve\.py", "run", append="--requests 2 --repeats 1"),
+    Rule(r"sft_long\.toml", "train", append=f"{TRAIN_STEPS} --train.seq_length 256",
+         why="32k-token sequences are a GPU job; the same layout on 256 tokens"),
     Rule(r"(^|-m )meshtron train ", "train", append=TRAIN_STEPS),
     Rule(r"(^|-m )meshtron generate ", "run", append="--max-new-tokens 8", prints=True,
          substitute={r"/path/to/hf-dir": "{ws}/tiny-4-kv-heads", **CHECKPOINT_STEP}),

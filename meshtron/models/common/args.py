@@ -6,6 +6,10 @@ Hugging Face `config.json` to and from these fields.
 
 from dataclasses import asdict, dataclass, field, fields
 
+# Fields that extend a pretrained model's context (RoPE scaling, e.g. YaRN) without changing the shape
+# of its weights: model.args may set them on any model, not only a flavor.
+CONTEXT_FIELDS = frozenset({"max_seq_len", "rope_scaling"})
+
 
 @dataclass
 class ModelArgs:
