@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--lengths", default="8192,16384,32768")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--algos", default="none,ring,ulysses,hybrid", help="which of them to run (none: cp = 1)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # cp:ulysses:length, run in this process (a rank)
     opts = parser.parse_args()
     if opts.one:
@@ -136,7 +137,7 @@ def main() -> None:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     for length in (int(x) for x in opts.lengths.split(",")):
         baseline = None
-        for algo, cp, ulysses in LAYOUTS:
+        for algo, cp, ulysses in (layout for layout in LAYOUTS if layout[0] in opts.algos.split(",")):
             one = [__file__, "--device", opts.device, "--steps", str(opts.steps),
                    "--one", f"{cp}:{ulysses}:{length}"]
             launcher = [sys.executable] if cp == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",

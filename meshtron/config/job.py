@@ -240,7 +240,7 @@ class ParallelConfig:
     cp: int = 1
     """Context-parallel degree: each sequence is split over cp ranks (load-balanced: 2 x cp chunks,
     rank r holding chunks r and 2 x cp - 1 - r) and attention spans them (docs/parallelism.md).
-    train.seq_length must be divisible by 2 x cp. Every recipe but grpo and ppo; not with pp or ep."""
+    train.seq_length must be divisible by 2 x cp. Every recipe but grpo and ppo."""
 
     cp_algo: str = "ring"
     """How attention spans the cp ranks: ring (key/value blocks rotate around the ranks), ulysses

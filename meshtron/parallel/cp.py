@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+import torch.utils._pytree as pytree
 
 from meshtron.errors import UserError
 
@@ -132,6 +133,13 @@ class ContextShard:
     def __init__(self, cp: ContextParallel, full):
         self.cp, self.full = cp, full
 
+    def _flatten(self):
+        return [self.full], self.cp
+
+    @classmethod
+    def _unflatten(cls, children, cp: ContextParallel) -> "ContextShard":
+        return cls(cp, children[0])
+
     def attend(self, q_BHSD, k_BGSD, v_BGSD, window: int | None, scale: float | None,
                softcap: float | None) -> torch.Tensor:
         scale = scale if scale is not None else q_BHSD.shape[-1] ** -0.5
@@ -166,6 +174,12 @@ class ContextShard:
         out = attend(*(reorder(t, order) for t in (q_BHSD, k_BGSD, v_BGSD)), self.full, window, self.full.backend,
                      scale, softcap)
         return reorder(out, held)
+
+
+# A pytree (its child the whole sequences' mask description), so that the pipeline schedule splits a
+# step's description into its micro-batches' as it does without context parallel.
+pytree.register_pytree_node(ContextShard, ContextShard._flatten, ContextShard._unflatten,
+                            serialized_type_name="meshtron.parallel.cp.ContextShard")
 
 
 def _repeat_kv(k_BGSD, v_BGSD, num_heads: int, degree: int):

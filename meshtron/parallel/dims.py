@@ -83,9 +83,6 @@ class ParallelDims:
                 f"{others * dp_shard} do not match the world size {world_size}; change them so that their "
                 "product is the number of processes (or set dp_shard = -1)"
             )
-        if cp > 1 and pp > 1:
-            raise UserError("context parallel (parallel.cp > 1) does not run with pipeline parallel yet; set "
-                            "parallel.pp = 1 or parallel.cp = 1")
         if (dp_shard * cp) % ep:
             raise UserError(f"parallel.ep = {ep} does not divide dp_shard x cp = {dp_shard} x {cp}: expert parallel "
                             "borrows data-parallel ranks, so choose an ep that divides dp_shard x cp")

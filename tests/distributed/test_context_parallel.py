@@ -1,5 +1,5 @@
 """Context parallel trains like one process: per-step loss and gradient norm of ring, Ulysses and
-hybrid layouts, alone and with FSDP, TP, recompute and LoRA, against one process on the same data and
+hybrid layouts, alone and with FSDP, TP, PP and recompute, against one process on the same data and
 init; a checkpoint saved at cp = 2 resumes in one process; configs/smollm2/sft_long.toml at cp = 2
 against one process.
 
@@ -24,20 +24,17 @@ def grad_norms(records):
 
 @pytest.fixture(scope="module")
 def references(run_train, tiny_config, tmp_path_factory):
-    """One process per model (and LoRA or not), the whole global batch in one micro-batch."""
+    """One process per model, the whole global batch in one micro-batch."""
     cache = {}
 
-    def reference(model: str, lora: tuple = ()):
-        if (model, lora) not in cache:
-            _, cache[model, lora] = run_train(tiny_config, tmp_path_factory.mktemp("ref"), overrides=[
-                "--train.micro_batch_size", "4", "--model.name_or_path", model, *lora])
-            assert len(cache[model, lora]) == 5
-        return cache[model, lora]
+    def reference(model: str):
+        if model not in cache:
+            _, cache[model] = run_train(tiny_config, tmp_path_factory.mktemp("ref"),
+                                        overrides=["--train.micro_batch_size", "4", "--model.name_or_path", model])
+            assert len(cache[model]) == 5
+        return cache[model]
 
     return reference
-
-
-LORA = ("--lora.rank", "4")
 
 
 LAYOUTS = [
@@ -48,20 +45,22 @@ LAYOUTS = [
     ("llama:debug", 4, ["--parallel.cp", "2", "--parallel.tp", "2", "--parallel.dp_shard", "1"]),
     pytest.param("llama:debug", 4, ["--parallel.cp", "2", "--parallel.dp_replicate", "2", "--parallel.dp_shard", "1"],
                  marks=pytest.mark.slow),
-    ("llama:debug", 2, ["--parallel.cp", "2", "--recompute.mode", "selective", *LORA]),
+    ("llama:debug", 2, ["--parallel.cp", "2", "--recompute.mode", "selective"]),
+    pytest.param("llama:debug", 4, ["--parallel.cp", "2", "--parallel.pp", "2", "--parallel.dp_shard", "1"],
+                 marks=pytest.mark.slow),
     ("mistral:debug", 2, ["--parallel.cp", "2"]),
     ("deepseek_v3:debug", 2, ["--parallel.cp", "2"]),
     pytest.param("llama:debug", 4, ["--parallel.cp", "4"], marks=pytest.mark.slow),
     pytest.param("mistral:debug", 4, ["--parallel.cp", "4", "--parallel.cp_algo", "ulysses"], marks=pytest.mark.slow),
 ]
-IDS = ["ring2", "ulysses2", "hybrid2x2", "ring2-fsdp2", "ring2-tp2", "ring2-hsdp2", "ring2-recompute-lora", "window-ring2",
+IDS = ["ring2", "ulysses2", "hybrid2x2", "ring2-fsdp2", "ring2-tp2", "ring2-hsdp2", "ring2-recompute", "ring2-pp2", "window-ring2",
        "latent-ring2", "ring4", "window-ulysses4"]
 
 
 @pytest.mark.parametrize("model, nproc, layout", LAYOUTS, ids=IDS)
 def test_context_parallel_matches_single_process(run_train, references, tiny_config, tmp_path, model, nproc, layout):
     _, records = run_train(tiny_config, tmp_path, nproc=nproc, overrides=[*layout, "--model.name_or_path", model])
-    reference = references(model, LORA if "--lora.rank" in layout else ())
+    reference = references(model)
     assert losses(records) == pytest.approx(losses(reference), rel=RTOL)
     assert grad_norms(records) == pytest.approx(grad_norms(reference), rel=1e-4)
 

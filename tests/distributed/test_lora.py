@@ -1,4 +1,4 @@
-"""LoRA and QLoRA under the parallel layouts: single process vs dp_shard=2 and tp=2 (adapters
+"""LoRA and QLoRA under the parallel layouts: single process vs dp_shard=2, tp=2, pp=2 and cp=2 (adapters
 sharded like their base layers), adapter-only checkpoints, and QLoRA under FSDP."""
 
 import json
@@ -36,8 +36,9 @@ def test_lora_trains_adapters_only(single):
 
 @pytest.mark.parametrize("nproc, layout", [(2, ["--parallel.dp_shard", "2"]),
                                            (2, ["--parallel.tp", "2", "--parallel.dp_shard", "1"]),
-                                           (2, ["--parallel.pp", "2"])],
-                         ids=["fsdp2", "tp2-sp", "pp2"])
+                                           (2, ["--parallel.pp", "2"]),
+                                           (2, ["--parallel.cp", "2"])],
+                         ids=["fsdp2", "tp2-sp", "pp2", "cp2"])
 def test_lora_layouts_match_single_process(run_train, tiny_config, hf_dir, single, tmp_path, nproc, layout):
     _, sharded = run_train(tiny_config, tmp_path, nproc=nproc,
                            overrides=["--model.name_or_path", str(hf_dir), *LORA, *layout])

@@ -91,12 +91,13 @@ class AttentionMask:
 
 
 def _flatten(mask: AttentionMask):
-    return [mask.document_ids, mask.key_valid], (mask.q_len, mask.kv_len, mask.offset, mask.backend, mask.context)
+    # The context parallel description is a child: the whole sequences' document ids split by rows too.
+    return [mask.document_ids, mask.key_valid, mask.context], (mask.q_len, mask.kv_len, mask.offset, mask.backend)
 
 
 def _unflatten(children, aux) -> AttentionMask:
-    q_len, kv_len, offset, backend, context = aux
-    return AttentionMask(q_len, kv_len, offset, children[0], children[1], backend, context)
+    q_len, kv_len, offset, backend = aux
+    return AttentionMask(q_len, kv_len, offset, children[0], children[1], backend, children[2])
 
 
 # A pytree, so that the pipeline schedule splits a step's description by rows like the step's tensors.
