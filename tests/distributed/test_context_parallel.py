@@ -45,7 +45,8 @@ LAYOUTS = [
     ("llama:debug", 4, ["--parallel.cp", "2", "--parallel.tp", "2", "--parallel.dp_shard", "1"]),
     pytest.param("llama:debug", 4, ["--parallel.cp", "2", "--parallel.dp_replicate", "2", "--parallel.dp_shard", "1"],
                  marks=pytest.mark.slow),
-    ("llama:debug", 2, ["--parallel.cp", "2", "--recompute.mode", "selective"]),
+    # (full recompute under cp runs in the default suite: the sft_long test below)
+    pytest.param("llama:debug", 2, ["--parallel.cp", "2", "--recompute.mode", "selective"], marks=pytest.mark.slow),
     pytest.param("llama:debug", 4, ["--parallel.cp", "2", "--parallel.pp", "2", "--parallel.dp_shard", "1"],
                  marks=pytest.mark.slow),
     ("mistral:debug", 2, ["--parallel.cp", "2"]),
