@@ -11,17 +11,14 @@ torch.compile traces into the compiled block (the composable hooks would break i
 
 import torch
 from torch import nn
+from torch._higher_order_ops.flex_attention import flex_attention
 from torch.distributed._composable import checkpoint
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    create_selective_checkpoint_contexts,
+)
 
 from meshtron.parallel.plan import ParallelPlan
-
-try:
-    import torch._higher_order_ops.flex_attention  # noqa: F401  registers the op looked up below
-    from torch.ops import higher_order
-    _FLEX = (higher_order.flex_attention,)
-except (ImportError, AttributeError):
-    _FLEX = ()
 
 
 def _aten_ops(*names: str) -> tuple:
@@ -35,7 +32,7 @@ SAVED_OPS = frozenset(_aten_ops(
     "mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
     "_scaled_dot_product_cudnn_attention", "_flash_attention_forward", "_efficient_attention_forward",
-) + _FLEX)
+) + (flex_attention,))
 
 
 def _save_expensive_ops(ctx, op, *args, **kwargs) -> CheckpointPolicy:
