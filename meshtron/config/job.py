@@ -119,9 +119,10 @@ class TrainConfig:
     """Use deterministic algorithms only, so that two runs of one config give bit-identical
     losses (slower on GPU)."""
 
-    compile: bool = False
+    compile: bool | str = "auto"
     """Compile each transformer block with torch.compile (regional compilation: one compile
-    serves every block). Faster steps on GPU after a compile of tens of seconds."""
+    serves every block): true, false or "auto" (on CUDA, where steps are faster after a compile
+    of tens of seconds; off elsewhere, where the compile costs more than it saves)."""
 
     float8: str = ""
     """Float8 training of the transformer blocks' linear layers through torchao's float8 linear

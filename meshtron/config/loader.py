@@ -186,6 +186,8 @@ def validate(cfg: JobConfig) -> None:
     _check_choice(cfg.optim.name, OPTIMIZERS, "optim.name")
     _check_choice(cfg.lr.schedule, SCHEDULES, "lr.schedule")
     _check_choice(cfg.recompute.mode, RECOMPUTE_MODES, "recompute.mode")
+    if isinstance(cfg.train.compile, str) and cfg.train.compile != "auto":
+        raise UserError(f"train.compile = {cfg.train.compile!r}: use true, false or \"auto\"")
     for key in ("train.steps", "train.global_batch_size", "train.micro_batch_size", "train.seq_length",
                 "log.interval", "optim.lr"):
         section, name = key.split(".")

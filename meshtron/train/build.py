@@ -154,6 +154,14 @@ def compute_dtype_name(config: JobConfig, device_type: str) -> str:
     return "bfloat16" if device_type == "cuda" else "float32"
 
 
+def compile_blocks(config: JobConfig, device_type: str) -> bool:
+    """train.compile with `auto` resolved for the device: on for CUDA, off elsewhere (on a CPU the
+    compile takes longer than it saves in a run of this size)."""
+    if config.train.compile == "auto":
+        return device_type == "cuda"
+    return config.train.compile
+
+
 def precision(config: JobConfig, device_type: str) -> tuple[torch.dtype, torch.dtype]:
     """(compute dtype, master dtype) on `device_type`, checked."""
     name = compute_dtype_name(config, device_type)
@@ -224,7 +232,7 @@ def build_parallel_model(config: JobConfig, source: ModelSource, dims: ParallelD
             recompute_layers=config.recompute.num_layers,
             param_dtype=compute,
             reduce_dtype=master,
-            compile_blocks=config.train.compile,
+            compile_blocks=compile_blocks(config, device.type),
             reshard_after_forward=stage is None,
         )
         if stage is not None and dims.tp_enabled:
