@@ -14,10 +14,12 @@ import pytest
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
-    """An acceptance test is also slow, so that the default run (-m "not slow") never includes one."""
+    """An acceptance test is also slow, so that the default run (-m "not slow") never includes one; in a run
+    that includes them (-m "not slow or acceptance", what CI runs) they come after every other test."""
     for item in items:
         if item.get_closest_marker("acceptance") and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: item.get_closest_marker("acceptance") is not None)
 
 
 @pytest.fixture(scope="session")
@@ -124,12 +126,11 @@ def tiny_llama_dir(smollm2_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_native_dir(tiny_llama_dir, tmp_path_factory):
     """`tiny_llama_dir` as a meshtron checkpoint (`meshtron convert --to native`)."""
-    import subprocess
-    import sys
+    from launch import run_meshtron
 
     out = tmp_path_factory.mktemp("tiny-native") / "ckpt"
-    subprocess.run([sys.executable, "-m", "meshtron", "convert", "--input", str(tiny_llama_dir), "--output", str(out),
-                    "--to", "native"], check=True, capture_output=True, timeout=300)
+    result = run_meshtron(["convert", "--input", tiny_llama_dir, "--output", out, "--to", "native"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 

@@ -1,15 +1,14 @@
 """Fixtures of the multi-process tests: a tiny training config, a `meshtron train` runner that
-launches torchrun (gloo on CPU) and returns the run's metrics records, the config writer of the
-alignment and RL recipes' tests (a tiny model with SmolLM2's tokenizer), their reward module and
+runs its ranks (gloo on CPU) as torchrun would and returns the run's metrics records, the config writer
+of the alignment and RL recipes' tests (a tiny model with SmolLM2's tokenizer), their reward module and
 one tiny rm run."""
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launch import run_meshtron
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -116,15 +115,14 @@ def tiny_config(tmp_path_factory) -> Path:
 def _run_train(config: Path, output_dir: Path, nproc: int = 1, overrides=(), check: bool = True, timeout: int = 300,
                env: dict | None = None, max_restarts: int = 0):
     """(completed process, metrics records). One thread per rank so ranks share the cores without oversubscription.
-    `env`: extra environment (drill switches); `max_restarts`: torchrun's --max-restarts."""
+    `env`: extra environment (drill switches); `max_restarts`: torchrun's --max-restarts (then under torchrun
+    itself; otherwise the ranks are forked with torchrun's environment, see tests/launch.py)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    launcher = [sys.executable, "-m", "meshtron"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        f"--max-restarts={max_restarts}", "-m", "meshtron"]
-    cmd = [*launcher, "train", str(config), "--train.output_dir", str(output_dir), *overrides]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    argv = ["train", str(config), "--train.output_dir", str(output_dir), *overrides]
+    result = run_meshtron(argv, nproc=nproc, env=env, timeout=timeout, max_restarts=max_restarts)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+        raise AssertionError(f"meshtron {' '.join(argv)} on {nproc} rank(s) failed ({result.returncode}):\n"
+                             f"{result.stderr[-4000:]}")
     return result, read_records(output_dir)
 
 

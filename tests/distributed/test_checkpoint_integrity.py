@@ -4,15 +4,13 @@ damaged checkpoint in one line unless checkpoint.verify = false."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from launch import run_meshtron
 
 
 def verify(path):
-    return subprocess.run([sys.executable, "-m", "meshtron", "checkpoint", "verify", str(path)],
-                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    return run_meshtron(["checkpoint", "verify", path], env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
 
 
 @pytest.fixture(scope="module")

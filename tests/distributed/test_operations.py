@@ -30,8 +30,10 @@ def test_a_killed_rank_is_restarted_and_resumes_exactly(run_train, tiny_config, 
     assert [r["loss"] for r in records] == [r["loss"] for r in uninterrupted]  # deterministic: exact
 
 
+# Restarts once went wrong one time in a few (a rank aborting in teardown, now fixed in meshtron/cli): two more
+# kill-and-restart cycles beside the one above, in the acceptance run.
 @pytest.mark.acceptance
-@pytest.mark.parametrize("attempt", range(5))
+@pytest.mark.parametrize("attempt", range(2))
 def test_restart_is_reliable(run_train, tiny_config, uninterrupted, tmp_path, attempt):
     records = killed_and_restarted(run_train, tiny_config, tmp_path)
     assert [r["loss"] for r in records][5:] == [r["loss"] for r in uninterrupted][5:]

@@ -2,16 +2,14 @@
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
+from launch import run_meshtron
 
 
 def generate(model, prompt="Hello"):
-    return subprocess.run([sys.executable, "-m", "meshtron", "generate", "--model", str(model), "--prompt", prompt,
-                           "--max-new-tokens", "2"], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return run_meshtron(["generate", "--model", model, "--prompt", prompt, "--max-new-tokens", "2"], timeout=300,
+                        env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def one_line_error(result, *words):

@@ -4,10 +4,9 @@ with one line naming it (generate, convert, train resume) and the code never run
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 
 import pytest
+from launch import run_meshtron
 
 CONFIG = """
 [model]
@@ -35,8 +34,7 @@ class CreatesFile:
 
 
 def meshtron(*args, check=True):
-    result = subprocess.run([sys.executable, "-m", "meshtron", *map(str, args)], capture_output=True, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    result = run_meshtron(args, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result

@@ -2,8 +2,6 @@
 
 import json
 import re
-import subprocess
-import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -12,10 +10,11 @@ import torch
 
 import meshtron.cli
 from meshtron.cli import SUBCOMMANDS
+from launch import run_meshtron
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "meshtron", *args], capture_output=True, text=True)
+    return run_meshtron(args)
 
 
 def test_help_lists_every_subcommand_module():

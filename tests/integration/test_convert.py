@@ -2,13 +2,12 @@
 loads with the same logits, and an HF directory becomes a checkpoint that loads back unchanged."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from meshtron.checkpoint import load_for_inference
+from launch import run_meshtron
 
 CONFIG = """
 [model]
@@ -28,8 +27,7 @@ plot = false
 
 
 def meshtron(*args):
-    result = subprocess.run([sys.executable, "-m", "meshtron", *map(str, args)], capture_output=True, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    result = run_meshtron(args, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -61,8 +59,7 @@ def test_checkpoint_to_hf_and_back(trained_run, tmp_path):
 
 
 def test_convert_refuses_a_wrong_direction(trained_run, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "meshtron", "convert", "--input", str(trained_run), "--output",
-                             str(tmp_path / "x"), "--to", "native"], capture_output=True, text=True)
+    result = run_meshtron(["convert", "--input", trained_run, "--output", tmp_path / "x", "--to", "native"])
     assert result.returncode == 2 and "--to native needs a Hugging Face directory" in result.stderr
 
 

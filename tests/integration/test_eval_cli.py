@@ -3,20 +3,13 @@ and one clear line for bad data."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from launch import run_meshtron
 
 
 def run_eval(*args, nproc=1):
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "meshtron", "eval", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               "-m", "meshtron", "eval", *args]  # --standalone: a free port, never one another job holds
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, capture_output=True, text=True, env=env)
+    return run_meshtron(["eval", *args], nproc=nproc, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
 
 
 @pytest.mark.smollm2

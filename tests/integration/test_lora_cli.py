@@ -4,12 +4,11 @@ transformers base with meshtron's logits."""
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import run_meshtron
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.smollm2
@@ -20,8 +19,7 @@ QLORA_STEPS = 60
 
 def meshtron(*args, cwd=None, timeout=1200):
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    return subprocess.run([sys.executable, "-m", "meshtron", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=timeout)
+    return run_meshtron(args, cwd=cwd, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,13 @@ without --force (exit 2, naming them) and never write into their own input."""
 
 import os
 import subprocess
-import sys
 
 import pytest
+from launch import run_meshtron
 
 
 def meshtron(*args):
-    return subprocess.run([sys.executable, "-m", "meshtron", *map(str, args)], capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    return run_meshtron(args, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
 
 
 def refused(result, *words):

@@ -5,21 +5,20 @@ memory view on CPU."""
 import gzip
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from meshtron.train.profiling import read_regions
+from launch import run_meshtron
 
 REPO = Path(__file__).resolve().parents[2]
 PHASES = ("data", "forward_backward", "optimizer", "eval", "checkpoint")
 
 
 def train(config: Path, out: Path, *overrides: str):
-    cmd = [sys.executable, "-m", "meshtron", "train", str(config), "--train.output_dir", str(out), *overrides]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    result = run_meshtron(["train", config, "--train.output_dir", out, *overrides], timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

@@ -4,11 +4,10 @@ bad input."""
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launch import run_meshtron
 
 TINY = """
 [model]
@@ -30,8 +29,7 @@ save_final = false
 
 def meshtron_train(config: Path, output_dir: Path, *overrides: str, timeout: int = 600):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "meshtron", "train", str(config), "--train.output_dir", str(output_dir), *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    return run_meshtron(["train", config, "--train.output_dir", output_dir, *overrides], env=env, timeout=timeout)
 
 
 def records(output_dir: Path) -> list[dict]:
