@@ -52,6 +52,10 @@ def _rank_main(argv: list[str], env: dict, cwd: str, stdout: str, stderr: str) -
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         os.dup2(target, fd)
         os.close(target)
+    # The import path of `python -m meshtron` started here: the working folder, then PYTHONPATH (user
+    # modules such as reward functions are imported by name).
+    extra = [cwd, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    sys.path[:0] = [p for p in extra if p not in sys.path]
     import torch
 
     from meshtron.cli import main
