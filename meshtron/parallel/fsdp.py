@@ -1,7 +1,9 @@
 """FSDP2 (`fully_shard`) over the data-parallel axes: FSDP, HSDP and DDP in one code path.
 
-Each block of the family's plan is one FSDP unit; the root unit holds the embedding, final norm and
-output head (so that tied embedding and head stay in one unit). On a 1-D mesh (dp_shard)
+Each block of the family's plan is one FSDP unit, and so are the embedding and the final norm with
+the output head (as torchtitan shards them): a rank holds the whole of a large vocabulary's
+embedding only while it is used, not through the whole step. A head tied to the embedding stays
+with it in the root unit (one parameter, one unit). On a 1-D mesh (dp_shard)
 this is FSDP/ZeRO-3; on a 2-D mesh (dp_replicate, dp_shard) it is HSDP, and with a shard
 degree of 1 it is DDP (parameters replicated, gradients all-reduced).
 
@@ -39,6 +41,17 @@ def apply_fsdp(model: nn.Module, plan: ParallelPlan, meshes: Meshes, param_dtype
             return Shard(1)
         return None
 
+    embedding = getattr(model, plan.embedding, None)
+    head = [module for module in (getattr(model, name, None) for name in plan.head) if module is not None]
+    if not model.args.head_is_tied:
+        if embedding is not None:
+            fully_shard(embedding, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+        if head:
+            # Not resharded after forward: backward needs the head first, and the chunked loss
+            # (train/losses.py) recomputes with the gathered weight it saved. The norm's forward
+            # gathers the unit, as the loss uses the head's weight without calling the head.
+            fully_shard(head, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=False,
+                        shard_placement_fn=placement)
     blocks = plan.blocks_of(model)
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again right away by backward: keep them gathered.

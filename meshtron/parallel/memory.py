@@ -5,7 +5,8 @@ pipeline stages over pp, 1F1B schedule):
 
 - params, grads, optimizer: the master-dtype parameters, their gradients and AdamW's two moments,
   each sharded over dp_shard x tp and split over pp (replicas under HSDP hold a full shard each);
-- gathered: FSDP's transient full copies of the largest unit (a block, or the embedding and head):
+- gathered: FSDP's transient full copies of the largest unit (a block, or the embedding and head; an
+  untied embedding and head are units of their own now, so this overestimates them by one matrix):
   its parameters in the compute dtype, twice (one prefetched), and its unsharded gradient. Under
   pp, torch's pipeline schedule keeps the whole stage unsharded from the first micro-batch's
   backward to the last (it turns off resharding after backward and the gradient reduction until

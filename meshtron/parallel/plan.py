@@ -27,9 +27,12 @@ class ParallelPlan:
     # The submodule of a block that selective recompute wraps (the largest activation: the scores).
     recompute_unit: str = "attn.core"
     # The container of the blocks. Each block gets the block plan, is a unit of full recompute and
-    # one FSDP unit; the root unit holds the rest (embedding, final norm and head together, so that a
-    # tied head stays in the embedding's unit).
+    # one FSDP unit.
     blocks: str = "layers"
+    # The embedding, and the final norm with the head: FSDP units of their own, unless the head is tied
+    # to the embedding (then both stay in the root unit, with whatever else the model holds).
+    embedding: str = "embed"
+    head: tuple[str, ...] = ("norm", "lm_head")
 
     def blocks_of(self, model: nn.Module) -> list[nn.Module]:
         return list(getattr(model, self.blocks).values())
