@@ -18,8 +18,8 @@ class ModelConfig:
     args: dict = field(default_factory=dict)
     """ModelArgs fields to change on a flavor, e.g. {num_layers = 4, dim = 256}; only for
     flavors (pretrained weights fix their shape), except the context (max_seq_len, rope_scaling:
-    RoPE scaling such as YaRN, configs/smollm2/sft_long.toml) and an MoE model's routing fields
-    (aux_loss_coef, capacity_factor), which a pretrained one takes too."""
+    RoPE scaling such as YaRN, configs/smollm2/sft_long.toml) and an MoE model's routing fields,
+    which a pretrained one takes too (set those in [moe])."""
 
     tokenizer: str = ""
     """Tokenizer directory (or "smollm2"); empty means the model's own (HF directory or
@@ -437,6 +437,29 @@ class RLConfig:
 
 
 @dataclass
+class MoEConfig:
+    """An MoE model's router and balancing settings (docs/moe.md). Unset keys keep the model's own
+    value: its flavor's, or a Hugging Face config's (router_aux_loss_coef), or a checkpoint's."""
+
+    aux_loss_coef: float | None = None
+    """Weight of the load-balancing loss (Switch / Mixtral); 0 turns it off."""
+
+    seq_aux_loss_coef: float | None = None
+    """Weight of DeepSeek-V3's sequence-wise balance loss; 0 turns it off."""
+
+    z_loss_coef: float | None = None
+    """Weight of the router z-loss (ST-MoE); 0 turns it off."""
+
+    bias_update_rate: float | None = None
+    """Auxiliary-loss-free balancing (DeepSeek-V3): after each step every expert's routing bias
+    moves by this much towards balance; 0 turns it off."""
+
+    capacity_factor: float | None = None
+    """Rows an expert takes per forward, at most ceil(factor x tokens x top-k / experts); the rest are
+    dropped (logged as moe_dropped). Unset: the model's own, dropless unless it sets one."""
+
+
+@dataclass
 class LogConfig:
     interval: int = 1
     """Log metrics every this many steps."""
@@ -516,5 +539,6 @@ class JobConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     ft: FTConfig = field(default_factory=FTConfig)

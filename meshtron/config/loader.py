@@ -11,6 +11,7 @@ import json
 import keyword
 import math
 import tomllib
+import types
 import typing
 from pathlib import Path
 
@@ -57,6 +58,10 @@ def _type_name(tp) -> str:
 def _coerce(value, tp, where: str):
     """Check `value` (as TOML parsed it) against the field type `tp`; ints are accepted as floats."""
     origin = typing.get_origin(tp)
+    if origin is types.UnionType and type(None) in typing.get_args(tp):
+        # `float | None`: None (unset) is only a default, TOML has no null; a given value is the other type.
+        (tp,) = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+        return _coerce(value, tp, where)
     if origin is list:
         if not isinstance(value, list):
             raise UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
@@ -248,6 +253,7 @@ def validate(cfg: JobConfig) -> None:
     if not 0 <= cfg.align.label_smoothing < 0.5:
         raise UserError(f"align.label_smoothing must be in [0, 0.5), got {cfg.align.label_smoothing}")
     _validate_rl(cfg)
+    _validate_moe(cfg)
     if cfg.checkpoint.resume not in ("auto", "none") and not Path(cfg.checkpoint.resume).exists():
         raise UserError(f"checkpoint.resume = {cfg.checkpoint.resume!r}: no such checkpoint; use auto, none or a path")
 
@@ -261,6 +267,17 @@ def _validate_float8(cfg) -> None:
                         "lora.rank = 0 or train.float8 = '')")
     if cfg.parallel.tp != 1:
         raise UserError("train.float8 does not run with tensor parallel yet; set parallel.tp = 1 (FSDP/HSDP work)")
+
+
+def _validate_moe(cfg: JobConfig) -> None:
+    """[moe]'s set keys: in range, and not given a second, different value in model.args."""
+    moe = {key: value for key, value in dataclasses.asdict(cfg.moe).items() if value is not None}
+    for key, value in moe.items():
+        _check_positive(value, f"moe.{key}", allow_zero=key != "capacity_factor")
+    clashes = [f"{key} ({cfg.model.args[key]} in model.args, {value} in [moe])" for key, value in moe.items()
+               if key in cfg.model.args and cfg.model.args[key] != value]
+    if clashes:
+        raise UserError(f"{', '.join(clashes)}: set each in one place, [moe] (model.args is the older way)")
 
 
 def _validate_rl(cfg: JobConfig) -> None:
@@ -325,7 +342,8 @@ def to_toml(cfg: JobConfig) -> str:
     lines = []
     for section, table in to_dict(cfg).items():
         lines.append(f"[{section}]")
-        lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
+        # An unset (None) key is left out: TOML has no null, and a missing key loads back as unset.
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items() if value is not None)
         lines.append("")
     return "\n".join(lines)
 

@@ -5,6 +5,7 @@ The model follows ARCHITECTURE principle 3: built on the meta device, paralleliz
 materialized and initialized (or loaded, streaming shard by shard).
 """
 
+import dataclasses
 import difflib
 import json
 import logging
@@ -97,6 +98,18 @@ def _apply_arg_overrides(args: ModelArgs, overrides: dict) -> ModelArgs:
         raise UserError(f"model.args: {e}") from None
 
 
+def _apply_overrides(args: ModelArgs, config: JobConfig) -> ModelArgs:
+    """The model's args with model.args, then [moe]'s set keys (the loader refused a key given different
+    values in both), applied."""
+    from meshtron.models.common.moe import MoEArgs
+
+    moe = {key: value for key, value in dataclasses.asdict(config.moe).items() if value is not None}
+    if moe and not isinstance(args, MoEArgs):
+        raise UserError(f"[moe] sets {', '.join(moe)}, but {config.model.name_or_path!r} is a dense model (no "
+                        "experts); remove the [moe] settings or train an MoE model")
+    return _apply_arg_overrides(args, {**config.model.args, **moe})
+
+
 def resolve_model_source(config: JobConfig) -> ModelSource:
     from meshtron.checkpoint.manager import read_manifest, resolve_checkpoint
 
@@ -110,20 +123,20 @@ def resolve_model_source(config: JobConfig) -> ModelSource:
         from meshtron.checkpoint.hf import read_hf_config
 
         _, _, args = read_hf_config(path)
-        args = _apply_arg_overrides(args, config.model.args)  # routing fields only (config validation)
+        args = _apply_overrides(args, config)  # routing and context fields only (config validation)
         return ModelSource("hf", args, path, tokenizer_dir or path, _token_ids_from_dir(path))
     if path.is_dir():
         checkpoint = resolve_checkpoint(path)
         manifest = read_manifest(checkpoint)
         own_tokenizer = checkpoint / manifest["tokenizer"] if manifest.get("tokenizer") else None
         args = model_args_from_dict(manifest["model_args"], f"{checkpoint}/manifest.json model_args")
-        args = _apply_arg_overrides(args, config.model.args)  # routing fields only (config validation)
+        args = _apply_overrides(args, config)  # routing and context fields only (config validation)
         return ModelSource("checkpoint", args, checkpoint,
                            tokenizer_dir or own_tokenizer, manifest.get("hf_config_extra", {}))
     if ":" not in name:
         raise UserError(f"model.name_or_path {name!r} is neither a directory nor a flavor (family:name, e.g. "
                         f"llama:debug) nor {EXAMPLE_MODEL!r}")
-    args = _apply_arg_overrides(get_flavor(name), config.model.args)
+    args = _apply_overrides(get_flavor(name), config)
     return ModelSource("flavor", args, None, tokenizer_dir, _token_ids_from_dir(tokenizer_dir))
 
 

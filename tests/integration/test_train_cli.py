@@ -268,7 +268,7 @@ def test_moe_flavor_trains_with_its_load_balancing_loss(tmp_path):
                and max(r["moe_expert_load"]) == pytest.approx(r["moe_load_max"], abs=1e-4) for r in recs)
     assert all(r["moe_z_loss"] > 0 for r in recs)  # logged, though its weight is 0 here
     assert (tmp_path / "aux" / "expert_load.png").stat().st_size > 0
-    result = meshtron_train(config, tmp_path / "no_aux", "--train.steps", "1", "--model.args", "{aux_loss_coef = 0.0}")
+    result = meshtron_train(config, tmp_path / "no_aux", "--train.steps", "1", "--moe.aux_loss_coef", "0")
     assert result.returncode == 0, result.stderr
     first = records(tmp_path / "no_aux")[0]
     assert first["loss"] == recs[0]["loss"] and first["grad_norm"] != recs[0]["grad_norm"]

@@ -65,6 +65,11 @@ def test_async_key_maps_to_a_python_field(tmp_path):
         ("", ["--train.loss_spike_factor", "0.5"], "train.loss_spike_factor must be > 1 (or 0 to disable)"),
         ("", ["--parallel.cp_algo", "rings"], "parallel.cp_algo = 'rings' is not one of ring, ulysses, hybrid"),
         ("", ["--parallel.cp", "2", "--train.recipe", "grpo"], "the grpo recipe does not run with context parallel yet"),
+        ("", ["--moe.z_loss_coef", "-0.1"], "moe.z_loss_coef must be >= 0"),
+        ("", ["--moe.capacity_factor", "0"], "moe.capacity_factor must be > 0"),
+        ("[moe]\naux_loss_coef = \"high\"\n", [], "moe.aux_loss_coef: expected a number, got 'high'"),
+        ("", ["--model.args", "{aux_loss_coef = 0.01}", "--moe.aux_loss_coef", "0.02"],
+         "aux_loss_coef (0.01 in model.args, 0.02 in [moe]): set each in one place, [moe]"),
     ],
 )
 def test_mistakes_give_one_clear_message(tmp_path, text, overrides, message):
@@ -84,9 +89,18 @@ def test_missing_config_file(tmp_path):
         load_config(tmp_path / "nope.toml")
 
 
+def test_moe_section_is_typed_and_unset_by_default(tmp_path):
+    assert load_config(None, MOCK).moe.aux_loss_coef is None  # unset: the model's own value
+    cfg = load_config(write(tmp_path, "[data]\nmock = true\n[moe]\ncapacity_factor = 2\n"), ["--moe.aux_loss_coef", "0"])
+    assert (cfg.moe.capacity_factor, cfg.moe.aux_loss_coef) == (2.0, 0.0)
+    assert isinstance(cfg.moe.capacity_factor, float) and cfg.moe.z_loss_coef is None
+    # The same value in model.args and [moe] is no conflict.
+    load_config(None, [*MOCK, "--model.args", "{aux_loss_coef = 0.01}", "--moe.aux_loss_coef", "0.01"])
+
+
 def test_resolved_config_round_trips_through_toml(tmp_path):
     cfg = load_config(None, [*MOCK, "--model.args", "{dim = 32, num_layers = 1}", "--train.sample_prompt",
-                             'say "hi"', "--optim.eps", "1e-6"])
+                             'say "hi"', "--optim.eps", "1e-6", "--moe.bias_update_rate", "0.01"])
     again = load_config(write(tmp_path, to_toml(cfg)))
     assert again == cfg
     assert again != JobConfig()
