@@ -191,3 +191,27 @@ def test_routing_fields_apply_to_a_pretrained_moe_model(tmp_path):
     cfg = load_config(None, ["--data.mock", "true", "--model.name_or_path", str(tmp_path / "dense"), *routing])
     with pytest.raises(UserError, match="model.args: unknown field 'aux_loss_coef'"):
         resolve_model_source(cfg)
+
+
+def test_moe_section_sets_the_built_model_s_moe_layers():
+    """[moe]'s keys land in the args and in every MoE layer of the built model; unset keys keep the flavor's;
+    model.args still works beside [moe]; a dense model refuses [moe] in one line."""
+    from meshtron.config import load_config
+    from meshtron.errors import UserError
+    from meshtron.models.registry import build_model
+    from meshtron.train.build import resolve_model_source
+
+    base = ["--data.mock", "true", "--model.name_or_path", "mixtral:debug"]
+    flavor = resolve_model_source(load_config(None, base)).args
+    assert (flavor.aux_loss_coef, flavor.capacity_factor, flavor.bias_update_rate) == (0.01, None, 0.0)
+    cfg = load_config(None, [*base, "--moe.capacity_factor", "1.5", "--moe.bias_update_rate", "0.01",
+                             "--model.args", "{z_loss_coef = 0.001}"])
+    args = resolve_model_source(cfg).args
+    assert (args.aux_loss_coef, args.capacity_factor, args.bias_update_rate, args.z_loss_coef) == (0.01, 1.5, 0.01, 0.001)
+    layers = [m for m in build_model(args).modules() if isinstance(m, MoE)]
+    assert len(layers) == args.num_layers
+    assert all(m.capacity_factor == 1.5 and m.router.expert_bias is not None for m in layers)
+    dense = load_config(None, ["--data.mock", "true", "--model.name_or_path", "llama:debug", "--moe.aux_loss_coef", "0"])
+    with pytest.raises(UserError, match=r"^\[moe\] sets aux_loss_coef, but 'llama:debug' is a dense model") as e:
+        resolve_model_source(dense)
+    assert "\n" not in str(e.value)
