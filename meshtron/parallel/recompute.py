@@ -26,10 +26,11 @@ def _aten_ops(*names: str) -> tuple:
     return tuple(getattr(torch.ops.aten, name).default for name in names if hasattr(torch.ops.aten, name))
 
 
-# Under `op` their outputs are kept: matmuls and attention are where a block's time goes (recomputing
-# them would cost a second forward), while norms, activations, RoPE and residual adds are cheap to redo.
+# Under `op` their outputs are kept: matmuls (the experts' grouped GEMM too) and attention are where a
+# block's time goes (recomputing them would cost a second forward), while norms, activations, RoPE and
+# residual adds are cheap to redo.
 SAVED_OPS = frozenset(_aten_ops(
-    "mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
+    "mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "_scaled_mm", "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
     "_scaled_dot_product_cudnn_attention", "_flash_attention_forward", "_efficient_attention_forward",
 ) + (flex_attention,))

@@ -2,7 +2,8 @@
 tp=2 (with sequence parallel; OLMo 2, whose plan differs without it, also with it off) exactly like
 one process; an MoE family (its experts split over the tp ranks, mixtral with its load-balancing loss)
 also at dp_shard=2, and at pp=2 with the load-balancing loss, the router z-loss, the sequence-wise
-balance loss and auxiliary-loss-free balancing on, whose terms span the layers of both stages. (gemma2
+balance loss and auxiliary-loss-free balancing on, whose terms span the layers of both stages; DeepSeek-V3
+at ep=2 also with op and full recompute (its blocks' all-to-alls run again in backward). (gemma2
 and phi3 also run pp=2 and dp_shard=2 in test_families.py.)
 
 Two steps: step 1's loss and gradient norm are compared, and step 2 runs on the weights those
@@ -14,6 +15,9 @@ import pytest
 RTOL = 2e-5  # as in test_parity.py: layouts differ only in the order of float32 reductions
 STEPS = ["--train.steps", "2"]
 TP2 = ["--parallel.tp", "2", "--parallel.dp_shard", "1"]
+EP2 = ["--parallel.dp_shard", "2", "--parallel.ep", "2"]
+EP_MTP = ["--train.micro_batch_size", "1", "--model.mtp_loss_weight", "0.3",
+          "--model.args", "{num_mtp_layers = 1, seq_aux_loss_coef = 0.01}"]
 CASES = {
     "gemma3": ("gemma3:debug", TP2),
     "glm4": ("glm4:debug", TP2),
@@ -37,10 +41,13 @@ CASES = {
     "deepseek_v3-pp": ("deepseek_v3:debug", ["--parallel.pp", "2"]),
     "deepseek_v3-fsdp": ("deepseek_v3:debug", ["--parallel.dp_shard", "2"]),
     # Experts split over 2 ranks with multi-token prediction and the sequence-wise balance loss in the loss.
-    "deepseek_v3-ep-mtp": ("deepseek_v3:debug", ["--parallel.dp_shard", "2", "--parallel.ep", "2"],
-                           ["--train.micro_batch_size", "1", "--model.mtp_loss_weight", "0.3",
-                            "--model.args", "{num_mtp_layers = 1, seq_aux_loss_coef = 0.01}"]),
+    "deepseek_v3-ep-mtp": ("deepseek_v3:debug", EP2, EP_MTP),
+    # The same with each block recomputed in backward (its all-to-alls run again); the one-process run
+    # recomputes nothing. op: the matmuls' and grouped GEMMs' outputs kept, the rest run again.
+    "deepseek_v3-ep-mtp-recompute-op": ("deepseek_v3:debug", [*EP2, "--recompute.mode", "op"], EP_MTP),
+    "deepseek_v3-ep-mtp-recompute-full": ("deepseek_v3:debug", [*EP2, "--recompute.mode", "full"], EP_MTP),
 }
+SLOW = {"deepseek_v3-ep-mtp-recompute-full"}
 
 
 def losses(records: list[dict]) -> list[float]:
@@ -70,7 +77,8 @@ def saved_chunk_shapes(step_dir, suffix: str) -> list[tuple[int, ...]]:
                    for chunk in meta.chunks})
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) if case in SLOW else case
+                                  for case in CASES])
 def test_tp2_matches_single_process(run_train, single_process, tiny_config, tmp_path, case):
     flavor, layout, *both = CASES[case]  # both: overrides of the one-process run too
     common = tuple(both[0]) if both else ()

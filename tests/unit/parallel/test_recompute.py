@@ -5,13 +5,13 @@ and under torch.compile the blocks trace without a graph break of their own."""
 
 from collections import Counter
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from meshtron.models.registry import build_model, get_family, get_flavor
 from meshtron.parallel.recompute import SAVED_OPS, apply_recompute
 
-ARGS = get_flavor("llama:debug")
 
 
 class OpCounter(TorchDispatchMode):
@@ -24,17 +24,18 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def model_with(mode: str):
+def model_with(mode: str, flavor: str = "llama:debug"):
     torch.manual_seed(0)
-    model = build_model(ARGS, device="cpu")
+    args = get_flavor(flavor)
+    model = build_model(args, device="cpu")
     model.init_weights(0)
-    apply_recompute(model, get_family(ARGS.family).plan, mode)
+    apply_recompute(model, get_family(args.family).plan, mode)
     return model
 
 
-def backward_ops(mode: str, tokens) -> tuple[torch.Tensor, list[torch.Tensor], Counter]:
+def backward_ops(mode: str, tokens, flavor: str) -> tuple[torch.Tensor, list[torch.Tensor], Counter]:
     """(loss, gradients, the ops the backward ran)."""
-    model = model_with(mode)
+    model = model_with(mode, flavor)
     loss = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
     counter = OpCounter()
     with counter:
@@ -42,11 +43,13 @@ def backward_ops(mode: str, tokens) -> tuple[torch.Tensor, list[torch.Tensor], C
     return loss.detach(), [p.grad for p in model.parameters()], counter.counts
 
 
-def test_op_recompute_keeps_matmuls_and_recomputes_the_rest():
-    tokens = torch.randint(0, ARGS.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    loss, grads, plain = backward_ops("none", tokens)
-    op_loss, op_grads, op = backward_ops("op", tokens)
-    _, _, full = backward_ops("full", tokens)
+# mixtral:debug: its experts' grouped GEMM is kept too.
+@pytest.mark.parametrize("flavor", ["llama:debug", "mixtral:debug"])
+def test_op_recompute_keeps_matmuls_and_recomputes_the_rest(flavor):
+    tokens = torch.randint(0, get_flavor(flavor).vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss, grads, plain = backward_ops("none", tokens, flavor)
+    op_loss, op_grads, op = backward_ops("op", tokens, flavor)
+    _, _, full = backward_ops("full", tokens, flavor)
     assert op_loss == loss
     for grad, op_grad in zip(grads, op_grads):
         torch.testing.assert_close(op_grad, grad, rtol=1e-6, atol=0)
@@ -55,10 +58,13 @@ def test_op_recompute_keeps_matmuls_and_recomputes_the_rest():
     mm, attention = torch.ops.aten.mm.default, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
     assert op[mm] < full[mm] and op[attention] == 0 < full[attention]
     assert sum(op.values()) > sum(plain.values())  # norms, activations, RoPE ran again
+    if "mixtral" in flavor:  # the experts ran grouped GEMMs, and op recompute runs none of their forwards again
+        grouped_mm = torch.ops.aten._grouped_mm.default
+        assert op[grouped_mm] == plain[grouped_mm] < full[grouped_mm]
 
 
 def test_op_recompute_adds_no_graph_break():
-    tokens = torch.randint(0, ARGS.vocab_size, (2, 16))
+    tokens = torch.randint(0, get_flavor("llama:debug").vocab_size, (2, 16))
     torch._dynamo.reset()
     plain = torch._dynamo.explain(model_with("none"))(tokens).graph_break_count
     torch._dynamo.reset()
