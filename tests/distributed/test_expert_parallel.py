@@ -54,6 +54,17 @@ def test_ep2_tp2_matches_one_process(run_train, tiny_config, one_process, tmp_pa
     assert [r["grad_norm"] for r in records] == pytest.approx([r["grad_norm"] for r in expected[:2]], rel=1e-4)
 
 
+@pytest.mark.slow  # inductor compiles the blocks on CPU: a minute or more
+def test_ep2_compiled_matches_one_process(run_train, tiny_config, one_process, tmp_path):
+    """Compiled blocks with the all-to-alls in them (their splits are read on the host: graph breaks). Under
+    compile the float32 experts run the per-expert loop, as grouped_mm's meta function takes only bfloat16."""
+    _, expected = one_process
+    _, records = run_train(tiny_config, tmp_path, nproc=2, timeout=600, overrides=[
+        *COMMON, "--train.steps", "2", *EP2, "--train.compile", "true"])
+    assert losses(records) == pytest.approx(losses(expected[:2]), rel=1e-4)
+    assert [r["grad_norm"] for r in records] == pytest.approx([r["grad_norm"] for r in expected[:2]], rel=1e-4)
+
+
 def test_checkpoint_at_ep2_resumes_at_ep2_dp_shard4(run_train, tiny_config, one_process, ep_run, tmp_path):
     """The ep=2 checkpoint resumed on 4 ranks, each half of the experts FSDP-sharded over 2 of them: steps 3
     and 4 train like one process's."""

@@ -135,12 +135,13 @@ class _ContiguousGrad(torch.autograd.Function):
 
 def grouped_mm_runs(x_RD: torch.Tensor, hidden_dim: int) -> bool:
     """Whether torch._grouped_mm runs these experts: on CPU in any floating dtype (checked here, float32 and
-    bfloat16); on CUDA only bfloat16 on compute capability 9.0+ with 16-byte aligned rows (D and I multiples
-    of 8), the limits of torch's kernel (its meta checks). Elsewhere the loop over experts runs."""
+    bfloat16), but under torch.compile only bfloat16 (its meta function, which compile traces with, refuses
+    other dtypes); on CUDA only bfloat16 on compute capability 9.0+ with 16-byte aligned rows (D and I
+    multiples of 8), the limits of torch's kernel (its meta checks). Elsewhere the loop over experts runs."""
     if not HAS_GROUPED_MM:
         return False
     if x_RD.device.type == "cpu":
-        return True
+        return x_RD.dtype == torch.bfloat16 or not torch.compiler.is_compiling()
     return (x_RD.device.type == "cuda" and x_RD.dtype == torch.bfloat16 and x_RD.shape[-1] % 8 == 0
             and hidden_dim % 8 == 0 and torch.cuda.get_device_capability(x_RD.device) >= (9, 0))
 
