@@ -104,8 +104,6 @@ def tiny_llama_dir(smollm2_dir, tmp_path_factory):
     """A tiny random Llama (2 layers, dim 64, 4 heads / 2 kv heads) with SmolLM2's tokenizer and
     chat template, as an HF directory: fast enough for server, chat and tensor-parallel tests.
     A large init std makes its logits peaked, so greedy choices are not near-ties."""
-    import shutil
-
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -116,7 +114,32 @@ def tiny_llama_dir(smollm2_dir, tmp_path_factory):
         bos_token_id=1, eos_token_id=2,
     )
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(out))
+    return _save_with_smollm2_tokenizer(LlamaForCausalLM(config), out, smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_deepseek_dir(smollm2_dir, tmp_path_factory):
+    """A tiny random DeepseekV3ForCausalLM (2 layers, the second MoE with 4 routed experts, 2 per token, in
+    2 groups, and a shared expert; latent attention) with SmolLM2's tokenizer, as an HF directory."""
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config = DeepseekV3Config(
+        vocab_size=49152, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=2,
+        topk_group=1, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=4096, num_mtp_layers=0,
+        initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    return _save_with_smollm2_tokenizer(DeepseekV3ForCausalLM(config), tmp_path_factory.mktemp("tiny-deepseek"),
+                                        smollm2_dir)
+
+
+def _save_with_smollm2_tokenizer(model, out, smollm2_dir):
+    """Save `model` as an HF directory `out` with SmolLM2's tokenizer files and chat template."""
+    import shutil
+
+    model.save_pretrained(str(out))
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         if (smollm2_dir / name).is_file():
             shutil.copy2(smollm2_dir / name, out / name)

@@ -112,30 +112,18 @@ def test_bad_sampling_flag(tiny_hf_dir):
 
 
 @pytest.mark.slow
-def test_deepseek_v3_through_every_cli(smollm2_dir, eval_data_dir, tmp_path):
+def test_deepseek_v3_through_every_cli(tiny_deepseek_dir, eval_data_dir, tmp_path):
     """A tiny random DeepseekV3ForCausalLM (with SmolLM2's tokenizer) through the commands a user runs on it:
     convert to a checkpoint and back (the same tensors), sft and dpo for 2 steps, eval on a tiny benchmark, and
     generate (the greedy text of transformers' model)."""
     import os
-    import shutil
 
     from safetensors.torch import load_file
-    from transformers import AutoTokenizer, DeepseekV3Config, DeepseekV3ForCausalLM
+    from transformers import AutoTokenizer, DeepseekV3ForCausalLM
 
     repo = Path(__file__).resolve().parents[2]
-    hf = tmp_path / "deepseek"
-    config = DeepseekV3Config(
-        vocab_size=49152, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=2,
-        topk_group=1, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16,
-        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=4096, num_mtp_layers=0,
-        initializer_range=0.2, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = DeepseekV3ForCausalLM(config).eval()
-    model.save_pretrained(str(hf))
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-        if (smollm2_dir / name).is_file():
-            shutil.copy2(smollm2_dir / name, hf / name)
+    hf = tiny_deepseek_dir
+    model = DeepseekV3ForCausalLM.from_pretrained(str(hf)).eval()
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -29,13 +30,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_llama_dir):
+@contextmanager
+def serving(model_dir, *args):
+    """`meshtron serve --model MODEL_DIR ARGS` on a free port, with API_KEY: its base URL once healthy."""
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "meshtron", "serve", "--model", str(tiny_llama_dir), "--port", str(port),
-         "--served-model-name", MODEL_NAME, "--max-model-len", str(MAX_MODEL_LEN), "--max-tokens", "64",
-         "--dtype", "float32"],
+        [sys.executable, "-m", "meshtron", "serve", "--model", str(model_dir), "--port", str(port), *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, MESHTRON_API_KEY=API_KEY),
     )
     base = f"http://127.0.0.1:{port}"
@@ -50,9 +50,18 @@ def server(tiny_llama_dir):
             proc.kill()
             pytest.fail(f"server did not start:\n{proc.stdout.read()}")
         time.sleep(0.3)
-    yield base
-    proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir):
+    with serving(tiny_llama_dir, "--served-model-name", MODEL_NAME, "--max-model-len", str(MAX_MODEL_LEN),
+                 "--max-tokens", "64", "--dtype", "float32") as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +123,19 @@ def test_completions_endpoint_plain_and_stream(server, direct):
     stream = client.completions.create(model=MODEL_NAME, prompt="Once upon a time", max_tokens=10, temperature=0,
                                        stream=True)
     assert "".join(c.choices[0].text for c in stream) == expected.text
+
+
+@pytest.mark.slow  # a second server start, and a generate run
+def test_a_deepseek_v3_model_serves_what_generate_prints(tiny_deepseek_dir):
+    """Latent attention and MoE layers behind the server: its greedy completion is `meshtron generate`'s."""
+    prompt = "The capital of France is"
+    generate = subprocess.run([sys.executable, "-m", "meshtron", "generate", "--model", str(tiny_deepseek_dir),
+                               "--prompt", prompt, "--max-new-tokens", "8"], capture_output=True, text=True,
+                              timeout=300)
+    assert generate.returncode == 0, generate.stderr[-3000:]
+    with serving(tiny_deepseek_dir, "--served-model-name", "deepseek") as base:
+        reply = _client(base).completions.create(model="deepseek", prompt=prompt, max_tokens=8, temperature=0)
+    assert reply.choices[0].text.strip() == generate.stdout.strip() != ""
 
 
 def test_models_and_health(server):
