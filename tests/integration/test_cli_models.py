@@ -128,8 +128,7 @@ def test_deepseek_v3_through_every_cli(tiny_deepseek_dir, eval_data_dir, tmp_pat
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
     def meshtron(*args):
-        result = subprocess.run([sys.executable, "-m", "meshtron", *map(str, args)], capture_output=True, text=True,
-                                cwd=repo, env=env, timeout=900)
+        result = run_meshtron(args, env=env, timeout=900, cwd=repo)
         assert result.returncode == 0, result.stderr[-3000:]
         return result
 
