@@ -31,6 +31,9 @@ CASES = {
     # One sequence per forward: the load-balancing loss is per forward, and ranks take every other
     # sequence, so only then does dp_shard=2 run the same forwards as one process.
     "mixtral-fsdp": ("mixtral:debug", ["--parallel.dp_shard", "2"], ["--train.micro_batch_size", "1"]),
+    # Experts split over 2 ranks, each MoE block recomputed op by op (the experts, an FSDP unit inside it,
+    # gather again in backward).
+    "mixtral-ep-recompute-op": ("mixtral:debug", [*EP2, "--recompute.mode", "op"], ["--train.micro_batch_size", "1"]),
     "qwen2_moe-nosp": ("qwen2_moe:debug", [*TP2, "--parallel.sequence_parallel", "false"]),
     "qwen3_moe": ("qwen3_moe:debug", TP2),
     "mixtral-pp": ("mixtral:debug", ["--parallel.pp", "2"],

@@ -131,7 +131,7 @@ def test_a_deepseek_v3_model_serves_what_generate_prints(tiny_deepseek_dir):
     prompt = "The capital of France is"
     generate = subprocess.run([sys.executable, "-m", "meshtron", "generate", "--model", str(tiny_deepseek_dir),
                                "--prompt", prompt, "--max-new-tokens", "8"], capture_output=True, text=True,
-                              timeout=300)
+                              timeout=300, check=False)
     assert generate.returncode == 0, generate.stderr[-3000:]
     with serving(tiny_deepseek_dir, "--served-model-name", "deepseek") as base:
         reply = _client(base).completions.create(model="deepseek", prompt=prompt, max_tokens=8, temperature=0)
