@@ -76,4 +76,6 @@ def test_seq_length_beyond_the_context_names_rope_scaling(run_train, tiny_config
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert "train.seq_length 512 is above the model's context length 256" in last
-    assert '"rope_type": "yarn", "factor": N / 256' in last and "max_position_embeddings = N" in last
+    # The fix it names works on a pretrained model (model.args takes the context and its RoPE scaling).
+    assert 'model.args = {max_seq_len = N, rope_scaling = {rope_type = "yarn", factor = N / 256, ' in last
+    assert "original_max_position_embeddings = 256}}" in last
