@@ -53,8 +53,10 @@ def test_ppo_data_parallel_matches_single_process(run_train, ppo_setup, ppo_sing
     _, records = run_train(config, tmp_path, nproc=2, overrides=["--parallel.dp_shard", "2"], env=env)
     records = [r for r in records if "loss" in r]
     # abs: a rollout's first update has ratio 1 and whitened advantages, a loss of 0 up to float32 rounding.
-    for key in ("loss", "grad_norm", "value_loss", "explained_variance", "kl"):
+    for key in ("loss", "value_loss", "explained_variance", "kl"):
         assert [r.get(key) for r in records] == pytest.approx([r.get(key) for r in ppo_single], rel=RTOL, abs=1e-5)
+    # The norm over shards sums in another float32 order than one process: 1e-4 as in test_parity.
+    assert [r["grad_norm"] for r in records] == pytest.approx([r["grad_norm"] for r in ppo_single], rel=1e-4)
     # The same completions: rewards equal up to the float32 order of summing them over ranks.
     assert [r.get("reward") for r in records] == pytest.approx([r.get("reward") for r in ppo_single], rel=1e-6)
 

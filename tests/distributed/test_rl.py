@@ -62,8 +62,11 @@ def test_grpo_logs_rollout_and_training_metrics(grpo_single):
 def assert_same_run(records, reference):
     records, reference = train_records(records), train_records(reference)
     assert [r["step"] for r in records] == [r["step"] for r in reference]
-    for key in ("loss", "grad_norm", "kl"):
+    for key in ("loss", "kl"):
         assert [r[key] for r in records] == pytest.approx([r[key] for r in reference], rel=RTOL, abs=1e-7)
+    # The norm sums squares shard by shard, then over ranks: another float32 order than one process's, and
+    # FSDP's units (embedding, blocks, head) each reduce their gradients apart; 1e-4 as in test_parity.
+    assert [r["grad_norm"] for r in records] == pytest.approx([r["grad_norm"] for r in reference], rel=1e-4)
     for key in ("reward", "completion_length"):
         assert [r.get(key) for r in records] == [r.get(key) for r in reference]
 
