@@ -61,8 +61,11 @@ def test_history_is_bounded_by_max_turns(tiny_llama_dir, direct):
 def test_ctrl_c_stops_the_reply_not_the_program(tiny_llama_dir):
     """Ctrl-C is sent once the reply has started streaming (not after a sleep), so it always lands in
     the reply, however busy the machine; the deadlines only bound a hung run."""
+    # As in a terminal, Ctrl-C is not ignored: a shell without job control starts background commands
+    # (a CI script run with `&`) with SIGINT ignored, and their children would inherit that.
     proc = subprocess.Popen(_chat(tiny_llama_dir, "--max-new-tokens", "4000"), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out: list[str] = []
     replying = threading.Event()
 

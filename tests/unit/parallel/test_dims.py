@@ -23,7 +23,6 @@ def test_dp_shard_takes_the_rest_of_the_world():
         (dict(dp_replicate=1, dp_shard=-1, tp=3, world_size=4), "world size 4 is not divisible by dp_replicate x tp x pp x cp = 3"),
         (dict(dp_replicate=1, dp_shard=2, tp=1, world_size=2, pp=2), "pp=2 x dp_replicate=1 x dp_shard=2 x cp=1 x tp=1 = 4"),
         (dict(dp_replicate=1, dp_shard=2, tp=1, world_size=2, cp=2), "dp_shard=2 x cp=2 x tp=1 = 4 do not match"),
-        (dict(dp_replicate=1, dp_shard=-1, tp=1, world_size=4, cp=2, pp=2), "does not run with pipeline parallel"),
         (dict(dp_replicate=1, dp_shard=-1, tp=1, world_size=4, cp=4, cp_algo="hybrid"),
          "hybrid needs parallel.cp_ulysses strictly between 1 and cp = 4"),
         (dict(dp_replicate=1, dp_shard=-1, tp=1, world_size=6, cp=6, cp_algo="hybrid", cp_ulysses=4),
