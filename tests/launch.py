@@ -67,10 +67,12 @@ def _rank_main(argv: list[str], env: dict, cwd: str, stdout: str, stderr: str) -
     code = 0
     try:
         main(argv)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if e.code is not None and not isinstance(e.code, int):
+    except SystemExit as e:  # as the interpreter ends: None is 0, a message is printed and is 1
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
             print(e.code, file=sys.stderr)
+            code = 1
     except BaseException:
         import traceback
 
@@ -111,8 +113,8 @@ def run_meshtron(argv, nproc: int = 1, env: dict | None = None, timeout: float =
         out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
         out.touch()
         err.touch()
-        port = str(_free_port())
-        envs = [env] if nproc == 1 else [{**env, **_rank_env(rank, nproc, tmp, port)} for rank in range(nproc)]
+        envs = [env] if nproc == 1 else [{**env, **_rank_env(rank, nproc, tmp, port)}
+                                         for port in [str(_free_port())] for rank in range(nproc)]
         processes = [_server().Process(target=_rank_main, args=(argv, e, cwd, str(out), str(err))) for e in envs]
         for p in processes:
             p.start()
