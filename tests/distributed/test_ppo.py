@@ -45,6 +45,8 @@ def test_ppo_logs_critic_and_rollout_metrics(ppo_single):
         assert r["value_loss"] > 0 and r["explained_variance"] <= 1
     # The policy starts as its reference: no KL in the first rollout's rewards, some after two updates.
     assert rollouts[0]["kl"] == pytest.approx(0.0, abs=1e-6) and rollouts[1]["kl"] > 0
+    # A fresh value head predicts 0: the first rollout's values explain none of its returns' variance.
+    assert rollouts[0]["explained_variance"] == pytest.approx(0.0, abs=1e-9) != rollouts[1]["explained_variance"]
     assert all(r["loss"] != 0 and "clip_fraction" in r for r in ppo_single)
 
 

@@ -32,7 +32,12 @@ def token_values(critic, batch: dict) -> torch.Tensor:
 
 class PPORecipe(GRPORecipe):
     name = "ppo"
-    needs_old_logps = True  # the KL penalty in the rewards is the rollout policy's
+
+    @property
+    def needs_old_logps(self) -> bool:
+        """The KL penalty in the rewards is the rollout policy's; without one, a single update per
+        rollout uses its own forward's log-probs (grpo's ratio of 1), without a forward of its own."""
+        return bool(self.config.rl.kl_coef)
 
     def setup(self, trainer) -> None:
         from meshtron.train.build import build_parallel_model
@@ -42,6 +47,12 @@ class PPORecipe(GRPORecipe):
         config = dataclasses.replace(self.config, lora=dataclasses.replace(self.config.lora, rank=0))
         self.critic = build_parallel_model(config, self._critic_source(trainer), trainer.dims, trainer.meshes,
                                            trainer.device, load_weights=True)
+        if not self.config.rl.critic:
+            # A fresh value head starts at 0 (OpenRLHF draws it at std 1/(dim + 1)): a head drawn at the
+            # model's init_std predicts values of the order of the rewards themselves, and GAE (then the
+            # whitening) turns that noise into the advantages of every token before the critic has learnt.
+            with torch.no_grad():
+                self.critic.lm_head.weight.zero_()
         optim = dataclasses.replace(self.config.optim, lr=self.config.rl.critic_lr or self.config.optim.lr)
         self.critic_optimizer = build_optimizer(self.critic, optim, trainer.device.type)
 
@@ -145,7 +156,8 @@ class PPORecipe(GRPORecipe):
         rl = self.config.rl
         logps = per_token_logps(model, batch)
         mask = (batch["labels"] != IGNORE_INDEX).float()
-        loss, clipped, _ = token_losses(logps, batch["old_logps"], batch["advantages"], clip_low=rl.clip_low,
+        loss, clipped, _ = token_losses(logps, batch.get("old_logps", logps.detach()), batch["advantages"],
+                                        clip_low=rl.clip_low,
                                         clip_high=rl.clip_high)
         for key, value in {"tokens": mask.sum(), "clipped": (clipped * mask).sum()}.items():
             self.train_sums[key] = self.train_sums.get(key, torch.zeros((), device=value.device)) + value.detach()
