@@ -79,7 +79,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = [run(m, model, args, Path(tmp)) for m in METHODS]
     base = rows[0]
-    print(f"| method | dtype | trainable | step s | vs full | peak GB | vs full |")
+    print("| method | dtype | trainable | step s | vs full | peak GB | vs full |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['method']} | {r['dtype']} | {r['trainable']} | {r['step_s']:.2f} | "

@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    print(f"| shape | tokens | loop (ms) | grouped (ms) | speedup |\n| --- | --- | --- | --- | --- |")
+    print("| shape | tokens | loop (ms) | grouped (ms) | speedup |\n| --- | --- | --- | --- | --- |")
     for label, dim, hidden, experts, top_k in SHAPES:
         moe = MoE(MoEArgs(dim=dim, num_heads=1, num_kv_heads=1, head_dim=dim, num_experts=experts,
                           num_experts_per_token=top_k, expert_ffn_dim=hidden), out_std=0.02)

@@ -146,7 +146,7 @@ def check_context_length(config: JobConfig, source: ModelSource) -> None:
     19.5 GB before the kernel killed it), and positions past the context were never trained."""
     limit = source.args.max_seq_len
     if source.kind == "flavor":
-        how = f"raise the flavor's context with model.args = {{max_seq_len = N}}"
+        how = "raise the flavor's context with model.args = {max_seq_len = N}"
     else:
         how = ("extend the model's context with RoPE scaling: model.args = {max_seq_len = N, rope_scaling = "
                f'{{rope_type = "yarn", factor = N / {limit}, original_max_position_embeddings = {limit}}}}} '

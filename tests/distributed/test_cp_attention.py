@@ -8,7 +8,6 @@ value heads wider than key heads; ring blocks tiled smaller than a chunk.
 import os
 import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
