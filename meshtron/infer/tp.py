@@ -7,6 +7,7 @@ local heads unchanged. Only the logits are gathered, so that every rank samples 
 token from the same full distribution.
 """
 
+import contextlib
 import math
 import os
 
@@ -78,6 +79,18 @@ def check_tp_size(args, size: int) -> None:
     raise LaunchError(f"this model cannot be split over {size} processes: its "
                       f"{', '.join(f'{name} ({count})' for name, count in bad.items())} do not divide by {size}. "
                       f"Tensor parallel splits the {listed}; {advice}")
+
+
+@contextlib.contextmanager
+def logits_gathered(model: nn.Module):
+    """While inside, a tensor-parallel training model (whose vocabulary-sharded logits feed the loss under
+    loss_parallel) returns its logits whole on every rank, as an inference model does: generation samples
+    from them."""
+    handle = model.register_forward_hook(_gather_logits)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _gather_logits(module, inputs, output):

@@ -124,10 +124,11 @@ class ParallelDims:
             raise UserError(f"the model's num_experts ({num_experts}) is not divisible by parallel.ep = {self.ep}; "
                             "choose an ep that divides the number of experts")
 
-    def check_model(self, num_heads: int, num_kv_heads: int, ffn_dim: int, vocab_size: int, seq_length: int,
+    def check_model(self, num_heads: int, num_kv_heads: int, ffn_dim: int, vocab_size: int, seq_length: int | None,
                     sequence_parallel: bool) -> None:
         """Tensor parallel splits heads, MLP columns, the vocabulary and (with SP) the sequence; context
-        parallel the sequence (and, with Ulysses, the heads)."""
+        parallel the sequence (and, with Ulysses, the heads). `seq_length` None: the rows have no set
+        length (grpo, ppo; no context parallel), and sequence parallel takes any."""
         if self.cp > 1:
             context_parallel.check_model(self.cp, self.cp_ulysses, num_heads // self.tp, seq_length)
             seq_length //= self.cp
@@ -138,7 +139,7 @@ class ParallelDims:
             if n % self.tp:
                 raise UserError(f"the model's {what} ({n}) is not divisible by parallel.tp = {self.tp}; choose a tp "
                                 f"that divides {what}")
-        if sequence_parallel and seq_length % self.tp:
+        if sequence_parallel and seq_length is not None and seq_length % self.tp:
             what = f"train.seq_length / parallel.cp ({seq_length})" if self.cp > 1 else f"train.seq_length ({seq_length})"
             raise UserError(f"{what} is not divisible by parallel.tp = {self.tp}, which sequence parallel needs; "
                             "change one of them")

@@ -217,7 +217,10 @@ def build_parallel_model(config: JobConfig, source: ModelSource, dims: ParallelD
     8. converters' step on the loaded model (QLoRA quantizes the base).
     """
     args = source.args
-    dims.check_model(args.num_heads, args.num_kv_heads, args.ffn_dim, args.vocab_size, config.train.seq_length,
+    # grpo and ppo train on rows as long as prompt + completion, which sequence parallel shards unevenly:
+    # train.seq_length plays no part there.
+    seq_length = None if config.train.recipe in ("grpo", "ppo") else config.train.seq_length
+    dims.check_model(args.num_heads, args.num_kv_heads, args.ffn_dim, args.vocab_size, seq_length,
                      config.parallel.sequence_parallel)
     if dims.ep_enabled:
         if not hasattr(args, "num_experts"):

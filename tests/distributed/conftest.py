@@ -63,9 +63,18 @@ save_final = false
 """
 
 # A reward that a random model's completions already spread over (the share of letters in them),
-# so that advantages, gradients and the KL are not zero from the first step.
+# so that advantages, gradients and the KL are not zero from the first step. With COMPLETIONS_LOG set,
+# each call also appends the completions it scores, one JSON list a line, to COMPLETIONS_LOG.<RANK>:
+# what each rank sampled, for the tests that compare it over layouts.
 REWARD_MODULE = """
+import json
+import os
+
+
 def letters(prompts, completions, **fields):
+    if os.environ.get("COMPLETIONS_LOG"):
+        with open(f"{os.environ['COMPLETIONS_LOG']}.{os.environ.get('RANK', '0')}", "a") as log:
+            log.write(json.dumps(completions) + "\\n")
     return [sum(ch.isalpha() for ch in c) / max(len(c), 1) for c in completions]
 """
 
@@ -92,6 +101,26 @@ def reward_module_env(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("rewards")
     (root / "tiny_rewards.py").write_text(REWARD_MODULE)
     return {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+
+
+class CompletionsLog:
+    """What each rank sampled: run under `env(reward_env, output_dir)`, the reward module's `letters`
+    appends the completions it scores to output_dir/completions.<RANK>; `read` gives them back, one
+    list per reward call (each rollout, each held-out batch)."""
+
+    @staticmethod
+    def env(reward_env: dict, output_dir: Path) -> dict:
+        return {**reward_env, "COMPLETIONS_LOG": str(output_dir / "completions")}
+
+    @staticmethod
+    def read(output_dir: Path, rank: int) -> list[list[str]]:
+        path = output_dir / f"completions.{rank}"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def completions_log():
+    return CompletionsLog
 
 
 @pytest.fixture(scope="session")

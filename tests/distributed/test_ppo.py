@@ -1,6 +1,7 @@
 """The ppo recipe on the Trainer with a tiny model and the real SmolLM2 tokenizer: the critic's and the
-rollout's metrics in metrics.jsonl, the same run at dp_shard=2 equal to one process, and a resumed run
-equal to the uninterrupted one."""
+rollout's metrics in metrics.jsonl, the same run at dp_shard=2 and at tp=2 (the policy, its reference
+and the critic tensor-parallel, the rollout generated tensor-parallel) equal to one process, and a
+resumed run equal to the uninterrupted one."""
 
 import pytest
 
@@ -50,9 +51,10 @@ def test_ppo_logs_critic_and_rollout_metrics(ppo_single):
     assert all(r["loss"] != 0 and "clip_fraction" in r for r in ppo_single)
 
 
-def test_ppo_data_parallel_matches_single_process(run_train, ppo_setup, ppo_single, tmp_path):
+@pytest.mark.parametrize("layout", [["--parallel.dp_shard", "2"], ["--parallel.tp", "2"]], ids=["fsdp2", "tp2"])
+def test_ppo_parallel_layouts_match_single_process(run_train, ppo_setup, ppo_single, tmp_path, layout):
     config, env = ppo_setup
-    _, records = run_train(config, tmp_path, nproc=2, overrides=["--parallel.dp_shard", "2"], env=env)
+    _, records = run_train(config, tmp_path, nproc=2, overrides=layout, env=env)
     records = [r for r in records if "loss" in r]
     # abs: a rollout's first update has ratio 1 and whitened advantages, a loss of 0 up to float32 rounding.
     for key in ("loss", "value_loss", "explained_variance", "kl"):

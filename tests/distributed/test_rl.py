@@ -1,8 +1,10 @@
 """The grpo recipe on the Trainer with a tiny model and the real SmolLM2 tokenizer: its metrics in
 metrics.jsonl, the same run at dp_shard=2 and dp_replicate=2 (the rollout gathered once under FSDP2:
-no deadlock when ranks decode different numbers of steps) equal to one process, and a resumed run equal to the
-uninterrupted one (the rollout's sampling included)."""
+no deadlock when ranks decode different numbers of steps), at tp=2 (the rollout generated tensor-parallel,
+every rank sampling one process's completions) and at tp=2 x dp_shard=2 equal to one process, and a
+resumed run equal to the uninterrupted one (the rollout's sampling included)."""
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -32,10 +34,17 @@ def grpo_setup(recipe_config, reward_module_env, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def grpo_single(run_train, grpo_setup, tmp_path_factory):
+def grpo_single_run(run_train, grpo_setup, completions_log, tmp_path_factory):
+    """(run directory, metrics records) of the one-process run, its completions logged."""
     config, env = grpo_setup
-    _, records = run_train(config, tmp_path_factory.mktemp("grpo-single"), env=env)
-    return records
+    output_dir = tmp_path_factory.mktemp("grpo-single")
+    _, records = run_train(config, output_dir, env=completions_log.env(env, output_dir))
+    return output_dir, records
+
+
+@pytest.fixture(scope="module")
+def grpo_single(grpo_single_run):
+    return grpo_single_run[1]
 
 
 def train_records(records):
@@ -77,6 +86,30 @@ def test_grpo_data_parallel_matches_single_process(run_train, grpo_setup, grpo_s
     config, env = grpo_setup
     _, records = run_train(config, tmp_path, nproc=2, overrides=layout, env=env)
     assert_same_run(records, grpo_single)
+
+
+@pytest.mark.parametrize("layout", [
+    pytest.param(["--parallel.tp", "2"], id="tp2"),
+    pytest.param(["--parallel.tp", "2", "--parallel.dp_shard", "2"], id="tp2-fsdp2", marks=pytest.mark.slow)])
+def test_grpo_tensor_parallel_matches_single_process(run_train, grpo_setup, grpo_single_run, completions_log,
+                                                     tmp_path, layout):
+    """The rollout generates tensor-parallel (sequence parallel on: its one-token decode steps leave a rank
+    no token) on the training weights, at temperature 1: every rank of a tp group samples the same
+    completions, and over the data-parallel ranks they are one process's; the log-probs of the losses
+    run on vocabulary-sharded logits, and the run equals one process."""
+    config, env = grpo_setup
+    single_dir, single = grpo_single_run
+    nproc = 4 if "--parallel.dp_shard" in layout else 2
+    _, records = run_train(config, tmp_path, nproc=nproc, overrides=layout, env=completions_log.env(env, tmp_path))
+    assert_same_run(records, single)
+    sampled = [completions_log.read(tmp_path, rank) for rank in range(nproc)]
+    for group in range(0, nproc, 2):  # tp is the innermost mesh axis: ranks 2k and 2k + 1 form a tp group
+        assert sampled[group + 1] == sampled[group]
+    expected = completions_log.read(single_dir, 0)
+    # Each reward call's completions over the data-parallel ranks (a rollout's prompts, a held-out batch's).
+    calls = [[c for group in range(0, nproc, 2) for c in sampled[group][call]] for call in range(len(expected))]
+    assert len(sampled[0]) == len(expected) and len(expected) == 4  # 2 rollouts, held-out before and after
+    assert [Counter(c) for c in calls] == [Counter(c) for c in expected]
 
 
 def test_grpo_resume_repeats_the_uninterrupted_run(run_train, grpo_setup, grpo_single, tmp_path):

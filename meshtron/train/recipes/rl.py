@@ -11,6 +11,13 @@ Under FSDP every forward gathers the parameters with a collective, and ranks who
 after different numbers of decode steps would wait on each other forever; the rollout therefore
 gathers the parameters once and keeps them (`gathered`), and reshards them before training.
 
+Under tensor parallel the rollout generates tensor-parallel on the training model itself: each rank
+computes its heads and MLP columns, the vocabulary-sharded logits are gathered whole for sampling
+(`logits_gathered`, as `meshtron generate` under torchrun does), and with sequence parallel a decode
+step's one token sits on one rank (DTensor shards the sequence unevenly). A tp group's ranks hold the
+same prompts and seeds and sample from the same gathered logits, so they draw the same tokens. The
+training forwards keep the logits sharded: the log-probs run under loss_parallel.
+
 Each group's sampling seed derives from train.seed and the prompt's position in the run, so a
 resumed run, or one on another number of ranks, draws the same completions.
 """
@@ -26,7 +33,6 @@ from torch import nn
 
 from meshtron.align.rewards import Rewards
 from meshtron.align.rl import aggregate, group_advantages, loss_units, token_losses
-from meshtron.errors import UserError
 from meshtron.train.losses import IGNORE_INDEX, head_token_nll
 from meshtron.train.recipes.alignment import reshard
 from meshtron.train.recipes.base import Recipe
@@ -87,9 +93,6 @@ class GRPORecipe(Recipe):
 
         from meshtron.infer.loading import pad_token_id, stop_token_ids
 
-        if trainer.dims.tp_enabled:
-            raise UserError(f"the {self.name} recipe does not run with tensor parallel yet; set parallel.tp = 1 "
-                            "and shard with parallel.dp_shard")
         self.trainer = trainer
         self.tokenizer = AutoTokenizer.from_pretrained(str(trainer.source.tokenizer_dir))
         self.stop_ids = stop_token_ids(self.tokenizer, trainer.source.tokenizer_dir)
@@ -111,6 +114,7 @@ class GRPORecipe(Recipe):
         """(completion token ids with their stop token when one ended them, entropy sum, entropy count);
         the caller holds the parameters `gathered`."""
         from meshtron.infer.generation import SamplingParams, generate
+        from meshtron.infer.tp import logits_gathered
 
         rl = self.config.rl
         params = SamplingParams(max_new_tokens=rl.max_new_tokens, temperature=temperature,
@@ -128,7 +132,8 @@ class GRPORecipe(Recipe):
                 rows[row].append(int(step_B[row]))
             return None
 
-        generate(model, token_ids, params, pad_id=self.pad_id, on_tokens=on_tokens)
+        with logits_gathered(model):
+            generate(model, token_ids, params, pad_id=self.pad_id, on_tokens=on_tokens)
         return rows, entropy[0], entropy[1]
 
     def _texts(self, rows: list[list[int]]) -> list[str]:

@@ -56,6 +56,8 @@ def test_heads_not_divisible_by_tp():
     with pytest.raises(UserError, match=r"seq_length \(30\) is not divisible by parallel.tp = 4"):
         dims.check_model(num_heads=8, num_kv_heads=4, ffn_dim=64, vocab_size=128, seq_length=30, sequence_parallel=True)
     dims.check_model(num_heads=8, num_kv_heads=4, ffn_dim=64, vocab_size=128, seq_length=30, sequence_parallel=False)
+    # Rows of no set length (grpo, ppo): sequence parallel shards each as it comes.
+    dims.check_model(num_heads=8, num_kv_heads=4, ffn_dim=64, vocab_size=128, seq_length=None, sequence_parallel=True)
 
 
 @pytest.mark.parametrize(
