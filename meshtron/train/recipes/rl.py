@@ -39,7 +39,10 @@ from meshtron.train.recipes.base import Recipe
 
 log = logging.getLogger(__name__)
 
-EVAL_BATCH = 16  # held-out prompts generated together
+# Held-out prompts generated together. A decode step on CPU costs about the reading of the weights
+# whatever the batch: the 60 questions of configs/smollm2/grpo.toml in one batch took 62 s of CPU
+# against 117 s in four, with the same accuracy.
+EVAL_BATCH = 64
 
 
 @contextlib.contextmanager
