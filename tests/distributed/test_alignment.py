@@ -97,6 +97,20 @@ def test_simpo_and_prm_run(run_train, recipe_config, tmp_path):
     assert all("accuracy" in r for r in records if "loss" in r)
 
 
+@pytest.mark.parametrize("recipe", ["simpo", "prm"])
+def test_simpo_and_prm_under_context_parallel_match_single_process(run_train, recipe_config, tmp_path, recipe):
+    """cp2: SimPO's length-normalized log-prob sums and PRM's per-step labels, each split over two ranks'
+    halves of every sequence, give one process's losses and gradients."""
+    if recipe == "simpo":
+        config = recipe_config(tmp_path / "simpo.toml", "simpo", "preferences.jsonl", sections="[align]\nbeta = 2.0\n")
+    else:
+        config = recipe_config(tmp_path / "prm.toml", "prm", "prm.jsonl")
+    _, single = run_train(config, tmp_path / "single")
+    _, records = run_train(config, tmp_path / "cp2", nproc=2, overrides=["--parallel.cp", "2"])
+    assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in single], rel=RTOL)
+    assert [r["grad_norm"] for r in records] == pytest.approx([r["grad_norm"] for r in single], rel=1e-4)
+
+
 def test_reward_model_trains_exports_and_scores(run_train, tiny_rm_run, smollm2_dir, tmp_path):
     import json
     import subprocess
