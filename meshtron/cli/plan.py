@@ -9,7 +9,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--pp", type=int, default=1, help="pipeline stages (1F1B)")
     parser.add_argument("--micro-batch-size", type=int, default=1, help="sequences per micro-batch")
     parser.add_argument("--seq-length", type=int, default=2048, help="tokens per sequence")
-    parser.add_argument("--recompute", default="none", help="activation recompute: none | selective | full")
+    parser.add_argument("--recompute", default="none",
+                        help="activation recompute, as recompute.mode: none | selective | op | full")
     parser.add_argument("--dtype", default="bfloat16", help="compute dtype: bfloat16 | float16 | float32")
     parser.add_argument("--master-dtype", default="float32", help="dtype of parameters, gradients, optimizer")
 

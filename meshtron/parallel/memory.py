@@ -17,19 +17,34 @@ pipeline stages over pp, 1F1B schedule):
   for the micro-batches a stage holds in flight (pp of them under 1F1B), split over tp by
   sequence parallel; full recompute keeps only each layer's input, selective drops the attention
   core's log-sum-exp (the attention itself keeps no score matrix: flash / memory-efficient kernels);
-- recomputed: under full recompute, one layer's activations while backward recomputes it;
-- logits: the head's output in the compute dtype and (below float32) its float32 copy for the loss.
+  op keeps the layer's input and the outputs of the ops it saves (meshtron.parallel.recompute
+  SAVED_OPS): q, k and v projections (q + 2 x kv), the attention's output and log-sum-exp (q + heads),
+  o_proj (dim), gate and up projections (2 x ffn_dim) and down projection (dim), so
+  3 x dim + 2 x (q + kv) + 2 x ffn_dim + heads values;
+- recomputed: one layer's activations while backward recomputes it: under full recompute the whole
+  layer's; under op what the layer keeps without recompute less what op kept (torch's selective
+  checkpoint hands its saved outputs to the recomputed layer and drops them from its cache);
+- logits: at tp = pp = 1 the head and the loss run chunk by chunk (meshtron.train.losses.chunked_head_nll,
+  CHUNK_ELEMENTS logits a chunk) and backward keeps none of them, only the final hidden states
+  (counted above) from which it recomputes each chunk: one chunk's logits and their log-softmax are
+  live at a time, both float32 (plus the logits in the compute dtype below float32); in a chunk's
+  backward, the log-softmax and its gradient, as many. At tp > 1 (vocabulary-sharded under
+  loss_parallel) and on pp's last stage (the schedule's loss takes the stage's logits) the
+  micro-batch's logits are held: in the compute dtype and (below float32) their float32 copy.
+  A LoRA-wrapped head runs unchunked (not modelled).
 
 Not counted: the CUDA context and allocator fragmentation (add a few GB), communication buffers
-beyond the gathered unit, and frozen reference models (DPO).
+beyond the gathered unit, the head weight's gradient being summed over the loss's chunks (one more
+head-sized tensor in the head's backward) and frozen reference models (DPO).
 """
 
 from dataclasses import dataclass
 
+from meshtron.config.loader import RECOMPUTE_MODES as RECOMPUTE
 from meshtron.models.common.args import ModelArgs
+from meshtron.train import losses
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-RECOMPUTE = ("none", "selective", "full")
 PARTS = ("params", "grads", "optimizer", "gathered", "activations", "recomputed", "logits")
 OUTSIDE_LAYERS = 3.5  # values per token per dim kept outside the layers (measured, see the module docstring)
 
@@ -62,7 +77,20 @@ def activation_values_per_token(args: ModelArgs, recompute: str) -> float:
         return args.dim  # the layer's input
     if recompute == "selective":
         return whole - args.num_heads  # the attention core's log-sum-exp (its output is o_proj's input)
+    if recompute == "op":
+        return 3 * args.dim + 2 * (q + kv) + 2 * args.ffn_dim + args.num_heads
     return whole
+
+
+def logits_bytes(args: ModelArgs, layout: Layout) -> float:
+    """The head's output and loss at their peak (see the module docstring)."""
+    compute = DTYPE_BYTES[layout.compute_dtype]
+    below_float32 = compute if compute != 4 else 0
+    tokens = layout.micro_batch_size * layout.seq_length
+    if layout.tp == layout.pp == 1:  # chunked_head_nll: one chunk's tokens at a time
+        chunk = min(tokens, max(1, losses.CHUNK_ELEMENTS // args.vocab_size))
+        return chunk * args.vocab_size * (2 * 4 + below_float32)
+    return tokens * args.vocab_size / layout.tp * (compute + (4 if below_float32 else 0))
 
 
 def memory_per_rank(args: ModelArgs, layout: Layout) -> dict[str, float]:
@@ -84,8 +112,9 @@ def memory_per_rank(args: ModelArgs, layout: Layout) -> dict[str, float]:
     # Outside the layers: the embedding's output and the final norm's input and output.
     activations = layers_held * per_layer + OUTSIDE_LAYERS * args.dim * tokens * compute / layout.tp
     recomputed = 0.0
-    if layout.recompute == "full":  # one layer whole while backward recomputes it
-        recomputed = activation_values_per_token(args, "none") * tokens * compute / layout.tp
+    if layout.recompute in ("full", "op"):  # one layer whole while backward recomputes it, less what op kept
+        kept = activation_values_per_token(args, "op") if layout.recompute == "op" else 0
+        recomputed = (activation_values_per_token(args, "none") - kept) * tokens * compute / layout.tp
     parts = {
         "params": shard * master,
         "grads": shard * master,
@@ -93,7 +122,7 @@ def memory_per_rank(args: ModelArgs, layout: Layout) -> dict[str, float]:
         "gathered": gathered,
         "activations": activations,
         "recomputed": recomputed,
-        "logits": tokens * args.vocab_size / layout.tp * (compute + (4 if compute != 4 else 0)),
+        "logits": logits_bytes(args, layout),
     }
     parts["total"] = sum(parts.values())
     return parts
