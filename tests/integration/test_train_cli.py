@@ -231,14 +231,13 @@ def test_quickstart_config_runs_as_shipped(tmp_path, smollm2_dir):
     assert sample.startswith(QUICKSTART_PROMPT) and sample.strip() != QUICKSTART_PROMPT
 
 
-def corpus_word_fraction(text: str) -> float:
-    """The fraction of the words of `text` (runs of letters) that occur in the shipped corpus: a sample that
-    reads like the corpus uses its words ("Milo gave 16 keys to Sami"), an undertrained one makes up its
-    own ("Cle Cle Noranaanaana", "La meto ... Nowo has 12 marbles ando"; 0.74 and 0.76)."""
+def words_outside_the_corpus(words: list[str]) -> list[str]:
+    """The words that do not occur in the shipped corpus: a sample that reads like the corpus uses its words
+    ("Milo gave 16 keys to Sami"), an undertrained one makes up its own ("Cle Cle Noranaanaana", "La meto ...
+    Nowo has 12 marbles ando": 5 of 19 and 5 of 21 words)."""
     corpus = Path(__file__).resolve().parents[2] / "data" / "tiny_corpus.jsonl"
     known = {word for line in corpus.read_text().splitlines() for word in re.findall(r"[A-Za-z]+", json.loads(line)["text"])}
-    words = re.findall(r"[A-Za-z]+", text)
-    return sum(word in known for word in words) / max(len(words), 1)
+    return [word for word in words if word not in known]
 
 
 @pytest.mark.slow
@@ -252,10 +251,9 @@ def test_quickstart_as_shipped_ends_with_a_sample_that_reads_like_the_corpus(tmp
     recs = run_quickstart(out, timeout=3600)  # one thread here: about twice a user's 2-core time
     assert recs[-1]["step"] == 200 and recs[-1]["loss"] < 1.5, [r["loss"] for r in recs][-10:]
     sample = (out / "sample.txt").read_text()
-    continuation = sample[len(QUICKSTART_PROMPT):]
     assert sample.startswith(QUICKSTART_PROMPT) and not loops(sample, smollm2_dir), sample
-    words = re.findall(r"[A-Za-z]+", continuation)
-    assert len(words) >= 12 and corpus_word_fraction(continuation) >= 1 - 1 / len(words), sample
+    words = re.findall(r"[A-Za-z]+", sample[len(QUICKSTART_PROMPT):])
+    assert len(words) >= 12 and len(words_outside_the_corpus(words)) <= 1, sample
 
 
 @pytest.mark.slow
