@@ -12,8 +12,11 @@ The commands of one document run in order, in one workspace shared by all docume
 directory that sees the repository's configs/, data/ and bench/), so a later command finds what an
 earlier one wrote (`meshtron generate --model runs/quickstart` after the quickstart). A command that
 needs the output of another document's command is listed in REQUIRES, and it runs first if it has
-not yet. Running them is `acceptance` (and `slow`): full SmolLM2 fine-tunes, servers and torchrun
-launches; the shape checks run in the default suite.
+not yet. Running them is `slow`, not `acceptance`: about a hundred launches of SmolLM2 runs, servers and
+torchrun jobs (the README's 18 commands alone took 8.8 minutes on 2 idle cores), more than CI's hour can
+hold beside the acceptance tests; run them with `python -m pytest -m slow tests/integration/test_docs_commands.py`.
+The shape checks (every command has a runner, the install and test commands are the ones .ci/run runs)
+are in the default suite.
 """
 
 import json
@@ -204,7 +207,7 @@ def test_every_documented_command_has_a_runner():
     assert not not_in_ci, "documented install/test commands that .ci/run does not run:\n" + "\n".join(not_in_ci)
 
 
-# ---- running them (acceptance) ---------------------------------------------------------------------
+# ---- running them (slow) ---------------------------------------------------------------------------
 
 TINY_CONFIG = """
 [model]
@@ -403,7 +406,7 @@ def _find_command(text: str) -> Command:
     return next(c for c in all_commands() if c.text == text)
 
 
-@pytest.mark.acceptance
+@pytest.mark.slow
 @pytest.mark.smollm2
 @pytest.mark.parametrize("doc", DOCS)
 def test_documented_commands_run(doc, workspace):

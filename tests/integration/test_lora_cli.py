@@ -12,9 +12,11 @@ from launch import run_meshtron
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.smollm2
-# Steps that show the claim (200 and 60 as before; 24, the shipped configs' count, was not yet measured).
-LORA_STEPS = 200
-QLORA_STEPS = 60
+# Steps that show the claim, a third of the shipped configs' 24 (measured on 2 idle cores, 4 x 128 tokens a step):
+# LoRA's held-out loss 0.782 -> 0.296 at step 8 of a 48-step run (5.5 s a step); QLoRA's (float32 compute on
+# CPU, NF4 base) 1.022 -> 0.384 at step 8 of a 16-step run (10 s a step, 47 s per held-out evaluation).
+LORA_STEPS = 8
+QLORA_STEPS = 8
 
 
 def meshtron(*args, cwd=None, timeout=1200):
@@ -119,4 +121,4 @@ def test_lora_sft_lowers_held_out_loss(smollm2_dir, tmp_path):
 @pytest.mark.acceptance
 def test_qlora_sft_lowers_held_out_loss(smollm2_dir, tmp_path):
     evals = held_out_losses("sft_qlora.toml", tmp_path / "run", smollm2_dir, steps=QLORA_STEPS)
-    assert evals[QLORA_STEPS] < 0.9 * evals[0], evals
+    assert evals[QLORA_STEPS] < 0.8 * evals[0], evals

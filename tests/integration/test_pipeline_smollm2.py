@@ -25,13 +25,21 @@ def train(out: Path, smollm2_dir, nproc: int, *overrides) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_smollm2_sft_through_a_pipeline(smollm2_dir, tmp_path):
-    single = train(tmp_path / "single", smollm2_dir, 1, "--checkpoint.save_final", "false")
-    piped = train(tmp_path / "piped", smollm2_dir, 2, "--parallel.pp", "2")
-    assert piped == pytest.approx(single, rel=1e-4)
+def generate(model_dir: Path) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "meshtron", "generate", "--model", str(tmp_path / "piped"), "--chat",
-         "--prompt", "What is the capital of France?", "--max-new-tokens", "12"],
+        [sys.executable, "-m", "meshtron", "generate", "--model", str(model_dir), "--chat",
+         "--prompt", "What is the capital of France?", "--max-new-tokens", "12", "--temperature", "0"],
         capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Paris" in result.stdout
+    return result.stdout
+
+
+def test_smollm2_sft_through_a_pipeline(smollm2_dir, tmp_path):
+    single = train(tmp_path / "single", smollm2_dir, 1)
+    piped = train(tmp_path / "piped", smollm2_dir, 2, "--parallel.pp", "2")
+    assert piped == pytest.approx(single, rel=1e-4)
+    # The pipeline's checkpoint (two stages' shards) loads at one process and answers as the one-process run's
+    # does, greedy token for token (two steps of SFT on the shipped arithmetic and word tasks may move the
+    # answer off "Paris"; that is not what this checks).
+    answer = generate(tmp_path / "piped")
+    assert answer.strip() and answer == generate(tmp_path / "single")
