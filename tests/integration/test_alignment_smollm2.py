@@ -5,7 +5,7 @@ ppo: held-out greedy accuracy on the arithmetic questions up by >= 15 points (pp
 reward too).
 
 Each is an acceptance test (CI runs it) but simpo's and prm's: their 6 and 17 minutes on 2 idle cores do not fit
-beside the default suite in CI's hour, so they are only `slow` (`python -m pytest -m slow`)."""
+in CI's run (about 65 minutes without them), so they are only `slow` (`python -m pytest -m slow`)."""
 
 import json
 import os
