@@ -14,7 +14,6 @@ launcher, its exit codes) still runs under real torchrun: pass `torchrun=True`.
 
 import multiprocessing
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -86,8 +85,10 @@ def _rank_main(argv: list[str], env: dict, cwd: str, stdout: str, stderr: str) -
 
 def _stop(processes, grace: float = 5.0) -> None:
     for p in processes:
+        # terminate() tolerates a rank that exits between the check and the signal (os.kill raised
+        # ProcessLookupError there once in CI).
         if p.is_alive():
-            os.kill(p.pid, signal.SIGTERM)
+            p.terminate()
     deadline = time.monotonic() + grace
     for p in processes:
         p.join(max(0.0, deadline - time.monotonic()))
