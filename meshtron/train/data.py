@@ -10,8 +10,6 @@ import copy
 import hashlib
 import logging
 import queue
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -206,17 +204,22 @@ def _preprocess_on_the_fly(raw: Path, config: JobConfig, data_kind: str, handler
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     prefix = Path(config.train.output_dir) / "data" / f"{raw.stem}-{handler}-{digest}"
     if (not dist.is_initialized() or dist.get_rank() == 0) and not names.is_complete(str(prefix), data_kind):
-        cmd = [sys.executable, "-m", "meshtron", "preprocess", "--input", str(raw), "--handler", handler,
-               "--tokenizer", str(tokenizer_dir), "--output-prefix", str(prefix)]
-        cmd += ["--skip-bad-lines"] if skip else []
-        # Pairs are padded rows, never packed (preprocess would only warn about --pack).
-        pack = ["--pack"] if data_kind == "sft" else []
-        cmd += ["--append-eod"] if data_kind == "pretrain" else ["--seq-length", str(config.train.seq_length), *pack]
+        from meshtron.data.handlers import HandlerOptions
+        from meshtron.data.preprocess import PreprocessConfig, preprocess
+
+        # What `meshtron preprocess` does, in this process: a fresh interpreter would import torch and
+        # transformers again (seconds of a core) for a file that tokenizes in a fraction of that. Pairs
+        # are padded rows, never packed; SFT samples are packed into rows of seq_length.
+        pretrain = data_kind == "pretrain"
+        options = HandlerOptions(append_eod=pretrain, seq_length=None if pretrain else config.train.seq_length)
+        cfg = PreprocessConfig(inputs=[str(raw)], handler=handler, tokenizer=str(tokenizer_dir),
+                               output_prefix=str(prefix), options=options, pack=data_kind == "sft",
+                               skip_bad_lines=skip)
         log.info("preprocessing %s with handler %s into %s", raw, handler, prefix)
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
-            raise UserError(f"preprocessing {raw} failed: {lines[-1]}")
+        try:
+            preprocess(cfg)
+        except UserError as e:
+            raise UserError(f"preprocessing {raw} failed: {e}") from None
         if not names.is_complete(str(prefix), data_kind):
             raise UserError(f"handler {handler!r} does not write the {data_kind} data that the {config.train.recipe} "
                             f"recipe trains on; set data.handler (or data.handlers for {str(raw)!r})")

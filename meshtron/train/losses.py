@@ -68,19 +68,46 @@ def head_token_nll(hidden_BSE: torch.Tensor, lm_head: nn.Module, labels_BS: torc
     return nll.view(B, S)
 
 
+def head_logits_at(hidden_BSE: torch.Tensor, lm_head: nn.Module, where_BS: torch.Tensor,
+                   vocab_ids: list[int]) -> torch.Tensor:
+    """(N, len(vocab_ids)) float32 logits of the tokens `vocab_ids` at the N positions where `where_BS`
+    is true (a process reward model reads two tokens at each step's end). Where the head is local
+    only those rows of its weight meet only those hidden states: a tenth of a percent of the full
+    head's matmul on SmolLM2, and no (B, S, V) logits; otherwise the head's own forward, then the pick."""
+    if head_is_local(lm_head):
+        return F.linear(hidden_BSE[where_BS], lm_head.weight[vocab_ids]).float()
+    logits = lm_head(hidden_BSE)
+    logits = logits.full_tensor() if isinstance(logits, DTensor) else logits
+    return logits[where_BS][:, vocab_ids].float()
+
+
 def chunked_head_nll(hidden_BSE: torch.Tensor, weight_VE: torch.Tensor, labels_BS: torch.Tensor,
                      chunk_tokens: int | None = None) -> torch.Tensor:
     """(B, S) float32 -log softmax(hidden @ weight.T)[label] per token, 0 where the label is -100.
 
     Each chunk of tokens runs the unchunked ops (F.linear, then F.cross_entropy in float32) under
     activation checkpointing: the forward keeps only the chunk's inputs, and the backward
-    recomputes one chunk's logits at a time. With one chunk, the bits equal the unchunked ones."""
+    recomputes one chunk's logits at a time. With one chunk and every token labelled, the bits equal the
+    unchunked ones."""
     B, S, E = hidden_BSE.shape
     chunk = chunk_tokens or max(1, CHUNK_ELEMENTS // weight_VE.shape[0])
     hidden_NE, labels_N = hidden_BSE.reshape(B * S, E), labels_BS.reshape(B * S)
+    kept = None
+    if hidden_NE.device.type == "cpu":
+        # Only the labelled tokens meet the head: an SFT or DPO row is mostly prompt and padding (on the shipped
+        # preference data about one token in eight is labelled). Counting them reads a value on the host, which
+        # on a GPU would stall the queue of launched kernels every micro-batch, so there every token goes through.
+        kept = (labels_N != IGNORE_INDEX).nonzero().squeeze(1)
+        if len(kept) == len(labels_N):
+            kept = None
+        else:
+            hidden_NE, labels_N = hidden_NE.index_select(0, kept), labels_N.index_select(0, kept)
     nll = [checkpoint(_head_nll, hidden_NE[s:s + chunk], weight_VE, labels_N[s:s + chunk], use_reentrant=False)
-           for s in range(0, B * S, chunk)]
-    return torch.cat(nll).view(B, S)
+           for s in range(0, max(1, len(labels_N)), chunk)]  # no labelled token: one empty chunk keeps the graph
+    nll_N = torch.cat(nll)
+    if kept is not None:
+        nll_N = nll_N.new_zeros(B * S).index_copy(0, kept, nll_N)
+    return nll_N.view(B, S)
 
 
 def _head_nll(hidden_NE: torch.Tensor, weight_VE: torch.Tensor, labels_N: torch.Tensor) -> torch.Tensor:

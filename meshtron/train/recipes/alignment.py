@@ -23,7 +23,7 @@ from torch import nn
 
 from meshtron.align.losses import bradley_terry_loss, dpo_loss, preference_metrics, prm_loss, simpo_loss
 from meshtron.errors import UserError
-from meshtron.train.losses import head_token_nll
+from meshtron.train.losses import head_logits_at, head_token_nll
 from meshtron.train.recipes.base import Recipe
 
 log = logging.getLogger(__name__)
@@ -299,11 +299,10 @@ class PRMRecipe(Recipe):
 
     def step_logits(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(good-minus-bad logit, label) at every labelled step position."""
-        logits = model(batch["input_ids"], position_ids=batch["position_ids"], mask=batch["mask"])
-        logits = logits.full_tensor() if hasattr(logits, "full_tensor") else logits
-        mask = batch["labels"] >= 0
-        pair = logits[mask][:, list(self.token_ids)].float()
-        return pair[:, 0] - pair[:, 1], batch["labels"][mask]
+        where = batch["labels"] >= 0
+        pair = model(batch["input_ids"], position_ids=batch["position_ids"], mask=batch["mask"],
+                     head=functools.partial(head_logits_at, where_BS=where, vocab_ids=list(self.token_ids)))
+        return pair[:, 0] - pair[:, 1], batch["labels"][where]
 
     def loss_sum(self, model, batch) -> torch.Tensor:
         score, labels = self.step_logits(model, batch)

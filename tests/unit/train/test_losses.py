@@ -1,5 +1,6 @@
 """The chunked head + cross entropy gives the unchunked loss and gradients, and never keeps a
-whole micro-batch's logits for the backward."""
+whole micro-batch's logits for the backward; the process reward model's head (two tokens at the
+labelled positions) gives what the full logits give."""
 
 import dataclasses
 import functools
@@ -13,6 +14,7 @@ from meshtron.train.losses import (
     IGNORE_INDEX,
     chunked_head_nll,
     head_cross_entropy_sum,
+    head_logits_at,
     token_cross_entropy_sum,
 )
 
@@ -47,6 +49,17 @@ def test_per_token_loss_and_gradients_match_the_unchunked_head(chunk):
         torch.testing.assert_close(g, r, rtol=RTOL, atol=1e-6)
 
 
+def test_a_micro_batch_without_labelled_tokens_still_reaches_every_input():
+    """A context-parallel rank may hold only prompt tokens: its loss is 0, yet its backward must reach the
+    head's weight (FSDP reduces that gradient on every rank)."""
+    hidden, weight, labels = _inputs()
+    labels[:] = IGNORE_INDEX
+    got = chunked_head_nll(hidden, weight, labels, chunk_tokens=8)
+    assert (got == 0).all()
+    g_hidden, g_weight = _grads(got.sum(), hidden, weight)
+    assert (g_hidden == 0).all() and (g_weight == 0).all()
+
+
 def test_model_loss_and_parameter_gradients_match_logits_then_loss():
     torch.manual_seed(0)
     args = dataclasses.replace(get_flavor("llama:debug"), tie_embeddings=True)
@@ -75,3 +88,34 @@ def test_the_backward_keeps_no_tensor_the_size_of_the_logits():
         chunked_head_nll(hidden, weight, labels, chunk_tokens=8).sum()
     # The inputs (hidden, weight) and per-token statistics only, not the 64 x 200 logits.
     assert saved and max(saved) == max(hidden.numel(), weight.numel())
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_logits_at_positions_match_the_full_head_forward_and_backward(tied):
+    torch.manual_seed(0)
+    args = dataclasses.replace(get_flavor("llama:debug"), tie_embeddings=tied)
+    model = build_model(args, device="cpu")
+    model.init_weights(seed=0)
+    tokens = torch.randint(0, args.vocab_size, (2, 24))
+    where = torch.zeros(2, 24, dtype=torch.bool)
+    where[0, [3, 9, 23]] = True
+    where[1, [0, 17]] = True
+    ids = [7, 11]
+    sign = torch.tensor([1.0, -1.0, 0.5, 2.0, -3.0])  # a different weight per position for the backward
+
+    ref = model(tokens)[where][:, ids].float()
+    got = model(tokens, head=functools.partial(head_logits_at, where_BS=where, vocab_ids=ids))
+    assert got.shape == (5, 2) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=RTOL, atol=1e-6)
+    score = lambda pair: (sign * (pair[:, 0] - pair[:, 1])).sum()  # noqa: E731
+    for (name, _), g, r in zip(model.named_parameters(), _grads(score(got), *model.parameters()),
+                               _grads(score(ref), *model.parameters())):
+        assert (g - r).norm() <= RTOL * r.norm(), name
+
+
+def test_logits_at_positions_fall_back_to_the_head_forward_where_it_is_not_a_plain_linear():
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 6, 8)
+    head = torch.nn.Linear(8, 20, bias=True)  # a bias: not the local fast path
+    where = torch.tensor([[False, True, False, False, True, True]])
+    torch.testing.assert_close(head_logits_at(hidden, head, where, [4, 2]), head(hidden)[where][:, [4, 2]])
