@@ -4,8 +4,8 @@ and a growing margin. rm: held-out accuracy >= 0.9. prm: held-out per-step accur
 ppo: held-out greedy accuracy on the arithmetic questions up by >= 15 points (ppo: the rollouts' mean
 reward too).
 
-Each is an acceptance test (CI runs it) but simpo's and prm's: their 6 and 17 minutes on 2 idle cores do not fit
-in CI's run (about 65 minutes without them), so they are only `slow` (`python -m pytest -m slow`)."""
+Each is an acceptance test (CI runs it) but simpo's and prm's: their 5 and 15 minutes on 2 idle cores do not fit
+in CI's run (about 60 minutes without them), so they are only `slow` (`python -m pytest -m slow`)."""
 
 import json
 import os
@@ -48,7 +48,7 @@ def test_preference_accuracy_and_margin(config, smollm2_dir, tmp_path):
 
 @pytest.mark.acceptance
 def test_reward_model_held_out_accuracy(smollm2_dir, tmp_path):
-    """20 of the shipped 40 steps: held-out accuracy 0.983 at step 20 (5.5 min on 2 idle cores); a 10-step run
+    """20 of the shipped 40 steps: held-out accuracy 0.983 at step 20 (5.5 to 6.4 min on 2 idle cores); a 10-step run
     reached 0.833 (from 0.667), short of 0.9."""
     evals = [r for r in train("rm.toml", tmp_path / "run", smollm2_dir, "--train.steps", "20")
              if "eval_rewards/accuracy" in r]

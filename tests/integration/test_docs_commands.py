@@ -13,7 +13,7 @@ directory that sees the repository's configs/, data/ and bench/), so a later com
 earlier one wrote (`meshtron generate --model runs/quickstart` after the quickstart). A command that
 needs the output of another document's command is listed in REQUIRES, and it runs first if it has
 not yet. Running them is `slow`, not `acceptance`: about a hundred launches of SmolLM2 runs, servers and
-torchrun jobs (the README's 18 commands alone took 8.8 minutes on 2 idle cores), more than CI's run (about 65
+torchrun jobs (the README's 18 commands alone took 8.8 minutes on 2 idle cores), more than CI's run (about 60
 minutes with the acceptance tests) can hold; run them with `python -m pytest -m slow tests/integration/test_docs_commands.py`.
 The shape checks (every command has a runner, the install and test commands are the ones .ci/run runs)
 are in the default suite.
