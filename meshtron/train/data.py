@@ -153,14 +153,52 @@ def _handler_of(path: str, config: JobConfig, default_handler: str) -> str:
     return config.data.handlers.get(path) or config.data.handler or default_handler
 
 
-def one_pass(dataset, micro_batch_size: int, dp_rank: int, dp_size: int):
-    """The micro-batches of one in-order pass over `dataset` for this rank (a last partial round is dropped,
-    so every rank runs the same number of batches)."""
-    from meshtron.data.loader import DataLoader
+def one_pass_coverage(num_samples: int, micro_batch_size: int, dp_size: int, whole_rounds: bool = False) -> int:
+    """How many samples `one_pass` covers: all of them, but where its last round cannot be run (see there)."""
+    round_size = micro_batch_size * dp_size
+    full, rest = divmod(num_samples, round_size)
+    if rest == 0 or full == 0 or (rest >= dp_size and not whole_rounds):
+        return num_samples  # (a pass shorter than one round that cannot run smaller covers all, some twice)
+    return full * round_size
 
-    num_batches = max(1, len(dataset) // (micro_batch_size * dp_size))
+
+def dropped_samples_note(num_samples: int, micro_batch_size: int, dp_size: int,
+                         whole_rounds: bool = False) -> str | None:
+    """What a user should read when one pass over the held-out data leaves samples out or counts some
+    twice (None when it covers each once)."""
+    round_size = micro_batch_size * dp_size
+    sizes = f"micro_batch_size x data-parallel size = {micro_batch_size} x {dp_size} = {round_size}"
+    if num_samples < round_size and (whole_rounds or num_samples < dp_size):
+        return (f"held-out evaluation has {num_samples} samples, fewer than one round of {sizes}: its one round "
+                f"repeats samples to fill {round_size} places, so some count more than once")
+    covered = one_pass_coverage(num_samples, micro_batch_size, dp_size, whole_rounds)
+    if covered == num_samples:
+        return None
+    why = ("a pipeline runs whole micro-batches" if whole_rounds else
+           f"its last {num_samples - covered} are fewer than one per data-parallel rank")
+    return (f"held-out evaluation covers {covered} of the {num_samples} samples of data.eval_paths (rows of "
+            f"seq_length tokens; pairs for pairwise data) and leaves the last {num_samples - covered} out: {why}; a "
+            f"sample count divisible by {round_size} covers them all")
+
+
+def one_pass(dataset, micro_batch_size: int, dp_rank: int, dp_size: int, whole_rounds: bool = False):
+    """The micro-batches of one in-order pass over `dataset` for this rank: whole rounds of micro_batch_size x
+    dp_size samples (rank r takes r, r + dp_size, ... of each), then the rest in smaller micro-batches, one
+    per rank, when there is at least one sample for every rank (every rank runs the same number of
+    forwards). With `whole_rounds` (a pipeline's fixed micro-batch shape), or fewer than one sample per rank,
+    the rest is left out; a pass shorter than one round wraps around to fill it. `dropped_samples_note`
+    says what a user should know."""
+    from meshtron.data.loader import DataLoader, collate
+
+    num_samples, round_size = len(dataset), micro_batch_size * dp_size
+    full, rest = divmod(num_samples, round_size)
+    partial_round = rest >= dp_size and not whole_rounds
     loader = iter(DataLoader(dataset, micro_batch_size, dp_rank, dp_size, seed=0, shuffle=False))
-    return (next(loader) for _ in range(num_batches))
+    for _ in range(full if full or partial_round else 1):
+        yield next(loader)
+    if partial_round:
+        positions = range(full * round_size + dp_rank, num_samples, dp_size)
+        yield collate([dataset[p] for p in positions])
 
 
 def _find(path: str, config_dir: Path | None) -> Path:

@@ -28,7 +28,7 @@ from meshtron.errors import UserError
 from meshtron.parallel import ParallelDims
 from meshtron.train.build import (build_parallel_model, check_context_length, init_distributed, precision,
                                   resolve_model_source)
-from meshtron.train.data import build_data_loader, build_training_dataset, one_pass
+from meshtron.train.data import build_data_loader, build_training_dataset, dropped_samples_note, one_pass
 from meshtron.train.guard import StepGuard, finite_on_every_rank
 from meshtron.train.losses import IGNORE_INDEX, loss_context
 from meshtron.train.lr import build_lr_scheduler
@@ -117,6 +117,10 @@ class Trainer:
                 config, config.data.eval_paths, [], data_kind=self.recipe.data_kind,
                 default_handler=self.recipe.default_handler, tokenizer_dir=self.source.tokenizer_dir,
                 config_dir=config_dir)
+            note = dropped_samples_note(len(self.eval_dataset), config.train.micro_batch_size, self.dims.dp_size,
+                                        whole_rounds=layout is not None)
+            if note and self.is_main:
+                log.warning(note)
         # After the data, so that a bad data path fails before a large model is loaded.
         self.grad_scaler = self._build_grad_scaler()
         self.pipeline = None  # the PipelineRunner under pipeline parallel
@@ -664,7 +668,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         units = torch.zeros((), device=self.device)
         batches = one_pass(self.eval_dataset, self.config.train.micro_batch_size, self.meshes.dp.get_local_rank(),
-                           self.dims.dp_size)
+                           self.dims.dp_size, whole_rounds=self.pipeline is not None)
         if self.pipeline is not None:
             loss_sum, units = self.pipeline.evaluate(list(batches), IGNORE_INDEX)
             units = self._dp_sum(units)

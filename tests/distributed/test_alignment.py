@@ -97,6 +97,22 @@ def test_simpo_and_prm_run(run_train, recipe_config, tmp_path):
     assert all("accuracy" in r for r in records if "loss" in r)
 
 
+def test_held_out_evaluation_covers_every_sample_at_any_micro_batch_size(run_train, recipe_config, tmp_path):
+    """60 held-out solutions (one row of 96 tokens each): in micro-batches of 4 (15 of them) and of 8 (7, then one
+    of 4; this used to leave the last 4 out) the held-out values are the same, and nothing is said."""
+    prm = recipe_config(tmp_path / "prm.toml", "prm", "prm.jsonl", eval_paths=["prm_heldout.jsonl"],
+                        train="global_batch_size = 8\nmicro_batch_size = 8\nseq_length = 96")
+    evals = {}
+    for mbs in (8, 4):
+        process, records = run_train(prm, tmp_path / f"mbs{mbs}",
+                                     overrides=["--train.steps", "1", "--train.micro_batch_size", str(mbs)])
+        assert "held-out evaluation" not in process.stderr
+        evals[mbs] = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals[8]] == [0, 1]
+    for key in ("eval_loss", "eval_accuracy"):
+        assert [r[key] for r in evals[8]] == pytest.approx([r[key] for r in evals[4]], rel=RTOL)
+
+
 @pytest.mark.parametrize("recipe", ["simpo", "prm"])
 def test_simpo_and_prm_under_context_parallel_match_single_process(run_train, recipe_config, tmp_path, recipe):
     """cp2: SimPO's length-normalized log-prob sums and PRM's per-step labels, each split over two ranks'
@@ -130,11 +146,12 @@ def test_reward_model_trains_exports_and_scores(run_train, tiny_rm_run, smollm2_
         assert [r["loss"] for r in records if "loss" in r] == pytest.approx([r["loss"] for r in train], rel=RTOL)
         assert [r["grad_norm"] for r in records if "loss" in r] == pytest.approx(
             [r["grad_norm"] for r in train], rel=1e-4)
-        if name != "fsdp2":
-            # One data-parallel rank: the held-out pass sees the single process's batches (at
-            # dp_shard=2 it drops another partial round).
-            assert [r["eval_loss"] for r in records if "eval_loss" in r] == pytest.approx(
-                [r["eval_loss"] for r in single if "eval_loss" in r], rel=RTOL)
+        # Every layout's held-out pass covers each pair once (at dp_shard=2 its last partial round in
+        # smaller micro-batches), so its values are the single process's.
+        assert [r["eval_loss"] for r in records if "eval_loss" in r] == pytest.approx(
+            [r["eval_loss"] for r in single if "eval_loss" in r], rel=RTOL)
+        assert [r["eval_rewards/accuracy"] for r in records if "eval_loss" in r] == pytest.approx(
+            [r["eval_rewards/accuracy"] for r in single if "eval_loss" in r], rel=RTOL)
     assert all("rewards/accuracy" in r for r in train)
     assert any("eval_rewards/accuracy" in r for r in single)
 
