@@ -153,13 +153,18 @@ def _handler_of(path: str, config: JobConfig, default_handler: str) -> str:
     return config.data.handlers.get(path) or config.data.handler or default_handler
 
 
+def _pass_plan(num_samples: int, micro_batch_size: int, dp_size: int, whole_rounds: bool) -> tuple[int, bool]:
+    """(whole rounds, whether the rest runs as one smaller micro-batch per rank) of `one_pass`."""
+    full, rest = divmod(num_samples, micro_batch_size * dp_size)
+    return full, rest >= dp_size and not whole_rounds
+
+
 def one_pass_coverage(num_samples: int, micro_batch_size: int, dp_size: int, whole_rounds: bool = False) -> int:
     """How many samples `one_pass` covers: all of them, but where its last round cannot be run (see there)."""
-    round_size = micro_batch_size * dp_size
-    full, rest = divmod(num_samples, round_size)
-    if rest == 0 or full == 0 or (rest >= dp_size and not whole_rounds):
+    full, partial_round = _pass_plan(num_samples, micro_batch_size, dp_size, whole_rounds)
+    if partial_round or full == 0:
         return num_samples  # (a pass shorter than one round that cannot run smaller covers all, some twice)
-    return full * round_size
+    return full * micro_batch_size * dp_size
 
 
 def dropped_samples_note(num_samples: int, micro_batch_size: int, dp_size: int,
@@ -168,7 +173,8 @@ def dropped_samples_note(num_samples: int, micro_batch_size: int, dp_size: int,
     twice (None when it covers each once)."""
     round_size = micro_batch_size * dp_size
     sizes = f"micro_batch_size x data-parallel size = {micro_batch_size} x {dp_size} = {round_size}"
-    if num_samples < round_size and (whole_rounds or num_samples < dp_size):
+    full, partial_round = _pass_plan(num_samples, micro_batch_size, dp_size, whole_rounds)
+    if full == 0 and not partial_round:
         return (f"held-out evaluation has {num_samples} samples, fewer than one round of {sizes}: its one round "
                 f"repeats samples to fill {round_size} places, so some count more than once")
     covered = one_pass_coverage(num_samples, micro_batch_size, dp_size, whole_rounds)
@@ -190,14 +196,13 @@ def one_pass(dataset, micro_batch_size: int, dp_rank: int, dp_size: int, whole_r
     says what a user should know."""
     from meshtron.data.loader import DataLoader, collate
 
-    num_samples, round_size = len(dataset), micro_batch_size * dp_size
-    full, rest = divmod(num_samples, round_size)
-    partial_round = rest >= dp_size and not whole_rounds
+    num_samples = len(dataset)
+    full, partial_round = _pass_plan(num_samples, micro_batch_size, dp_size, whole_rounds)
     loader = iter(DataLoader(dataset, micro_batch_size, dp_rank, dp_size, seed=0, shuffle=False))
     for _ in range(full if full or partial_round else 1):
         yield next(loader)
     if partial_round:
-        positions = range(full * round_size + dp_rank, num_samples, dp_size)
+        positions = range(full * micro_batch_size * dp_size + dp_rank, num_samples, dp_size)
         yield collate([dataset[p] for p in positions])
 
 
